@@ -1,0 +1,7 @@
+"""Data pipelines: identity-aware train batches and eval gallery/queries from WebDataset shards."""
+
+from .pipeline import (  # noqa: F401
+    EvalImages, EvalTexts, TrainDataset, TrainLoader, ensure_dataset, eval_loaders, load_train_index,
+    split_urls, train_loader,
+)
+from .plan import DataError, EpochPlan, ShardIndex, plan_epoch  # noqa: F401

@@ -1,0 +1,62 @@
+"""`python -m shards build ...`: pack a dataset into WebDataset shards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import SYNTHETIC_SHARD_SAMPLES, BuildError, build_synthetic, summary_table
+from .synthetic import SyntheticSpec
+
+DATASETS = ("synthetic",)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write <out>/{train,val,test}/*.tar, manifest.parquet, dataset.json, rejects.jsonl")
+    b.add_argument("--dataset", required=True, choices=DATASETS, help="which converter to run")
+    b.add_argument("--out", required=True, help="output dataset directory")
+    b.add_argument("--overwrite", action="store_true", help="rebuild a directory that already holds a dataset")
+    b.add_argument("--shard-samples", type=int, default=None,
+                   help=f"max images per shard (synthetic default {SYNTHETIC_SHARD_SAMPLES})")
+    b.add_argument("--shard-bytes", type=int, default=256 << 20, help="max image bytes per shard (default 256 MiB)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = b.add_argument_group("synthetic dataset")
+    d = SyntheticSpec()
+    s.add_argument("--num-ids", type=int, default=d.num_ids, help=f"identities over all splits (default {d.num_ids})")
+    s.add_argument("--images-per-id", type=int, default=d.images_per_id, help=f"default {d.images_per_id}")
+    s.add_argument("--captions-per-image", type=int, default=d.captions_per_image, help=f"default {d.captions_per_image}")
+    s.add_argument("--image-size", default=f"{d.image_size[0]}x{d.image_size[1]}", help="HxW of drawn images")
+    s.add_argument("--twin-fraction", type=float, default=d.twin_fraction,
+                   help=f"share of near-twin identities (default {d.twin_fraction})")
+    s.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    return p
+
+
+def _hxw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        assert h > 0 and w > 0
+        return h, w
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--image-size: expected HxW with positive integers, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.dataset == "synthetic":
+        spec = SyntheticSpec(num_ids=args.num_ids, images_per_id=args.images_per_id,
+                             captions_per_image=args.captions_per_image, image_size=_hxw(args.image_size),
+                             twin_fraction=args.twin_fraction, seed=args.seed)
+        try:
+            spec.split_sizes()
+            info = build_synthetic(args.out, spec, max_samples=args.shard_samples or SYNTHETIC_SHARD_SAMPLES,
+                                   max_bytes=args.shard_bytes, overwrite=args.overwrite,
+                                   progress=not args.no_progress)
+        except (BuildError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    print(summary_table(info))
+    print(f"wrote {args.out}")
+    return 0 if info["rejected"] == 0 else 1
