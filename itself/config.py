@@ -49,3 +49,81 @@ class DataConfig:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
         if self.window_shards < 1:
             raise ConfigError(f"data.window_shards: must be >= 1, got {self.window_shards}")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    arch: str = "tiny"
+    """Backbone: `ViT-B-16` (paper), `ViT-B-32` (supplementary Tab. 2), any open_clip ViT name, or the
+    CPU-sized random `tiny` / `tiny-deep`."""
+    pretrained: str = ""
+    """CLIP weights: "" for random, a local state-dict file, or an open_clip pretrained tag
+    (e.g. `openai`; downloaded by open_clip). Position embeddings are interpolated to the image grid."""
+    global_only: bool = False
+    """Baseline: train the global branch only (no GRAB, no attention capture)."""
+    grab_dim: int = 4096
+    """Output size of the GRAB embedding (paper: 4096; the MLP's hidden layer is half of it)."""
+    selection: str = "mars"
+    """Saliency strategy for top-k: `mars`, `mean_max` (Tab. 3 B), `mean_min` (A), `std_max` (D),
+    `std_min` (C) or `layer:<i>` (one layer)."""
+    mars_layers: tuple[int, ...] = (4, 11)
+    """Layers MARS rolls out, ascending (paper: middle + late = 4 and 11 of 12)."""
+    discard_ratio: float = 0.25
+    """Fraction of each rolled-out layer's lowest attention entries set to zero (paper: 0.25)."""
+    ats: str = "step"
+    """Token scheduler: `step` (ATS per step, the paper's best), `epoch` (ATS per epoch) or `fixed`."""
+    p_start: float = 0.65
+    """ATS keep ratio at the start (paper: 0.65)."""
+    p_end: float = 0.5
+    """ATS keep ratio from t_small on, and at inference (paper: 0.5)."""
+    t_small: float = 10.0
+    """ATS decay length T in epochs: when the baseline peaks (paper: 10)."""
+    fixed_ratio: float = 0.5
+    """Keep ratio when `ats` is `fixed`."""
+    tau: float = 0.015
+    """TAL temperature (paper: 0.015)."""
+    margin: float = 0.1
+    """TAL margin (paper: 0.1)."""
+    cid: bool = True
+    """Train with the CID loss (cross-modal identity classification with hard negatives)."""
+    id_loss: bool = True
+    """Train with the ID loss (identity classification of image and text embeddings)."""
+
+    def validate(self, num_layers: int | None = None) -> None:
+        from .model.ats import MODES
+
+        if self.ats not in MODES:
+            raise ConfigError(f"model.ats: must be one of {', '.join(MODES)}, got {self.ats!r}")
+        if not 0 < self.p_end <= self.p_start <= 1:
+            raise ConfigError(f"model.p_start / model.p_end: need 0 < p_end <= p_start <= 1, "
+                              f"got p_start={self.p_start}, p_end={self.p_end}")
+        if not 0 < self.fixed_ratio <= 1:
+            raise ConfigError(f"model.fixed_ratio: must be in (0, 1], got {self.fixed_ratio}")
+        if self.t_small <= 0:
+            raise ConfigError(f"model.t_small: must be > 0 epochs, got {self.t_small}")
+        if not 0 <= self.discard_ratio < 1:
+            raise ConfigError(f"model.discard_ratio: must be in [0, 1), got {self.discard_ratio}")
+        if self.grab_dim < 2 or self.grab_dim % 2:
+            raise ConfigError(f"model.grab_dim: must be a positive even number, got {self.grab_dim}")
+        if self.tau <= 0:
+            raise ConfigError(f"model.tau: must be > 0, got {self.tau}")
+        layers = list(self.mars_layers)
+        if not layers or layers != sorted(set(layers)) or layers[0] < 0:
+            raise ConfigError(f"model.mars_layers: need ascending distinct layer indices, got {self.mars_layers}")
+        strategies = ("mars", "mean_max", "mean_min", "std_max", "std_min")
+        if self.selection not in strategies and not self.selection.startswith("layer:"):
+            raise ConfigError(f"model.selection: must be one of {', '.join(strategies)} or layer:<i>, "
+                              f"got {self.selection!r}")
+        if self.selection.startswith("layer:"):
+            try:
+                int(self.selection.split(":", 1)[1])
+            except ValueError:
+                raise ConfigError(f"model.selection: layer:<i> needs an integer, got {self.selection!r}") from None
+        if num_layers is not None:
+            used = layers if self.selection == "mars" else (
+                [int(self.selection.split(":")[1])] if self.selection.startswith("layer:") else [])
+            bad = [i for i in used if not 0 <= i < num_layers]
+            if bad:
+                field = "model.mars_layers" if self.selection == "mars" else "model.selection"
+                raise ConfigError(f"{field}: layer {bad[0]} does not exist; {self.arch} has {num_layers} layers "
+                                  f"(0..{num_layers - 1})")

@@ -1,0 +1,3 @@
+"""The ITSELF model: backbone with attention capture, GRAB heads, MARS selection, ATS schedule."""
+
+from .itself import ITSELF  # noqa: F401
