@@ -28,6 +28,10 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank; each reads whole shards, so the train split needs at
     least world_size x max(1, num_workers) shards."""
+    num_slots: int = 0
+    """Data slots: disjoint shard sets, each contributing an equal share of every global batch.
+    0 = ranks x workers. A fixed value (a multiple of ranks x workers, at most the number of train
+    shards) makes the batches, and so the results, independent of the world size."""
     window_shards: int = 16
     """Shards a worker pools before forming batches: bigger mixes identities from more shards,
     smaller bounds memory (at most about this many shards of encoded images per worker)."""
@@ -47,6 +51,8 @@ class DataConfig:
             raise ConfigError(f"data.num_instance: must be >= 1, got {self.num_instance}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.num_slots < 0:
+            raise ConfigError(f"data.num_slots: must be >= 0 (0 = ranks x workers), got {self.num_slots}")
         if self.window_shards < 1:
             raise ConfigError(f"data.window_shards: must be >= 1, got {self.window_shards}")
 

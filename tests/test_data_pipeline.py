@@ -79,6 +79,38 @@ def test_deterministic_by_seed_and_epoch(small_dataset):
     assert [b["pids"].tolist() for b in first[0]] != [b["pids"].tolist() for b in other[0]]
 
 
+@pytest.mark.parametrize("world,workers", [(2, 0), (2, 2), (4, 2)])
+def test_fixed_slots_make_global_batches_independent_of_world_size_and_workers(small_dataset, world, workers):
+    def global_batches(world, workers):
+        ranks = []
+        for rank in range(world):
+            loader = train_loader(_cfg(small_dataset, num_workers=workers, num_slots=8, text_aug=True), rank=rank,
+                                  world_size=world, micro_batch=16 // world, seed=0)
+            loader.set_epoch(1)
+            ranks.append(list(loader))
+        return [{k: torch.cat([r[step][k] for r in ranks]) for k in ranks[0][step]} for step in range(len(ranks[0]))]
+
+    reference, other = global_batches(1, 0), global_batches(world, workers)
+    assert len(reference) == len(other) == 8
+    for a, b in zip(reference, other):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_mid_epoch_serves_exactly_the_remaining_steps(small_dataset, workers):
+    def epoch_from(start):
+        loader = train_loader(_cfg(small_dataset, num_workers=workers, text_aug=True), rank=0, world_size=1,
+                              micro_batch=MICRO_BATCH, seed=0)
+        loader.set_epoch(2, start)
+        return list(loader)
+
+    full, rest = epoch_from(0), epoch_from(5)
+    assert len(full) == len(rest) + 5
+    for a, b in zip(full[5:], rest):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_workers_and_no_workers_see_the_same_data_per_rank(small_dataset):
     # Different slot layouts shuffle differently, but both cover the rank's identities exactly.
     for workers in (0, 2):
@@ -89,10 +121,9 @@ def test_workers_and_no_workers_see_the_same_data_per_rank(small_dataset):
 def test_uneven_shards_drop_whole_groups_and_report_it(tmp_path):
     # 3 slots over 8 shards: slots get 3, 3 and 2 shards; every slot runs the smallest count.
     shards_ = [ShardIndex(f"s{i}", tuple((i * 10 + j, (("k%d_%d" % (i, j), 4),)) for j in range(4))) for i in range(8)]
-    plan = plan_epoch(shards_, world_size=3, workers_per_rank=1, micro_batch=4, num_instance=2, window_shards=16,
-                      seed=0, epoch=0)
+    plan = plan_epoch(shards_, num_slots=3, slot_batch=4, num_instance=2, window_shards=16, seed=0, epoch=0)
     assert [len(s) for s in plan.slot_shards] == [3, 3, 2]
-    assert plan.batches_per_slot == 8  # 2 shards x 4 identities x 2 groups / 2 groups per batch
+    assert plan.steps == 8  # 2 shards x 4 identities x 2 groups / 2 groups per batch
     assert plan.total_pairs == 128 and plan.used_pairs == 3 * 8 * 4 and plan.dropped_pairs == 32
 
 
@@ -100,18 +131,19 @@ def test_plan_keeps_identity_groups_and_drops_remainders():
     # One identity with 3 pairs: one group of 2, one pair dropped; identities are never repeated in a batch.
     shards_ = [ShardIndex("s0", ((1, (("a", 3),)), (2, (("b", 2),)), (3, (("c", 4),)))),
                ShardIndex("s1", ((4, (("d", 2), ("e", 2))),))]
-    plan = plan_epoch(shards_, world_size=1, workers_per_rank=1, micro_batch=4, num_instance=2, window_shards=1,
-                      seed=1, epoch=0)
+    plan = plan_epoch(shards_, num_slots=1, slot_batch=4, num_instance=2, window_shards=1, seed=1, epoch=0)
     assert plan.total_pairs == 13
     for batch in plan.slot_batches[0]:
         pids = [p[3] for p in batch]
         assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
-    assert plan.used_pairs == 4 * plan.batches_per_slot and plan.dropped_pairs == 13 - plan.used_pairs
+    assert plan.used_pairs == 4 * plan.steps and plan.dropped_pairs == 13 - plan.used_pairs
 
 
 def test_fewer_shards_than_ranks_times_workers_is_an_error_naming_both(small_dataset):
-    with pytest.raises(DataError, match=r"8 train shards are fewer than ranks x workers = 4 x 4 = 16.*--shard-samples"):
+    with pytest.raises(DataError, match=r"8 train shards are fewer than the 16 data slots \(ranks x workers = 4 x 4.*--shard-samples"):
         train_loader(_cfg(small_dataset, num_workers=4), rank=0, world_size=4, micro_batch=MICRO_BATCH)
+    with pytest.raises(DataError, match=r"data.num_slots = 6 is not a multiple of ranks x workers = 2 x 2 = 4"):
+        train_loader(_cfg(small_dataset, num_workers=2, num_slots=6), rank=0, world_size=2, micro_batch=MICRO_BATCH)
 
 
 def test_missing_shard_path_is_an_error_naming_it(small_dataset):

@@ -127,11 +127,13 @@ def image_member(sample: dict) -> bytes:
 
 
 class TrainDataset(IterableDataset):
-    """Identity-aware batches for one rank; each DataLoader worker yields its slot's batches.
+    """Identity-aware batches for one rank; each DataLoader worker serves a range of data slots.
 
-    Yields dicts: images [B, 3, H, W] float, tokens [B, L] long, pids [B], image_ids [B], and
-    `corrupt`: how many samples of this batch were newly found undecodable (each is replaced by a
-    decodable pair of the same identity group, so shapes and the identity constraint hold).
+    Per step, a worker yields the concatenation of its slots' sub-batches; the loader (TrainLoader)
+    concatenates its workers' outputs into the rank's micro-batch: dicts with images [B, 3, H, W]
+    float, tokens [B, L] long, pids [B], image_ids [B], and `corrupt`, how many samples were newly
+    found undecodable (each is replaced by a decodable pair of the same identity group, so shapes
+    and the identity constraint hold).
     """
 
     def __init__(self, shards: list[ShardIndex], cfg: DataConfig, *, rank: int, world_size: int,
@@ -141,24 +143,31 @@ class TrainDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.micro_batch, self.seed = micro_batch, seed
         self.workers_per_rank = max(1, cfg.num_workers)
-        check_slots(len(shards), world_size, self.workers_per_rank)
-        self.epoch = 0
+        self.num_slots = cfg.num_slots or world_size * self.workers_per_rank
+        check_slots(len(shards), self.num_slots, world_size, self.workers_per_rank)
+        self.slots_per_rank = self.num_slots // world_size
+        if (micro_batch * world_size) % self.num_slots:
+            raise DataError(f"the global micro-batch {micro_batch} x {world_size} ranks does not split evenly over "
+                            f"{self.num_slots} data slots: change batch_size or data.num_slots")
+        self.slot_batch = micro_batch * world_size // self.num_slots
+        self.epoch, self.start_step = 0, 0
         self._plan: tuple[int, EpochPlan] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Serve epoch `epoch` from step `start_step` on (a resumed run skips what it has seen)."""
+        self.epoch, self.start_step = epoch, start_step
 
     def plan(self) -> EpochPlan:
         if self._plan is None or self._plan[0] != self.epoch:
             self._plan = (self.epoch, plan_epoch(
-                self.shards, world_size=self.world_size, workers_per_rank=self.workers_per_rank,
-                micro_batch=self.micro_batch, num_instance=self.cfg.num_instance,
-                window_shards=self.cfg.window_shards, seed=self.seed, epoch=self.epoch))
+                self.shards, num_slots=self.num_slots, slot_batch=self.slot_batch,
+                num_instance=self.cfg.num_instance, window_shards=self.cfg.window_shards,
+                seed=self.seed, epoch=self.epoch))
         return self._plan[1]
 
     def __len__(self) -> int:
-        """Batches this rank yields in the current epoch (the same on every rank)."""
-        return self.plan().batches_per_slot * self.workers_per_rank
+        """Steps in the current epoch (the same on every rank)."""
+        return self.plan().steps
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -166,22 +175,25 @@ class TrainDataset(IterableDataset):
         if workers != self.workers_per_rank:
             raise DataError(f"the DataLoader runs {workers} workers but data.num_workers is {self.cfg.num_workers}: "
                             "build the loader with train_loader() so both agree")
-        slot = self.rank * self.workers_per_rank + worker
+        per_worker = self.slots_per_rank // workers
+        first = self.rank * self.slots_per_rank + worker * per_worker
         plan = self.plan()
-        yield from _SlotReader(self, plan.slot_shards[slot], plan.slot_batches[slot],
-                               derive_seed(self.seed, self.epoch, "augment", slot))
+        readers = [iter(_SlotReader(self, plan, slot)) for slot in range(first, first + per_worker)]
+        for _ in range(self.start_step, plan.steps):
+            parts = [next(r) for r in readers]
+            yield {k: sum(p[k] for p in parts) if k == "corrupt" else torch.cat([p[k] for p in parts])
+                   for k in parts[0]}
 
 
 class _SlotReader:
-    """Executes one slot's batches: streams its shards and keeps the samples still needed."""
+    """Executes one slot's sub-batches: streams its shards and keeps the samples still needed."""
 
-    def __init__(self, ds: TrainDataset, order: list[int], batches: list[list[Pair]], seed: int):
-        self.ds, self.order, self.batches = ds, order, batches
-        self.gen = torch.Generator().manual_seed(seed)
-        self.rng = random.Random(seed)
+    def __init__(self, ds: TrainDataset, plan: EpochPlan, slot: int):
+        self.ds, self.order, self.batches = ds, plan.slot_shards[slot], plan.slot_batches[slot]
+        self.seed = derive_seed(ds.seed, ds.epoch, "augment", slot)
         self.tokenizer = T.Tokenizer(ds.cfg.text_length)
         self.refs: dict[tuple[int, str], int] = {}
-        for batch in batches:
+        for batch in self.batches:
             for shard, key, _, _ in batch:
                 self.refs[(shard, key)] = self.refs.get((shard, key), 0) + 1
         self.store: dict[tuple[int, str], tuple[bytes, list, int]] = {}  # bytes, captions, image_id
@@ -194,7 +206,7 @@ class _SlotReader:
 
     def __iter__(self) -> Iterator[dict]:
         stream = self._samples()
-        for batch in self.batches:
+        for step, batch in enumerate(self.batches):
             for shard, key, _, _ in batch:
                 while (shard, key) not in self.store:
                     try:
@@ -205,7 +217,15 @@ class _SlotReader:
                     if k in self.refs:
                         meta = json.loads(sample[schema.META_EXT])
                         self.store[k] = (image_member(sample), meta["captions"], meta["image_id"])
-            yield self._collate(batch)
+            if step >= self.ds.start_step:  # earlier steps were seen before a resume: not decoded
+                yield self._collate(batch, step)
+            self._release(batch)
+
+    def _release(self, batch: list[Pair]) -> None:
+        for s, key, _, _ in batch:
+            self.refs[(s, key)] -= 1
+            if self.refs[(s, key)] == 0:
+                del self.refs[(s, key)], self.store[(s, key)]
 
     def _decode(self, k: tuple[int, str]) -> torch.Tensor | None:
         if k in self.corrupt:
@@ -216,8 +236,11 @@ class _SlotReader:
             self.corrupt.add(k)
             return None
 
-    def _collate(self, batch: list[Pair]) -> dict:
+    def _collate(self, batch: list[Pair], step: int) -> dict:
         cfg, k = self.ds.cfg, self.ds.cfg.num_instance
+        # Augmentation randomness is a function of (seed, epoch, slot, step): resumable exactly.
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, step))
+        rng = random.Random(derive_seed(self.seed, step))
         corrupt_before = len(self.corrupt)
         decoded = {(s, key): self._decode((s, key)) for s, key, _, _ in batch}
         groups = [batch[i:i + k] for i in range(0, len(batch), k)]
@@ -228,16 +251,11 @@ class _SlotReader:
         for g in groups:
             good = [p for p in g if decoded[p[:2]] is not None] or good_groups[0]
             for p in g:
-                s, key, c, pid = p if decoded[p[:2]] is not None else self.rng.choice(good)
-                images.append(T.train_image(decoded[(s, key)], cfg.image_size, self.gen, cfg.image_aug))
-                caption = self.store[(s, key)][1][c]
-                tokens.append(self.tokenizer(caption, self.rng if cfg.text_aug else None))
+                s, key, c, pid = p if decoded[p[:2]] is not None else rng.choice(good)
+                images.append(T.train_image(decoded[(s, key)], cfg.image_size, gen, cfg.image_aug))
+                tokens.append(self.tokenizer(self.store[(s, key)][1][c], rng if cfg.text_aug else None))
                 pids.append(pid)
                 image_ids.append(self.store[(s, key)][2])
-        for s, key, _, _ in batch:
-            self.refs[(s, key)] -= 1
-            if self.refs[(s, key)] == 0:
-                del self.refs[(s, key)], self.store[(s, key)]
         return {
             "images": torch.stack(images), "tokens": torch.stack(tokens),
             "pids": torch.tensor(pids, dtype=torch.long), "image_ids": torch.tensor(image_ids, dtype=torch.long),
@@ -246,31 +264,37 @@ class _SlotReader:
 
 
 class TrainLoader:
-    """The rank's train batches for one epoch at a time, with the epoch's data report.
+    """The rank's micro-batches for one epoch at a time, with the epoch's data report.
 
-    `set_epoch(e)` before iterating; after an epoch, `stats` holds batches, pairs used and
-    dropped by the plan, and corrupt samples skipped (also printed when there were any).
+    `set_epoch(e)` (or `set_epoch(e, start_step)` when resuming mid-epoch) before iterating; after
+    an epoch, `stats` holds steps, pairs used and dropped by the plan, and corrupt images skipped
+    (also printed when there were any).
     """
 
     def __init__(self, dataset: TrainDataset, pin_memory: bool = False):
         self.dataset, self.pin_memory = dataset, pin_memory
         self.stats: dict = {}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.dataset.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:
+        """Steps in the current epoch, counting those a resume skips."""
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
         loader = DataLoader(ds, batch_size=None, num_workers=ds.cfg.num_workers, pin_memory=self.pin_memory)
-        plan, corrupt, batches = ds.plan(), 0, 0
-        for batch in loader:
-            corrupt += batch.pop("corrupt")
-            batches += 1
+        plan, corrupt, steps, parts = ds.plan(), 0, 0, []
+        for part in loader:  # one part per worker per step, in worker (= slot) order
+            parts.append(part)
+            if len(parts) < ds.workers_per_rank:
+                continue
+            batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "corrupt"}
+            corrupt += sum(p["corrupt"] for p in parts)
+            parts, steps = [], steps + 1
             yield batch
-        self.stats = {"epoch": ds.epoch, "batches": batches, "pairs_used": plan.used_pairs,
+        self.stats = {"epoch": ds.epoch, "steps": steps, "pairs_used": plan.used_pairs,
                       "pairs_dropped": plan.dropped_pairs, "pairs_total": plan.total_pairs,
                       "corrupt_skipped_rank": corrupt}
         if corrupt:

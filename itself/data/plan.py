@@ -1,18 +1,23 @@
-"""The epoch plan: which pairs form which batch on which rank and worker, from metadata alone.
+"""The epoch plan: which pairs form which batch of which data slot, from metadata alone.
 
-Computed identically on every rank and worker from the shard index (no image bytes, no
-communication), so all of them agree on how many batches each yields:
+The train data is split into `num_slots` *slots*, each a disjoint set of whole shards read as one
+stream. At every step each slot contributes one sub-batch of `slot_batch` pairs, and the global
+micro-batch is the concatenation of all slots' sub-batches in slot order. Ranks and DataLoader
+workers own contiguous ranges of slots. The plan depends on the slot count, never on the world
+size or the number of workers: with a fixed `data.num_slots`, the global batches (and so the
+results) are the same on 1 or 8 ranks. The plan is computed identically on every rank and worker
+from the shard index (no image bytes, no communication):
 
-1. Shards go to *slots* (rank x worker), balancing the number of (image, caption) pairs;
-   identities never span shards, so slots are identity-disjoint and the identity constraint of
-   a micro-batch also holds for the global batch.
+1. Shards go to slots, balancing the number of (image, caption) pairs; identities never span
+   shards, so slots are identity-disjoint and the identity constraint of each sub-batch also
+   holds for the global batch.
 2. In each slot, every identity's pairs are shuffled and cut into groups of `num_instance`
    (a remainder too small for a group is dropped); shards are read in windows of
-   `window_shards`; from the groups pooled so far, batches of `micro_batch // num_instance`
+   `window_shards`; from the groups pooled so far, sub-batches of `slot_batch // num_instance`
    groups of *distinct* identities are formed in random rounds; groups that do not fill a
-   batch wait for the next window.
-3. Every slot keeps the first `min over slots` batches, so every rank runs the same number of
-   steps (uneven ranks hang collectives). What is not used is counted as dropped.
+   sub-batch wait for the next window.
+3. Every slot keeps the first `min over slots` sub-batches, so every rank runs the same number
+   of steps (uneven ranks hang collectives). What is not used is counted as dropped.
 """
 
 from __future__ import annotations
@@ -44,14 +49,14 @@ class ShardIndex:
 @dataclasses.dataclass
 class EpochPlan:
     slot_shards: list[list[int]]
-    """Per slot (rank * workers_per_rank + worker): shard indices in the order they are read."""
+    """Per slot: shard indices in the order they are read."""
     slot_batches: list[list[list[Pair]]]
-    """Per slot: its batches, each `micro_batch` pairs, grouped `num_instance` per identity."""
+    """Per slot: its sub-batches, each `slot_batch` pairs, grouped `num_instance` per identity."""
     total_pairs: int
     """All (image, caption) pairs in the shards."""
 
     @property
-    def batches_per_slot(self) -> int:
+    def steps(self) -> int:
         return len(self.slot_batches[0]) if self.slot_batches else 0
 
     @property
@@ -69,14 +74,19 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def check_slots(num_shards: int, world_size: int, workers_per_rank: int) -> None:
-    """Each rank x worker slot reads whole shards: there must be at least one shard per slot."""
-    slots = world_size * workers_per_rank
-    if num_shards < slots:
+def check_slots(num_shards: int, num_slots: int, world_size: int, workers_per_rank: int) -> None:
+    """Slots read whole shards and split evenly over ranks and workers: check both."""
+    if num_slots % (world_size * workers_per_rank):
         raise DataError(
-            f"{num_shards} train shards are fewer than ranks x workers = {world_size} x {workers_per_rank} "
-            f"= {slots}: every rank and worker needs at least one shard. Write more, smaller shards "
-            f"(python -m shards build ... --shard-samples N) or use fewer workers (data.num_workers).")
+            f"data.num_slots = {num_slots} is not a multiple of ranks x workers = {world_size} x "
+            f"{workers_per_rank} = {world_size * workers_per_rank}: every rank and worker must own as many "
+            f"data slots. Set data.num_slots to a multiple of it (0 = ranks x workers) or change data.num_workers.")
+    if num_shards < num_slots:
+        raise DataError(
+            f"{num_shards} train shards are fewer than the {num_slots} data slots (ranks x workers = "
+            f"{world_size} x {workers_per_rank}, data.num_slots = {num_slots}): every slot needs at least one "
+            f"shard. Write more, smaller shards (python -m shards build ... --shard-samples N) or use fewer "
+            f"workers (data.num_workers) or slots (data.num_slots).")
 
 
 def assign_shards(shards: list[ShardIndex], num_slots: int, rng: random.Random) -> list[list[int]]:
@@ -119,10 +129,10 @@ def _rounds(pool: dict[int, list[list[Pair]]], groups_per_batch: int, rng: rando
     return batches
 
 
-def plan_slot(shards: list[ShardIndex], order: list[int], micro_batch: int, num_instance: int,
+def plan_slot(shards: list[ShardIndex], order: list[int], slot_batch: int, num_instance: int,
               window_shards: int, rng: random.Random) -> list[list[Pair]]:
-    """All batches one slot can form from its shards, read in `order`, window by window."""
-    groups_per_batch = micro_batch // num_instance
+    """All sub-batches one slot can form from its shards, read in `order`, window by window."""
+    groups_per_batch = slot_batch // num_instance
     pool: dict[int, list[list[Pair]]] = {}
     batches: list[list[Pair]] = []
     for start in range(0, len(order), window_shards):
@@ -134,23 +144,25 @@ def plan_slot(shards: list[ShardIndex], order: list[int], micro_batch: int, num_
     return batches
 
 
-def plan_epoch(shards: list[ShardIndex], *, world_size: int, workers_per_rank: int, micro_batch: int,
-               num_instance: int, window_shards: int, seed: int, epoch: int) -> EpochPlan:
-    """The plan of one epoch for every slot of the job (see the module docstring)."""
-    if micro_batch < num_instance or micro_batch % num_instance:
-        raise DataError(f"micro-batch {micro_batch} is not a positive multiple of data.num_instance "
-                        f"{num_instance}: choose batch_size so batch / (world x accumulation) is one")
-    num_slots = world_size * workers_per_rank
-    check_slots(len(shards), world_size, workers_per_rank)
+def plan_epoch(shards: list[ShardIndex], *, num_slots: int, slot_batch: int, num_instance: int,
+               window_shards: int, seed: int, epoch: int) -> EpochPlan:
+    """The plan of one epoch for every slot (see the module docstring)."""
+    if slot_batch < num_instance or slot_batch % num_instance:
+        raise DataError(f"each data slot's share of a step, {slot_batch} pairs, is not a positive multiple of "
+                        f"data.num_instance = {num_instance}: choose batch_size, data.num_slots and the world size "
+                        f"so that batch_size / (accumulation x num_slots) is a multiple of num_instance")
+    if len(shards) < num_slots:
+        check_slots(len(shards), num_slots, 1, 1)
     slot_shards = assign_shards(shards, num_slots, random.Random(derive_seed(seed, epoch, "assign")))
     slot_batches = []
     for s, order in enumerate(slot_shards):
         rng = random.Random(derive_seed(seed, epoch, "slot", s))
         rng.shuffle(order)
-        slot_batches.append(plan_slot(shards, order, micro_batch, num_instance, window_shards, rng))
+        slot_batches.append(plan_slot(shards, order, slot_batch, num_instance, window_shards, rng))
     n = min(len(b) for b in slot_batches)
     if n == 0:
         raise DataError(
-            f"some rank/worker can form no batch of {micro_batch} pairs ({micro_batch // num_instance} identities "
-            f"x {num_instance}) from its shards: use a smaller batch, fewer ranks or workers, or more data")
+            f"some data slot can form no sub-batch of {slot_batch} pairs ({slot_batch // num_instance} identities "
+            f"x {num_instance}) from its shards: use a smaller batch, fewer slots (data.num_slots, ranks, workers) "
+            f"or more data")
     return EpochPlan(slot_shards, [b[:n] for b in slot_batches], sum(s.num_pairs for s in shards))
