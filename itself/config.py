@@ -15,6 +15,8 @@ class DataConfig:
     root: str = "data/synthetic"
     """Dataset directory written by `python -m shards build` (dataset.json, manifest.parquet,
     train/ val/ test/). The default synthetic set is built there on first use when missing."""
+    build_synthetic: bool = False
+    """Build the embedded synthetic dataset at `root` when it is missing (the synthetic presets)."""
     train_shards: str = ""
     """Train shard URLs overriding `<root>/train/*.tar`: a brace pattern (`dir/train-{000000..000009}.tar`),
     several joined by `::`, or any URL webdataset opens (`pipe:`, `https://`). Shards are matched
@@ -133,3 +135,208 @@ class ModelConfig:
                 field = "model.mars_layers" if self.selection == "mars" else "model.selection"
                 raise ConfigError(f"{field}: layer {bad[0]} does not exist; {self.arch} has {num_layers} layers "
                                   f"(0..{num_layers - 1})")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 60
+    """Training epochs (paper: 60)."""
+    batch_size: int = 256
+    """Global batch in (image, caption) pairs over all ranks and accumulation steps (paper: 256).
+    Per-rank micro-batch = batch_size / (world_size x grad_accum)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (batch-level losses see world x micro-batch pairs)."""
+    lr: float = 1e-5
+    """Learning rate of the CLIP backbone (paper: 1e-5, Adam)."""
+    grab_lr: float = 1e-3
+    """Learning rate of the new GRAB embedding layers (reference code: 1e-3)."""
+    head_lr_mult: float = 5.0
+    """Multiplier of `lr` for the new CID / ID classifier heads (reference code: 5)."""
+    bias_lr_mult: float = 2.0
+    """Multiplier of `lr` for backbone biases (reference code: 2), which get no weight decay."""
+    weight_decay: float = 4e-5
+    """Adam (L2) weight decay (paper: 4e-5)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-3
+    """Adam epsilon (reference code: 1e-3)."""
+    warmup_epochs: float = 5.0
+    """Linear warm-up length (paper: 5 epochs), from `warmup_factor` x lr; cosine decay after."""
+    warmup_factor: float = 0.1
+    min_lr_ratio: float = 0.0
+    """Learning rate at the end of the cosine decay, as a share of each group's lr."""
+    precision: str = "auto"
+    """`fp32`, `bf16`, or `auto` (bf16 on GPU, fp32 on CPU)."""
+    grad_clip: float = 0.0
+    """Gradient-norm clipping (0 = none)."""
+    deepspeed: str = "zero1"
+    """DeepSpeed config: a name in cluster_configs/deepspeed/ (zero0, zero1, zero2, zero3,
+    zero2-offload) or a JSON path. Batch sizes, precision and clipping are filled in from here."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cuda` or `cpu`."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many optimizer steps (0 = at epoch ends only)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one."""
+    resume: str = ""
+    """`latest` (newest complete checkpoint of run_dir), a checkpoint directory, or "" to start fresh."""
+    log_every: int = 10
+    """Optimizer steps between training log lines in metrics.jsonl."""
+    max_steps: int = 0
+    """Stop training after this many optimizer steps (0 = all epochs); evaluation still runs."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    batch_size: int = 128
+    """Images or captions per embedding batch on each rank."""
+    fusion_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    """Candidate weights a of the fused similarity a * S_global + (1 - a) * S_grab, chosen on val."""
+    every: int = 1
+    """Evaluate on val every this many epochs (and after the last)."""
+    block_mb: int = 256
+    """Working memory of the blocked ranking, in MiB."""
+
+
+@dataclasses.dataclass
+class Config:
+    name: str = "synthetic"
+    """Run name (the preset's name by default); the run directory is named after it."""
+    run_dir: str = ""
+    """Where this run writes; "" = runs/<name>-<timestamp>."""
+    seed: int = 0
+    """Seeds model initialisation, data order and augmentation."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Check every field and the combinations that would fail later; the message names the field."""
+        self.data.validate()
+        self.model.validate()
+        t = self.train
+        for field in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
+            if getattr(t, field) < 1:
+                raise ConfigError(f"train.{field}: must be >= 1, got {getattr(t, field)}")
+        for field in ("lr", "grab_lr", "head_lr_mult", "bias_lr_mult", "adam_eps"):
+            if getattr(t, field) <= 0:
+                raise ConfigError(f"train.{field}: must be > 0, got {getattr(t, field)}")
+        if t.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision: must be auto, fp32 or bf16, got {t.precision!r}")
+        if t.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device: must be auto, cpu or cuda, got {t.device!r}")
+        if t.warmup_epochs < 0 or not 0 < t.warmup_factor <= 1:
+            raise ConfigError(f"train.warmup_epochs / train.warmup_factor: need warmup_epochs >= 0 and "
+                              f"0 < warmup_factor <= 1, got {t.warmup_epochs}, {t.warmup_factor}")
+        per_rank = world_size * t.grad_accum * self.data.num_instance
+        if t.batch_size % per_rank:
+            raise ConfigError(
+                f"train.batch_size: {t.batch_size} is not divisible by world_size x train.grad_accum x "
+                f"data.num_instance = {world_size} x {t.grad_accum} x {self.data.num_instance} = {per_rank}; "
+                f"choose a batch size that is a multiple of {per_rank}")
+        slots = self.data.num_slots or world_size * max(1, self.data.num_workers)
+        if slots % (world_size * max(1, self.data.num_workers)):
+            raise ConfigError(f"data.num_slots: {slots} is not a multiple of world_size x data.num_workers = "
+                              f"{world_size} x {max(1, self.data.num_workers)}")
+        step_pairs = t.batch_size // t.grad_accum  # pairs per micro-step over all ranks
+        if step_pairs % slots or (step_pairs // slots) % self.data.num_instance:
+            raise ConfigError(
+                f"train.batch_size: each of the {slots} data slots needs an equal share of the "
+                f"{step_pairs} pairs per step, a multiple of data.num_instance = "
+                f"{self.data.num_instance}; change train.batch_size or data.num_slots")
+        if not self.eval.fusion_weights or any(not 0 <= a <= 1 for a in self.eval.fusion_weights):
+            raise ConfigError(f"eval.fusion_weights: need weights in [0, 1], got {self.eval.fusion_weights}")
+        if self.eval.batch_size < 1 or self.eval.every < 1 or self.eval.block_mb < 1:
+            raise ConfigError("eval.batch_size, eval.every and eval.block_mb must be >= 1")
+
+
+# --------------------------------------------------------------------------- dict <-> config
+
+
+def to_dict(cfg) -> dict:
+    """Nested plain dict (tuples as lists), the form written to config.yaml."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def _coerce(value, hint, key: str):
+    """`value` (from YAML) as the field's type, or a ConfigError naming `key`."""
+    import typing
+
+    origin = typing.get_origin(hint)
+    try:
+        if origin is tuple:
+            args = typing.get_args(hint)
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+            if len(types) != len(items):
+                raise TypeError(f"expected {len(types)} values")
+            return tuple(_coerce(v, t, key) for v, t in zip(items, types))
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError("expected true or false")
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError("expected an integer")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError("expected a number")
+            return float(value)
+        if hint is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot use {value!r}: {e}") from None
+    return value
+
+
+def set_value(cfg: Config, key: str, value) -> None:
+    """Set a dotted key (`train.lr`) from a YAML-typed value; unknown keys are errors."""
+    import difflib
+    import typing
+
+    parts = key.split(".")
+    target = cfg
+    for part in parts[:-1]:
+        sub = getattr(target, part, None)
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"unknown config key {key!r} (no section {part!r}; sections: data, model, train, eval)")
+        target = sub
+    hints = typing.get_type_hints(type(target))
+    name = parts[-1]
+    if name not in hints or dataclasses.is_dataclass(getattr(target, name, None)):
+        known = [f"{'.'.join(parts[:-1]) + '.' if len(parts) > 1 else ''}{f}" for f in hints]
+        close = difflib.get_close_matches(key, known, n=3)
+        raise ConfigError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    setattr(target, name, _coerce(value, hints[name], key))
+
+
+def apply_dict(cfg: Config, values: dict, prefix: str = "") -> None:
+    """Apply a nested dict (a YAML config file) onto cfg."""
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            apply_dict(cfg, v, key + ".")
+        else:
+            set_value(cfg, key, v)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    """Apply `key=value` strings; values are parsed as YAML (1e-4, true, [4, 11])."""
+    import yaml
+
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
+        set_value(cfg, key.strip(), value)

@@ -215,7 +215,7 @@ def test_eval_gallery_and_queries_cover_the_split_once_across_ranks(small_datase
         for img, pid, image_id in gallery:
             assert img.shape[1:] == (3, 48, 16)
             images += list(zip(image_id.tolist(), pid.tolist()))
-        for tok, pid, image_id in queries:
+        for tok, pid, image_id, _ in queries:
             assert (tok[:, 0] == 49406).all()
             texts += list(zip(image_id.tolist(), pid.tolist()))
     assert sorted(images) == sorted((r["image_id"], r["pid"]) for r in rows)

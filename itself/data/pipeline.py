@@ -352,7 +352,7 @@ class EvalImages(_EvalStream):
 
 
 class EvalTexts(_EvalStream):
-    """Queries: (tokens [L], pid, image_id) per caption of every image (no augmentation)."""
+    """Queries: (tokens [L], pid, image_id, caption index) per caption of every image (no augmentation)."""
 
     def __init__(self, urls, text_length: int = 77, rank: int = 0, world_size: int = 1):
         super().__init__(urls, rank, world_size)
@@ -362,8 +362,8 @@ class EvalTexts(_EvalStream):
         tokenizer = T.Tokenizer(self.text_length)
         for sample in self._my_samples():
             meta = json.loads(sample[schema.META_EXT])
-            for caption in meta["captions"]:
-                yield tokenizer(caption), meta["pid"], meta["image_id"]
+            for i, caption in enumerate(meta["captions"]):
+                yield tokenizer(caption), meta["pid"], meta["image_id"], i
 
 
 def eval_loaders(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,

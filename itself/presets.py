@@ -1,0 +1,131 @@
+"""Named configurations. Each starts from the synthetic default and changes what differs.
+
+Dataset presets carry the paper's hyper-parameters (DESIGN §5, supplementary §1). The ablation
+presets reproduce the supplementary's tables on RSTPReid (change `data.root` for another set):
+Tab. 1 `ats-none` / `ats-epoch` / `ats-step`; Tab. 2 `vit-b32-baseline` / `vit-b32` /
+`vit-b16-baseline` / `vit-b16`; Tab. 3 `select-a` .. `select-d` / `select-mars`. `baseline` is the
+synthetic run with the global branch only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from .config import Config, ConfigError
+
+
+def synthetic() -> Config:
+    """CPU-sized: a tiny random CLIP on the embedded synthetic data (minutes on 2 cores)."""
+    cfg = Config(name="synthetic")
+    cfg.data.root, cfg.data.build_synthetic = "data/synthetic", True
+    cfg.data.image_size = (96, 32)
+    cfg.data.num_workers = 1
+    cfg.data.num_slots = 8  # 16 shards; results do not depend on the world size (1, 2, 4 or 8 ranks)
+    m = cfg.model
+    m.arch, m.pretrained, m.grab_dim = "tiny", "", 256
+    m.mars_layers = (1, 3)  # middle + late of 4 layers
+    m.t_small = 6.0
+    t = cfg.train
+    t.epochs, t.batch_size = 24, 64
+    t.lr, t.grab_lr, t.head_lr_mult, t.adam_eps = 1e-3, 1e-3, 1.0, 1e-6  # trained from scratch
+    t.warmup_epochs, t.deepspeed = 2.0, "zero0"
+    cfg.eval.batch_size = 64
+    return cfg
+
+
+def _paper(name: str, root: str) -> Config:
+    cfg = synthetic()
+    cfg.name = name
+    cfg.data = dataclasses.replace(cfg.data, root=root, build_synthetic=False, image_size=(384, 128), num_workers=8,
+                                   num_slots=0)
+    cfg.model = dataclasses.replace(cfg.model, arch="ViT-B-16", pretrained="openai", grab_dim=4096,
+                                    mars_layers=(4, 11), t_small=10.0)
+    cfg.train = dataclasses.replace(cfg.train, epochs=60, batch_size=256, lr=1e-5, grab_lr=1e-3, head_lr_mult=5.0,
+                                    adam_eps=1e-3, warmup_epochs=5.0, deepspeed="zero1")
+    cfg.eval.batch_size = 256
+    return cfg
+
+
+def cuhk_pedes() -> Config:
+    return _paper("cuhk-pedes", "data/cuhk-pedes")
+
+
+def icfg_pedes() -> Config:
+    return _paper("icfg-pedes", "data/icfg-pedes")
+
+
+def rstpreid() -> Config:
+    return _paper("rstpreid", "data/rstpreid")
+
+
+def _ablation(name: str, **model) -> Callable[[], Config]:
+    def preset() -> Config:
+        cfg = rstpreid()
+        cfg.name = name
+        cfg.model = dataclasses.replace(cfg.model, **model)
+        return cfg
+    preset.__doc__ = f"RSTPReid with model settings {model}"
+    return preset
+
+
+def baseline() -> Config:
+    """The synthetic run with the global branch only."""
+    cfg = synthetic()
+    cfg.name = "baseline"
+    cfg.model.global_only = True
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "synthetic": synthetic,
+    "cuhk-pedes": cuhk_pedes,
+    "icfg-pedes": icfg_pedes,
+    "rstpreid": rstpreid,
+    "baseline": baseline,
+    # Supplementary Tab. 1: the token scheduler
+    "ats-none": _ablation("ats-none", ats="fixed", fixed_ratio=0.5),
+    "ats-epoch": _ablation("ats-epoch", ats="epoch"),
+    "ats-step": _ablation("ats-step", ats="step"),
+    # Tab. 2: backbones, baseline (global only) and full
+    "vit-b32-baseline": _ablation("vit-b32-baseline", arch="ViT-B-32", global_only=True),
+    "vit-b32": _ablation("vit-b32", arch="ViT-B-32"),
+    "vit-b16-baseline": _ablation("vit-b16-baseline", global_only=True),
+    "vit-b16": _ablation("vit-b16"),
+    # Tab. 3: selection strategies A-D against MARS
+    "select-a": _ablation("select-a", selection="mean_min"),
+    "select-b": _ablation("select-b", selection="mean_max"),
+    "select-c": _ablation("select-c", selection="std_min"),
+    "select-d": _ablation("select-d", selection="std_max"),
+    "select-mars": _ablation("select-mars", selection="mars"),
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def resolve_config(preset: str = "synthetic", config_file: str | None = None, overrides: list[str] = ()) -> Config:
+    """preset, then a YAML file, then `key=value` overrides (later wins)."""
+    import yaml
+
+    from .config import apply_dict, apply_overrides
+
+    cfg = get_preset(preset)
+    if config_file:
+        try:
+            values = yaml.safe_load(open(config_file)) or {}
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {config_file}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {config_file} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config: {config_file} must hold a mapping of sections (data, model, train, eval)")
+        try:
+            apply_dict(cfg, values)
+        except ConfigError as e:
+            raise ConfigError(f"{config_file}: {e}") from None
+    apply_overrides(cfg, list(overrides))
+    return cfg
