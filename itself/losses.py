@@ -64,7 +64,10 @@ def cid_sum(head, image_feats, text_feats, pids, text_neg, image_neg, neg_class:
     v = torch.cat([image_feats[idx], image_feats[image_neg[idx]], image_feats[idx]])
     t = torch.cat([text_feats[idx], text_feats[idx], text_feats[text_neg[idx]]])
     labels = torch.cat([pids[idx], torch.full_like(idx, neg_class), torch.full_like(idx, neg_class)])
-    ce = F.cross_entropy(head(v, t), labels, reduction="sum") + F.cross_entropy(head(t, v), labels, reduction="sum")
+    dtype = next(head.parameters()).dtype  # the head may run in bf16; the loss is taken in fp32
+    v, t = v.to(dtype), t.to(dtype)
+    ce = (F.cross_entropy(head(v, t).float(), labels, reduction="sum")
+          + F.cross_entropy(head(t, v).float(), labels, reduction="sum"))
     return ce / 2
 
 
@@ -81,8 +84,9 @@ def branch_losses(prefix: str, image_feats: torch.Tensor, text_feats: torch.Tens
         text_neg, image_neg = hard_negatives(cosine(V, T).detach(), P)
         out[f"cid_{prefix}_loss"] = cid_sum(cid_head, V, T, P, text_neg, image_neg, num_ids, mine) / (3 * total)
     if id_classifier is not None:
-        ce = (F.cross_entropy(id_classifier(image_feats.float()), pids, reduction="sum")
-              + F.cross_entropy(id_classifier(text_feats.float()), pids, reduction="sum"))
+        dtype = id_classifier.weight.dtype
+        ce = (F.cross_entropy(id_classifier(image_feats.to(dtype)).float(), pids, reduction="sum")
+              + F.cross_entropy(id_classifier(text_feats.to(dtype)).float(), pids, reduction="sum"))
         out[f"id_{prefix}_loss"] = ce / total
     return out
 

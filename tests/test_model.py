@@ -242,3 +242,17 @@ def test_softmax_attention_capture_matches_the_fused_path():
     torch.testing.assert_close(fused_txt, captured_txt, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(attn.sum(-1), torch.ones(4, 2, 9))
     assert math.isclose(float(tattn[0, 0, 0, 1:].abs().sum()), 0.0, abs_tol=1e-6)  # causal text attention
+
+
+def test_bf16_forward_backward_on_cpu():
+    # DeepSpeed's bf16 mode casts the whole model; heads and losses must accept it (losses in fp32).
+    torch.manual_seed(0)
+    model = ITSELF(_tiny(), num_ids=4, image_size=(32, 16)).to(torch.bfloat16)
+    batch = _batch()
+    batch["images"] = batch["images"].to(torch.bfloat16)
+    out = model(batch, step=1)
+    loss = total_loss(out)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    glob, grab = model.eval().encode_image(batch["images"])
+    assert glob.dtype == grab.dtype == torch.float32
