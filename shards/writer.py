@@ -36,6 +36,8 @@ class Record:
     source: str  # path relative to the raw dataset root
     image_bytes: bytes
     image_ext: str = "jpg"
+    width: int | None = None  # set by a converter that already decoded the image (else the writer does)
+    height: int | None = None
 
 
 @dataclasses.dataclass
@@ -50,6 +52,14 @@ class Reject:
 
 class BuildError(RuntimeError):
     """The input cannot be written as asked (e.g. train records not grouped by identity)."""
+
+
+class StrictError(BuildError):
+    """`--strict` and some records were rejected: no dataset.json was written."""
+
+    def __init__(self, message: str, info: dict):
+        super().__init__(message)
+        self.info = info
 
 
 def _atomic_replace(tmp: Path, final: Path) -> None:
@@ -187,7 +197,9 @@ class DatasetWriter:
             problem = ("empty or non-string caption", why)
         elif rec.source in self._seen_sources:
             problem = ("duplicate image entry", f"{rec.source} listed more than once")
-        if problem is None:
+        if problem is None and rec.width is not None and rec.height is not None:
+            width, height = rec.width, rec.height
+        elif problem is None:
             try:
                 width, height = image_size(rec.image_bytes)
             except Exception as e:  # noqa: BLE001 - any decoder error means unreadable
@@ -238,8 +250,9 @@ class DatasetWriter:
 
     # -- output -----------------------------------------------------------------------------
 
-    def close(self) -> dict:
-        """Finish every shard, write manifest, rejects and (last) dataset.json; return the latter."""
+    def close(self, strict: bool = False) -> dict:
+        """Finish every shard, write manifest, rejects and (last) dataset.json; return the latter.
+        With `strict`, any reject raises StrictError instead of writing dataset.json."""
         self._flush_identity()
         for sink in self.sinks.values():
             sink.close_shard()
@@ -253,6 +266,9 @@ class DatasetWriter:
         self._write_atomic(schema.REJECTS_FILE, lambda p: Path(p).write_text(
             "".join(json.dumps(dataclasses.asdict(r), default=str) + "\n" for r in self.rejects)))
         info = self.summary()
+        if strict and self.rejects:
+            raise StrictError(f"--strict: {len(self.rejects)} of {self.read} records rejected (see "
+                              f"{self.out / schema.REJECTS_FILE}); no dataset.json written", info)
         self._write_atomic(schema.DATASET_FILE, lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
         return info
 
@@ -285,7 +301,7 @@ class DatasetWriter:
 
 
 def write_dataset(records: Iterable[Record], out, name: str, *, total: int | None = None,
-                  progress: bool = True, **writer_args) -> dict:
+                  progress: bool = True, strict: bool = False, **writer_args) -> dict:
     """Write all `records` (a converter's output) to `out`; returns the dataset.json dict."""
     from tqdm import tqdm
 
@@ -295,7 +311,7 @@ def write_dataset(records: Iterable[Record], out, name: str, *, total: int | Non
             writer.reject(rec.split, rec.source, rec.reason, rec.detail)
         else:
             writer.add(rec)
-    return writer.close()
+    return writer.close(strict)
 
 
 def summary_table(info: dict) -> str:
