@@ -28,11 +28,12 @@ class DataConfig:
     num_instance: int = 2
     """(image, caption) pairs of each identity in a batch (paper: 2). Holds for the global batch."""
     num_workers: int = 2
-    """DataLoader worker processes per rank; each reads whole shards, so the train split needs at
-    least world_size x max(1, num_workers) shards."""
+    """DataLoader worker processes per rank (at most: a worker adds at least one identity to each
+    step, so a rank uses no more than micro-batch / num_instance, and a divisor of its data slots).
+    Each reads whole shards."""
     num_slots: int = 0
     """Data slots: disjoint shard sets, each contributing an equal share of every global batch.
-    0 = ranks x workers. A fixed value (a multiple of ranks x workers, at most the number of train
+    0 = ranks x workers. A fixed value (a multiple of the world size, at most the number of train
     shards) makes the batches, and so the results, independent of the world size."""
     window_shards: int = 16
     """Shards a worker pools before forming batches: bigger mixes identities from more shards,
@@ -234,16 +235,13 @@ class Config:
                 f"train.batch_size: {t.batch_size} is not divisible by world_size x train.grad_accum x "
                 f"data.num_instance = {world_size} x {t.grad_accum} x {self.data.num_instance} = {per_rank}; "
                 f"choose a batch size that is a multiple of {per_rank}")
-        slots = self.data.num_slots or world_size * max(1, self.data.num_workers)
-        if slots % (world_size * max(1, self.data.num_workers)):
-            raise ConfigError(f"data.num_slots: {slots} is not a multiple of world_size x data.num_workers = "
-                              f"{world_size} x {max(1, self.data.num_workers)}")
-        step_pairs = t.batch_size // t.grad_accum  # pairs per micro-step over all ranks
-        if step_pairs % slots or (step_pairs // slots) % self.data.num_instance:
-            raise ConfigError(
-                f"train.batch_size: each of the {slots} data slots needs an equal share of the "
-                f"{step_pairs} pairs per step, a multiple of data.num_instance = "
-                f"{self.data.num_instance}; change train.batch_size or data.num_slots")
+        from .data.plan import DataError, data_layout
+
+        try:
+            data_layout(self.data.num_workers, self.data.num_slots, world_size,
+                        t.batch_size // (world_size * t.grad_accum), self.data.num_instance)
+        except DataError as e:
+            raise ConfigError(f"train.batch_size / data.num_slots: {e}") from None
         if not self.eval.fusion_weights or any(not 0 <= a <= 1 for a in self.eval.fusion_weights):
             raise ConfigError(f"eval.fusion_weights: need weights in [0, 1], got {self.eval.fusion_weights}")
         if self.eval.batch_size < 1 or self.eval.every < 1 or self.eval.block_mb < 1:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -189,25 +190,36 @@ def chance_r1(info: dict, split: str) -> float:
 # ----------------------------------------------------------------------------------- train
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> dict:
     """Train, evaluate on val every `eval.every` epochs, keep the best by val, evaluate it on test.
-    Returns {"run_dir", "best_epoch", "fusion_weight", "val": {...}, "test": {...}} on every rank."""
+    Returns {"run_dir", "best_epoch", "fusion_weight", "val": {...}, "test": {...}} on every rank.
+
+    `should_stop` is polled after every optimizer step (a scheduler's pre-emption warning, say);
+    when it is true on any rank, every rank saves a checkpoint at that step and train returns
+    {"interrupted": True, "run_dir", "global_step", "checkpoint"}; `train.resume=latest` continues."""
     where = ensure_process_env()
     cfg.validate(where.world_size)  # fail before any work
     device = resolve_device(cfg.train.device, where.local_rank)
     precision = resolve_precision(cfg.train.precision, device)
-    if device.type == "cpu":
+    if device.type == "cpu":  # share the cores among the ranks of this host (oversubscription is ruinous)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(where.world_size, os.cpu_count() or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1) // local_world
+        torch.set_num_threads(max(1, threads))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     import deepspeed
 
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    return _train(cfg, dist.get_rank(), dist.get_world_size(), device, precision, deepspeed)
+    result = _train(cfg, dist.get_rank(), dist.get_world_size(), device, precision, deepspeed, should_stop)
+    if owns_group:  # a clean exit: a live group aborts the process at interpreter shutdown
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
-def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: str, deepspeed) -> dict:
+def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: str, deepspeed,
+           should_stop: Callable[[], bool] | None) -> dict:
     run_dir = resolve_run_dir(cfg, rank)
     log = RunLog(run_dir, rank)
     t = cfg.train
@@ -286,6 +298,15 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
             if t.max_steps and state["global_step"] >= t.max_steps:
                 stop = True
                 break
+            if should_stop is not None and _any_rank(should_stop(), device):
+                tag = ckpt.save(engine, ckpt_dir, state["global_step"], dict(state, epoch=epoch),
+                                keep_last=t.keep_last, is_best=False, rank=rank)
+                log.info(f"stop requested: saved checkpoint {tag} at step {state['global_step']} "
+                         f"(epoch {epoch + 1}); continue with train.resume=latest")
+                log.record("interrupted", state["global_step"], {"epoch": epoch, "checkpoint": tag})
+                log.close()
+                return {"interrupted": True, "run_dir": str(run_dir), "global_step": state["global_step"],
+                        "checkpoint": tag}
         if bar is not None:
             bar.close()
         if state["micro_step"] >= micro_total or not stop:  # the epoch is done (else max_steps stopped it)
@@ -301,6 +322,13 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
         if stop:
             break
     return _finish(engine, cfg, rank, world, device, info, ckpt_dir, run_dir, state, log)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank if `flag` is true on any (so all ranks stop at the same step)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _global_means(window: list[dict], world: int, device) -> dict:

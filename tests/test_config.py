@@ -48,7 +48,7 @@ def test_overrides_are_typed():
     (["train.batch_size=66"], 2, r"train.batch_size: 66 is not divisible by world_size x train.grad_accum x "
                                  r"data.num_instance = 2 x 1 x 2 = 4"),
     (["train.batch_size=64", "train.grad_accum=3"], 1, "train.batch_size: 64 is not divisible"),
-    (["data.num_slots=3"], 2, "data.num_slots: 3 is not a multiple"),
+    (["data.num_slots=3"], 2, "data.num_slots = 3 is not a multiple of the world size 2"),
     (["train.precision=fp16"], 1, "train.precision"),
     (["model.selection=median"], 1, "model.selection"),
     (["eval.fusion_weights=[1.5]"], 1, "eval.fusion_weights"),

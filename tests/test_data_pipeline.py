@@ -141,9 +141,17 @@ def test_plan_keeps_identity_groups_and_drops_remainders():
 
 def test_fewer_shards_than_ranks_times_workers_is_an_error_naming_both(small_dataset):
     with pytest.raises(DataError, match=r"8 train shards are fewer than the 16 data slots \(ranks x workers = 4 x 4.*--shard-samples"):
-        train_loader(_cfg(small_dataset, num_workers=4), rank=0, world_size=4, micro_batch=MICRO_BATCH)
-    with pytest.raises(DataError, match=r"data.num_slots = 6 is not a multiple of ranks x workers = 2 x 2 = 4"):
-        train_loader(_cfg(small_dataset, num_workers=2, num_slots=6), rank=0, world_size=2, micro_batch=MICRO_BATCH)
+        train_loader(_cfg(small_dataset, num_workers=4), rank=0, world_size=4, micro_batch=8)
+    with pytest.raises(DataError, match=r"data.num_slots = 3 is not a multiple of the world size 2"):
+        train_loader(_cfg(small_dataset, num_workers=2, num_slots=3), rank=0, world_size=2, micro_batch=MICRO_BATCH)
+
+
+def test_workers_never_outnumber_the_identities_a_rank_adds_per_step(small_dataset):
+    # micro-batch 4 = 2 identities: of 4 requested workers only 2 are used (each adds 1 identity).
+    loader = train_loader(_cfg(small_dataset, num_workers=4), rank=0, world_size=1, micro_batch=MICRO_BATCH)
+    assert (loader.dataset.workers_per_rank, loader.dataset.num_slots, loader.dataset.slot_batch) == (2, 2, 2)
+    loader.set_epoch(0)
+    assert all(set(collections.Counter(b["pids"].tolist()).values()) == {2} for b in loader)
 
 
 def test_missing_shard_path_is_an_error_naming_it(small_dataset):

@@ -26,7 +26,7 @@ from shards import schema
 
 from ..config import DataConfig
 from . import transforms as T
-from .plan import DataError, EpochPlan, Pair, ShardIndex, check_slots, derive_seed, plan_epoch
+from .plan import DataError, EpochPlan, Pair, ShardIndex, check_slots, data_layout, derive_seed, plan_epoch
 
 DEFAULT_SYNTHETIC_ROOT = DataConfig().root
 
@@ -142,14 +142,11 @@ class TrainDataset(IterableDataset):
         self.shards, self.cfg = shards, cfg
         self.rank, self.world_size = rank, world_size
         self.micro_batch, self.seed = micro_batch, seed
-        self.workers_per_rank = max(1, cfg.num_workers)
-        self.num_slots = cfg.num_slots or world_size * self.workers_per_rank
+        layout = data_layout(cfg.num_workers, cfg.num_slots, world_size, micro_batch, cfg.num_instance)
+        self.num_slots, self.workers_per_rank, self.slot_batch = layout.num_slots, layout.workers_per_rank, layout.slot_batch
+        self.loader_workers = self.workers_per_rank if cfg.num_workers else 0
         check_slots(len(shards), self.num_slots, world_size, self.workers_per_rank)
         self.slots_per_rank = self.num_slots // world_size
-        if (micro_batch * world_size) % self.num_slots:
-            raise DataError(f"the global micro-batch {micro_batch} x {world_size} ranks does not split evenly over "
-                            f"{self.num_slots} data slots: change batch_size or data.num_slots")
-        self.slot_batch = micro_batch * world_size // self.num_slots
         self.epoch, self.start_step = 0, 0
         self._plan: tuple[int, EpochPlan] | None = None
 
@@ -173,8 +170,8 @@ class TrainDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if workers != self.workers_per_rank:
-            raise DataError(f"the DataLoader runs {workers} workers but data.num_workers is {self.cfg.num_workers}: "
-                            "build the loader with train_loader() so both agree")
+            raise DataError(f"the DataLoader runs {workers} workers but the data layout has {self.workers_per_rank} "
+                            "per rank: build the loader with train_loader() so both agree")
         per_worker = self.slots_per_rank // workers
         first = self.rank * self.slots_per_rank + worker * per_worker
         plan = self.plan()
@@ -284,7 +281,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
-        loader = DataLoader(ds, batch_size=None, num_workers=ds.cfg.num_workers, pin_memory=self.pin_memory)
+        loader = DataLoader(ds, batch_size=None, num_workers=ds.loader_workers, pin_memory=self.pin_memory)
         plan, corrupt, steps, parts = ds.plan(), 0, 0, []
         for part in loader:  # one part per worker per step, in worker (= slot) order
             parts.append(part)

@@ -1,0 +1,112 @@
+"""Cluster profiles: `cluster_configs/slurm/<name>.yaml`, typed and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "cluster_configs" / "slurm"
+
+
+class ProfileError(ValueError):
+    """A profile is missing or invalid; the message names the file and field."""
+
+
+@dataclasses.dataclass
+class SlurmProfile:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float = 0
+    time: str = "01:00:00"
+    constraint: str | None = None
+    exclusive: bool = False
+    signal_delay_s: int = 120
+    max_requeues: int = 10
+    sbatch_args: dict = dataclasses.field(default_factory=dict)
+    srun_args: list = dataclasses.field(default_factory=list)
+    setup: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """One rank per GPU; on CPU nodes, tasks_per_node (default 1)."""
+        return self.gpus_per_node if self.gpus_per_node > 0 else (self.tasks_per_node or 1)
+
+    def minutes(self) -> int:
+        return parse_time(self.time)
+
+
+def parse_time(text) -> int:
+    """Slurm time (`MM`, `HH:MM:SS`, `D-HH:MM:SS`) or a number of minutes -> minutes (rounded up)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return max(1, int(text))
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    if not m:
+        raise ProfileError(f"time: cannot read {text!r}; use HH:MM:SS, D-HH:MM:SS or minutes")
+    days, a, b, c = m.groups()
+    if b is None:  # plain minutes
+        seconds = int(a) * 60
+    elif c is None:  # MM:SS per Slurm
+        seconds = int(a) * 60 + int(b)
+    else:
+        seconds = int(a) * 3600 + int(b) * 60 + int(c)
+    seconds += int(days or 0) * 86400
+    return max(1, -(-seconds // 60))
+
+
+def _check_type(name: str, value, hint, where: str):
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    base = tuple(typing.get_origin(a) or a for a in allowed)  # dict[...] -> dict
+    ok = value is None and type(None) in base or isinstance(value, tuple(b for b in base if b is not type(None)))
+    if float in base and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if bool not in base and isinstance(value, bool):
+        ok = False
+    if not ok:
+        names = " or ".join("null" if b is type(None) else b.__name__ for b in base)
+        raise ProfileError(f"{where}: field {name!r} must be {names}, got {value!r}")
+
+
+def load_profile(name_or_path: str) -> SlurmProfile:
+    """The profile `name` (cluster_configs/slurm/<name>.yaml) or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+        raise ProfileError(f"--profile {name_or_path}: {path} not found; profiles: {known}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ProfileError(f"{path}: expected a mapping of fields")
+    hints = typing.get_type_hints(SlurmProfile)
+    for key, value in values.items():
+        if key not in hints:
+            raise ProfileError(f"{path}: unknown field {key!r}; fields: {', '.join(hints)}")
+        _check_type(key, value, hints[key], str(path))
+    profile = SlurmProfile(**values)
+    validate(profile, str(path))
+    return profile
+
+
+def validate(p: SlurmProfile, where: str) -> None:
+    if p.gpus_per_node < 0 or (p.tasks_per_node is not None and p.tasks_per_node < 1):
+        raise ProfileError(f"{where}: gpus_per_node must be >= 0 and tasks_per_node >= 1")
+    if p.cpus_per_task is not None and p.cpus_per_task < 1:
+        raise ProfileError(f"{where}: cpus_per_task must be >= 1")
+    if p.max_requeues < 0 or p.signal_delay_s < 0 or p.mem_gb < 0:
+        raise ProfileError(f"{where}: max_requeues, signal_delay_s and mem_gb must be >= 0")
+    try:
+        p.minutes()
+    except ProfileError as e:
+        raise ProfileError(f"{where}: {e}") from None

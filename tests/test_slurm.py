@@ -1,0 +1,137 @@
+"""`launch/slurm.py` against a real Slurm (slurmctld + 4 slurmd + munged on this machine):
+a 4-node run, pre-emption -> checkpoint -> requeue -> resume, dry runs and profile errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, missing_binaries
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_binaries()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"Slurm binaries missing in CI: {missing} (.ci/run installs slurmctld slurmd slurm-client munge)")
+        pytest.skip(f"Slurm not installed here ({', '.join(missing)}); .ci/run installs it")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+def _training_args(root) -> list[str]:
+    return [f"data.root={root}", "data.image_size=[48,16]", "data.num_workers=0", "data.num_slots=4",
+            "model.grab_dim=32", "train.batch_size=16", "eval.batch_size=32", "train.log_every=2"]
+
+
+def _submit(env, jobs: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/slurm.py", "--jobs-dir", str(jobs), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _job_folder(jobs: Path) -> Path:
+    (folder,) = [p for p in jobs.iterdir() if p.is_dir()]
+    return folder
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_four_nodes_train_with_world_size_four(slurm, small_dataset, tmp_path):
+    run = _submit(slurm, tmp_path, "--nodes", "4", "--profile", "local-test", "--wait",
+                  *_training_args(small_dataset), "train.epochs=1")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    folder = _job_folder(tmp_path)
+    submission = json.loads((folder / "submission.json").read_text())
+    job_id = submission["job_ids"][0]
+    assert f"submitted job {job_id}: 4 node(s) x 1 rank(s)" in run.stdout
+    assert submission["ranks"] == 4 and len(submission["git_commit"]) >= 40 and "launch/slurm.py" in submission["command"][1]
+    assert "4 rank(s) on cpu" in (folder / "run" / "train.log").read_text()
+    kinds = [r["type"] for r in _events(folder / "run" / "metrics.jsonl")]
+    assert "train" in kinds and "eval" in kinds and "test" in kinds
+    assert json.loads((folder / "run" / "results.json").read_text())["test"]["fused"]["R1"] >= 0
+    for rank in range(4):  # per-rank logs
+        assert (folder / f"{job_id}_{rank}_log.out").exists() and (folder / f"{job_id}_{rank}_log.err").exists()
+    assert "train:" in (folder / "config.yaml").read_text()
+    assert [e["event"] for e in _events(folder / "attempts.jsonl")] == ["start", "completed"]
+    first = _events(folder / "attempts.jsonl")[0]
+    assert first["hostnames"] == ["n1", "n2", "n3", "n4"] and first["world_size"] == 4
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm, small_dataset, tmp_path):
+    proc = subprocess.Popen([sys.executable, "launch/slurm.py", "--jobs-dir", str(tmp_path), "--nodes", "4",
+                             "--profile", "local-test", "--wait", *_training_args(small_dataset), "train.epochs=3"],
+                            cwd=REPO, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(tmp_path.glob("*/submission.json")):
+            time.sleep(0.2)
+        folder = _job_folder(tmp_path)
+        job_id = json.loads((folder / "submission.json").read_text())["job_ids"][0]
+        metrics = folder / "run" / "metrics.jsonl"
+        while time.time() < deadline and not any(e["type"] == "train" for e in _events(metrics)):
+            time.sleep(0.2)
+        # The scheduler's pre-emption / time-limit warning: SIGUSR2 to every task of the job.
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    attempts = _events(folder / "attempts.jsonl")
+    assert [e["event"] for e in attempts] == ["start", "requeue", "start", "completed"], attempts
+    saved = attempts[1]["checkpoint"]
+    assert attempts[0]["resume_from"] is None and attempts[2]["resume_from"] == saved
+    assert attempts[2]["attempt"] == 2 and attempts[0]["job_id"] == attempts[2]["job_id"] == job_id
+    records = _events(metrics)
+    interrupted = [r for r in records if r["type"] == "interrupted"]
+    assert len(interrupted) == 1 and f"step{interrupted[0]['step']:08d}" == saved
+    steps = [r["step"] for r in records if r["type"] == "train"]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)), "the step count continues, never restarts"
+    assert steps[-1] == 24 and min(s for s in steps if s > interrupted[0]["step"]) <= interrupted[0]["step"] + 2
+    assert (folder / "run" / "results.json").exists()
+
+
+def test_dry_run_prints_the_sbatch_script_with_the_right_counts(tmp_path):
+    run = _submit(os.environ.copy(), tmp_path, "--nodes", "4", "--gpus-per-node", "8", "--preset", "cuhk-pedes",
+                  "--partition", "a100", "--time", "2-00:00:00", "--dry-run", timeout=120)
+    assert run.returncode == 0, run.stderr
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=a100", "#SBATCH --time=2880", "#SBATCH --requeue", "#SBATCH --signal=USR2@180"):
+        assert line in run.stdout
+    assert "32 ranks" in run.stdout and "name: cuhk-pedes" in run.stdout
+    assert not list(tmp_path.iterdir()), "a dry run submits nothing"
+
+
+def test_missing_or_invalid_profile_is_a_clear_error(tmp_path):
+    run = _submit(os.environ.copy(), tmp_path, "--profile", "nosuch", "--dry-run", timeout=120)
+    assert run.returncode == 2 and "--profile nosuch:" in run.stderr and "profiles: default, local-test" in run.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("partition: gpu\ngpus_per_nod: 8\n")
+    run = _submit(os.environ.copy(), tmp_path, "--profile", str(bad), "--dry-run", timeout=120)
+    assert run.returncode == 2 and "unknown field 'gpus_per_nod'" in run.stderr
+    bad.write_text("gpus_per_node: eight\n")
+    run = _submit(os.environ.copy(), tmp_path, "--profile", str(bad), "--dry-run", timeout=120)
+    assert run.returncode == 2 and "field 'gpus_per_node' must be int" in run.stderr
+    bad.write_text("time: soon\n")
+    run = _submit(os.environ.copy(), tmp_path, "--profile", str(bad), "--dry-run", timeout=120)
+    assert run.returncode == 2 and "time: cannot read 'soon'" in run.stderr
+
+
+def test_local_executor_runs_the_same_job_here(small_dataset, tmp_path):
+    run = _submit(os.environ.copy(), tmp_path, "--local", "--nodes", "2", "--profile", "local-test", "--wait",
+                  *_training_args(small_dataset), "train.epochs=1")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    folder = _job_folder(tmp_path)
+    assert "2 rank(s) on cpu" in (folder / "run" / "train.log").read_text()
+    assert [e["event"] for e in _events(folder / "attempts.jsonl")] == ["start", "completed"]
