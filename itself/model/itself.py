@@ -101,6 +101,16 @@ class ITSELF(nn.Module):
         return glob, self.grab_text(picked, valid), k
 
     @torch.no_grad()
+    def patch_selection(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(saliency [B, patches], indices [B, k] of the patches GRAB keeps at the final ratio), patches
+        numbered row-major over the backbone's grid (for visualisation)."""
+        if self.cfg.global_only:
+            raise ValueError("a global-only (baseline) model selects no patches")
+        _, attn = self.backbone.encode_image(images, self.capture_layers(self.backbone.image_layers))
+        scores = self._saliency(attn, 0)[:, 1:]  # drop the CLS column
+        return scores, scores.topk(self.schedule.num_keep(scores.shape[1], None), dim=1).indices
+
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor):
         """(global [B, E], GRAB [B, G] or None), with the final keep ratio."""
         glob, grab, _ = self._image(images, None)
