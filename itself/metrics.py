@@ -1,9 +1,10 @@
 """Text-to-image retrieval metrics (R@1/5/10, mAP, mINP), ranked in blocks of queries.
 
-No Q x G argsort is ever formed. For each query, the ranks of its matches are counted directly:
-with the match scores sorted (a handful per query), one `searchsorted` places every gallery
-score among them, and a histogram gives, for each match, how many gallery items score higher.
-Memory is one block of queries at a time (`block_bytes`); time is O(Q G log P) for P matches.
+No Q x G argsort (nor Q x G match matrix) is ever formed. Each query's matches are located once
+from the sorted gallery ids; per block of queries their scores are gathered and sorted (a
+handful per query), one `searchsorted` places every gallery score among them, and a histogram
+gives, for each match, how many gallery items score higher. Memory is one block of queries at a
+time (`block_bytes`); time is O(Q G log P) for P matches per query.
 
 Definitions (standard TBPS / ReID): the rank of a match is 1 + the number of gallery items with
 a strictly higher score. R@k: share of queries whose best match ranks <= k. AP: mean over the
@@ -26,17 +27,44 @@ def match_ranks(sim: torch.Tensor, match: torch.Tensor) -> tuple[torch.Tensor, t
     npos = match.sum(1)
     if bool((npos == 0).any()):
         raise ValueError(f"{int((npos == 0).sum())} queries have no matching gallery item (person id)")
-    p = int(npos.max())
-    sim = sim.float()
-    pos = sim.masked_fill(~match, float("-inf")).topk(p, dim=1).values  # descending, -inf padded
+    pos = sim.float().masked_fill(~match, float("-inf")).topk(int(npos.max()), dim=1).values
+    return ranks_of(sim, pos, npos)
+
+
+def ranks_of(sim: torch.Tensor, pos: torch.Tensor, npos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks of the match scores `pos` [b, P] (sorted descending, -inf padded) within each row of `sim`."""
+    p = pos.shape[1]
     thresholds = pos.flip(1).contiguous()  # ascending
-    bucket = torch.searchsorted(thresholds, sim.contiguous())  # thresholds strictly below each score
-    hist = torch.zeros(sim.shape[0], p + 1, dtype=torch.long, device=sim.device)
-    hist.scatter_add_(1, bucket, torch.ones_like(bucket))
+    bucket = torch.searchsorted(thresholds, sim.float().contiguous(), out_int32=True)  # thresholds below each score
+    hist = torch.zeros(sim.shape[0], p + 1, dtype=torch.int32, device=sim.device)
+    hist.scatter_add_(1, bucket.long(), torch.ones_like(bucket))
     at_least = hist.flip(1).cumsum(1).flip(1)  # at_least[:, i] = items above >= i thresholds
-    ranks = at_least[:, 1:].flip(1) + 1  # match j: items above threshold j, plus one
+    ranks = at_least[:, 1:].flip(1).long() + 1  # match j: items above threshold j, plus one
     valid = torch.arange(p, device=sim.device)[None] < npos[:, None]
     return ranks, valid
+
+
+class Positives:
+    """Where each query's matches are in the gallery, found once by sorting the gallery ids (so a
+    block never builds a Q x G match matrix): `scores(sim_block, rows)` gathers them."""
+
+    def __init__(self, query_pids: torch.Tensor, gallery_pids: torch.Tensor):
+        order = gallery_pids.argsort(stable=True)
+        sorted_ids = gallery_pids[order]
+        start = torch.searchsorted(sorted_ids, query_pids)
+        self.npos = torch.searchsorted(sorted_ids, query_pids, right=True) - start
+        if bool((self.npos == 0).any()):
+            raise ValueError(f"{int((self.npos == 0).sum())} queries have no matching gallery item (person id)")
+        p = int(self.npos.max())
+        offsets = torch.arange(p)[None]
+        self.valid = offsets < self.npos[:, None]
+        self.index = order[(start[:, None] + offsets).clamp(max=len(order) - 1)]
+
+    def scores(self, sim: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        valid, npos = self.valid[rows].to(sim.device), self.npos[rows].to(sim.device)
+        keep = int(npos.max())
+        pos = sim.float().gather(1, self.index[rows, :keep].to(sim.device)).masked_fill(~valid[:, :keep], float("-inf"))
+        return pos.sort(dim=1, descending=True).values, npos
 
 
 class _Accumulator:
@@ -63,8 +91,8 @@ class _Accumulator:
 
 
 def rows_per_block(gallery_size: int, block_bytes: int) -> int:
-    """Queries per block so that a block's working set (~16 bytes per entry) fits block_bytes."""
-    return max(1, block_bytes // (16 * max(1, gallery_size)))
+    """Queries per block so that a block's working set (~12 bytes per entry) fits block_bytes."""
+    return max(1, block_bytes // (12 * max(1, gallery_size)))
 
 
 def retrieval_metrics(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
@@ -76,12 +104,12 @@ def retrieval_metrics(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids:
 def blocked_metrics(sim_rows: Callable[[slice], torch.Tensor], num_queries: int, query_pids: torch.Tensor,
                     gallery_pids: torch.Tensor, block_bytes: int = 256 << 20) -> dict:
     """Metrics of a similarity matrix produced block by block by `sim_rows(rows)`."""
-    acc = _Accumulator()
+    acc, positives = _Accumulator(), Positives(query_pids, gallery_pids)
     step = rows_per_block(len(gallery_pids), block_bytes)
     for start in range(0, num_queries, step):
         rows = slice(start, min(start + step, num_queries))
         sim = sim_rows(rows)
-        acc.add(*match_ranks(sim, query_pids[rows, None].to(sim.device) == gallery_pids[None].to(sim.device)))
+        acc.add(*ranks_of(sim, *positives.scores(sim, rows)))
     return acc.result()
 
 
@@ -90,15 +118,31 @@ def fused_metrics(query: dict, gallery: dict, weights: Iterable[float], block_by
 
     `query` / `gallery`: {"global": [n, E], "grab": [n, G] or None, "pids": [n]}. Returns
     {"global": {...}, "grab": {...}, "fused@a": {...} for each a} (only global without GRAB).
+    Each block of queries computes its two similarity blocks once and ranks every weight on them;
+    a = 1 and a = 0 reuse the global and GRAB results.
     """
     qg, gg = F.normalize(query["global"].float(), dim=-1), F.normalize(gallery["global"].float(), dim=-1)
     qp, gp, n = query["pids"], gallery["pids"], len(query["pids"])
-    out = {"global": blocked_metrics(lambda r: qg[r] @ gg.T, n, qp, gp, block_bytes)}
-    if query.get("grab") is None:
-        return out
-    ql, gl = F.normalize(query["grab"].float(), dim=-1), F.normalize(gallery["grab"].float(), dim=-1)
-    out["grab"] = blocked_metrics(lambda r: ql[r] @ gl.T, n, qp, gp, block_bytes)
-    for a in weights:
-        out[f"fused@{a:g}"] = blocked_metrics(lambda r, a=a: a * (qg[r] @ gg.T) + (1 - a) * (ql[r] @ gl.T),
-                                              n, qp, gp, block_bytes)
+    has_grab = query.get("grab") is not None
+    if has_grab:
+        ql, gl = F.normalize(query["grab"].float(), dim=-1), F.normalize(gallery["grab"].float(), dim=-1)
+    weights = sorted({float(a) for a in weights}) if has_grab else []
+    mixed = [a for a in weights if a not in (0.0, 1.0)]
+    acc = {"global": _Accumulator(), **({"grab": _Accumulator()} if has_grab else {}),
+           **{f"fused@{a:g}": _Accumulator() for a in mixed}}
+    step, positives = rows_per_block(len(gp), block_bytes), Positives(qp, gp)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        sg = qg[rows] @ gg.T
+        acc["global"].add(*ranks_of(sg, *positives.scores(sg, rows)))
+        if has_grab:
+            sl = ql[rows] @ gl.T
+            acc["grab"].add(*ranks_of(sl, *positives.scores(sl, rows)))
+            for a in mixed:
+                fused = a * sg + (1 - a) * sl
+                acc[f"fused@{a:g}"].add(*ranks_of(fused, *positives.scores(fused, rows)))
+    out = {k: v.result() for k, v in acc.items()}
+    for a, same in ((0.0, "grab"), (1.0, "global")):
+        if a in weights:
+            out[f"fused@{a:g}"] = out[same]
     return out

@@ -1,0 +1,135 @@
+"""One training step (forward, backward, optimizer) of the global-only baseline, full ITSELF
+(MARS + GRAB + all losses), ITSELF capturing every layer, and the naive per-sample-loop reference
+of full ITSELF; samples/s, MFU (FLOPs from torch's flop counter), peak memory, ratios to the baseline.
+
+    python bench/step_bench.py            # tiny config on CPU, 96x32, batch 64
+    python bench/step_bench.py --gpu      # ViT-B/16, 384x128, bf16 autocast, batch 256, one GPU
+    python bench/step_bench.py --quick    # a few small steps: checks naive == ours (the test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from bench.common import PeakRSS, gib  # noqa: E402
+from bench.naive_itself import naive  # noqa: E402
+from itself.config import ModelConfig  # noqa: E402
+from itself.losses import total_loss  # noqa: E402
+from itself.model import ITSELF  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
+
+
+def make_batch(n: int, size, device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 40000, (n, 77), generator=g)
+    lengths = torch.randint(20, 60, (n,), generator=g)
+    for i, length in enumerate(lengths.tolist()):
+        tokens[i, 0], tokens[i, length], tokens[i, length + 1:] = 49406, 49407, 0
+    return {"images": torch.randn(n, 3, *size, generator=g).to(device), "tokens": tokens.to(device),
+            "pids": (torch.arange(n) // 2).to(device)}
+
+
+def build(kind: str, arch: str, size, device, grab_dim: int, layers) -> ITSELF:
+    kw = {"baseline": dict(global_only=True), "itself": {}, "naive": {}, "all-layers": dict(selection="mean_max")}[kind]
+    torch.manual_seed(0)
+    return ITSELF(ModelConfig(arch=arch, grab_dim=grab_dim, mars_layers=layers, **kw), num_ids=1000, image_size=size).to(device)
+
+
+def step_fn(model, batch, device, bf16: bool):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = total_loss(model(batch, step=10))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def measure(kind, args, device, size, batch):
+    model = build(kind, args.arch, size, device, args.grab_dim, args.layers)
+    step = step_fn(model, batch, device, args.bf16)
+    ctx = naive() if kind == "naive" else torch.enable_grad()
+    with ctx:
+        for _ in range(args.warmup):
+            step()
+        flops = FlopCounterMode(display=False)
+        with flops:
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - t) / args.iters
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.extra
+    return seconds, flops.get_total_flops(), peak
+
+
+def check_naive_matches(args, device, size, batch) -> bool:
+    """The comparison is fair only if the naive reference computes the same loss and gradients."""
+    fast = build("itself", args.arch, size, device, args.grab_dim, args.layers)
+    slow = build("naive", args.arch, size, device, args.grab_dim, args.layers)
+    lf = total_loss(fast(batch, step=10))
+    with naive():
+        ls = total_loss(slow(batch, step=10))
+    lf.backward()
+    with naive():
+        ls.backward()
+    grads_equal = all(torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+                      for a, b in zip(fast.parameters(), slow.parameters()) if a.grad is not None)
+    same = torch.allclose(lf, ls, rtol=1e-5) and grads_equal
+    print(f"naive reference matches ours: loss {lf.item():.5f} vs {ls.item():.5f}, gradients equal: {grads_equal}")
+    return same
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--iters", type=int)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    if args.gpu:
+        args.arch, size, args.grab_dim, args.layers, args.bf16 = "ViT-B-16", (384, 128), 4096, (4, 11), True
+        batch_size, args.iters, args.warmup = args.batch or 256, args.iters or 10, 3
+    else:
+        args.arch, size, args.grab_dim, args.layers, args.bf16 = "tiny", (96, 32), 256, (1, 3), False
+        batch_size, args.iters, args.warmup = args.batch or 64, args.iters or 5, 2
+    if args.quick:
+        size, batch_size, args.iters, args.warmup = (32, 16), 16, 1, 1
+    batch = make_batch(batch_size, size, device)
+    name = torch.cuda.get_device_name() if args.gpu else f"CPU x{torch.get_num_threads()} threads"
+    print(f"{args.arch} {size[0]}x{size[1]}, batch {batch_size}, {'bf16 autocast' if args.bf16 else 'fp32'}, on {name}")
+    ok = check_naive_matches(args, device, size, batch) if not args.gpu or args.quick else True
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if args.gpu else None
+    base = None
+    print(f"{'setting':<34} {'ms/step':>9} {'x base':>7} {'samples/s':>10} {'GFLOP/step':>11} {'MFU':>6} {'peak mem':>10}")
+    for kind, label in (("baseline", "global only (baseline)"), ("itself", "full ITSELF (MARS 2 layers)"),
+                        ("all-layers", "ITSELF, all layers captured"), ("naive", "naive ITSELF (per-sample loops)")):
+        seconds, flops, peak = measure(kind, args, device, size, batch)
+        base = base or seconds
+        mfu = f"{100 * flops / seconds / (peak_tflops * 1e12):5.1f}%" if peak_tflops else "   - "
+        print(f"{label:<34} {seconds * 1000:9.1f} {seconds / base:7.2f} {batch_size / seconds:10.1f} "
+              f"{flops / 1e9:11.1f} {mfu:>6} {gib(peak):>10}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
