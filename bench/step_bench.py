@@ -1,6 +1,7 @@
 """One training step (forward, backward, optimizer) of the global-only baseline, full ITSELF
 (MARS + GRAB + all losses), ITSELF capturing every layer, and the naive per-sample-loop reference
-of full ITSELF; samples/s, MFU (FLOPs from torch's flop counter), peak memory, ratios to the baseline.
+of full ITSELF; samples/s, MFU (FLOPs from torch's flop counter), peak GPU memory, ratios to the
+baseline. (On CPU the allocator reuses memory across settings, so no peak is shown.)
 
     python bench/step_bench.py            # tiny config on CPU, 96x32, batch 64
     python bench/step_bench.py --gpu      # ViT-B/16, 384x128, bf16 autocast, batch 256, one GPU
@@ -60,17 +61,18 @@ def step_fn(model, batch, device, bf16: bool):
 def measure(kind, args, device, size, batch):
     model = build(kind, args.arch, size, device, args.grab_dim, args.layers)
     step = step_fn(model, batch, device, args.bf16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     ctx = naive() if kind == "naive" else torch.enable_grad()
     with ctx:
-        for _ in range(args.warmup):
-            step()
-        flops = FlopCounterMode(display=False)
-        with flops:
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        with PeakRSS() as mem:
+        with PeakRSS() as mem:  # from the first step: that is when activations and optimizer state appear
+            for _ in range(args.warmup):
+                step()
+            flops = FlopCounterMode(display=False)
+            with flops:
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(args.iters):
                 step()
@@ -91,8 +93,9 @@ def check_naive_matches(args, device, size, batch) -> bool:
     lf.backward()
     with naive():
         ls.backward()
-    grads_equal = all(torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
-                      for a, b in zip(fast.parameters(), slow.parameters()) if a.grad is not None)
+    pairs = [(a.grad, b.grad) for a, b in zip(fast.parameters(), slow.parameters()) if a.grad is not None]
+    scale = max(float(a.abs().max()) for a, _ in pairs)  # BN-cancelled grads (biases before BN) are pure noise
+    grads_equal = all(float((a - b).abs().max()) <= 1e-4 * scale for a, b in pairs)
     same = torch.allclose(lf, ls, rtol=1e-5) and grads_equal
     print(f"naive reference matches ours: loss {lf.item():.5f} vs {ls.item():.5f}, gradients equal: {grads_equal}")
     return same
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
         base = base or seconds
         mfu = f"{100 * flops / seconds / (peak_tflops * 1e12):5.1f}%" if peak_tflops else "   - "
         print(f"{label:<34} {seconds * 1000:9.1f} {seconds / base:7.2f} {batch_size / seconds:10.1f} "
-              f"{flops / 1e9:11.1f} {mfu:>6} {gib(peak):>10}")
+              f"{flops / 1e9:11.1f} {mfu:>6} {gib(peak) if device.type == 'cuda' else '-':>10}")
     return 0 if ok else 1
 
 

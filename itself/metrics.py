@@ -49,6 +49,7 @@ class Positives:
     block never builds a Q x G match matrix): `scores(sim_block, rows)` gathers them."""
 
     def __init__(self, query_pids: torch.Tensor, gallery_pids: torch.Tensor):
+        query_pids, gallery_pids = query_pids.cpu(), gallery_pids.cpu()  # index work; scores() moves it
         order = gallery_pids.argsort(stable=True)
         sorted_ids = gallery_pids[order]
         start = torch.searchsorted(sorted_ids, query_pids)

@@ -1,0 +1,24 @@
+"""The benchmarks run (--quick) and their comparisons hold: the naive references compute the same
+results as ours. No timing is asserted here; bench/README.md and BENCHMARKS.md hold the numbers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script,expected", [
+    ("bench/eval_bench.py", ["outputs identical: True", "11 fusion weights: identical True"]),
+    ("bench/step_bench.py", ["naive reference matches ours", "gradients equal: True", "naive ITSELF (per-sample loops)"]),
+    ("bench/loader_bench.py", ["map-style folder of JPEGs", "our shards, pre-resized", "our decode()"]),
+])
+def test_benchmark_quick_run(script, expected):
+    run = subprocess.run([sys.executable, script, "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    for text in expected:
+        assert text in run.stdout, text
