@@ -69,12 +69,12 @@ def test_num_keep_by_hand():
 
 
 def test_keep_schedule_modes():
-    step = KeepSchedule("step", t_small_epochs=10, steps_per_epoch=10)
+    step = KeepSchedule("step", 0.65, 0.5, t_small_epochs=10, fixed_ratio=0.5, steps_per_epoch=10)
     assert step.num_keep(192, 50) == num_keep(192, 50, 100) and step.num_keep(192, None) == 96
-    epoch = KeepSchedule("epoch", t_small_epochs=10, steps_per_epoch=10)
+    epoch = KeepSchedule("epoch", 0.65, 0.5, t_small_epochs=10, fixed_ratio=0.5, steps_per_epoch=10)
     assert epoch.num_keep(192, 0) == num_keep(192, 1, 10)  # first epoch
     assert epoch.num_keep(192, 49) == num_keep(192, 5, 10) and epoch.num_keep(192, 95) == 96
-    fixed = KeepSchedule("fixed", fixed_ratio=0.4)
+    fixed = KeepSchedule("fixed", 0.65, 0.5, t_small_epochs=10, fixed_ratio=0.4)
     assert fixed.num_keep(192, 0) == fixed.num_keep(192, None) == 76
 
 

@@ -29,12 +29,13 @@ def num_keep(num_tokens: int, step: int, total_steps: int, p_start: float = 0.65
 class KeepSchedule:
     """The keep schedule of one model: ATS at step or epoch level, or a fixed ratio."""
 
-    mode: str = "step"
-    p_start: float = 0.65
-    p_end: float = 0.5
-    t_small_epochs: float = 10.0
-    """T in epochs (paper: 10, where the baseline peaks); converted to steps at step level."""
-    fixed_ratio: float = 0.5
+    mode: str
+    """step, epoch or fixed (the values come from ModelConfig: ats, p_start, p_end, t_small, fixed_ratio)."""
+    p_start: float
+    p_end: float
+    t_small_epochs: float
+    """T in epochs; converted to steps at step level."""
+    fixed_ratio: float
     steps_per_epoch: int = 1
     """Optimizer steps per epoch; the trainer sets it once the data plan is known."""
 
