@@ -3,7 +3,6 @@ identities, captions, planted faults with their reasons, and path escapes never 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -11,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from itself.config import DataConfig
