@@ -2,9 +2,10 @@
 
 No Q x G argsort (nor Q x G match matrix) is ever formed. Each query's matches are located once
 from the sorted gallery ids; per block of queries their scores are gathered and sorted (a
-handful per query), one `searchsorted` places every gallery score among them, and a histogram
-gives, for each match, how many gallery items score higher. Memory is one block of queries at a
-time (`block_bytes`); time is O(Q G log P) for P matches per query.
+handful per query); the gallery scores above a query's lowest match (the only ones that can
+outrank a match) are placed among them by one `searchsorted`, and a histogram gives, for each
+match, how many gallery items score higher. Memory is one block of queries at a time
+(`block_bytes`); time is one pass over the scores plus O(K log P) for the K scores that matter.
 
 Definitions (standard TBPS / ReID): the rank of a match is 1 + the number of gallery items with
 a strictly higher score. R@k: share of queries whose best match ranks <= k. AP: mean over the
@@ -32,14 +33,26 @@ def match_ranks(sim: torch.Tensor, match: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def ranks_of(sim: torch.Tensor, pos: torch.Tensor, npos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranks of the match scores `pos` [b, P] (sorted descending, -inf padded) within each row of `sim`."""
-    p = pos.shape[1]
-    thresholds = pos.flip(1).contiguous()  # ascending
-    bucket = torch.searchsorted(thresholds, sim.float().contiguous(), out_int32=True)  # thresholds below each score
-    hist = torch.zeros(sim.shape[0], p + 1, dtype=torch.int32, device=sim.device)
-    hist.scatter_add_(1, bucket.long(), torch.ones_like(bucket))
+    """Ranks of the match scores `pos` [b, P] (sorted descending, -inf padded) within each row of `sim`.
+
+    Only gallery scores above a query's lowest match can outrank any of its matches; for a useful
+    model they are a small share of the row, so they are picked out first and placed among the
+    match scores of their row with one searchsorted over all rows at once (each row's values and
+    thresholds shifted into a range of their own, in float64 so nothing is lost)."""
+    b, p = pos.shape
+    sim = sim.float()
+    lowest = pos.gather(1, (npos - 1).clamp(min=0)[:, None])
+    rows, cols = (sim > lowest).nonzero(as_tuple=True)
+    lo = float(sim.min())
+    span = float(sim.max()) - lo + 1.0  # each row gets [span * row, span * row + span - 1]
+    shift = span * torch.arange(b, device=sim.device, dtype=torch.float64)[:, None] - lo
+    # ascending per row; the -inf pads go just below the row's range (they count as below, as before)
+    thresholds = pos.flip(1).double().clamp(min=lo - 0.5) + shift
+    values = sim[rows, cols].double() + shift[rows, 0]
+    below = torch.searchsorted(thresholds.reshape(-1), values) - rows * p  # own-row thresholds under each value
+    hist = torch.bincount(rows * (p + 1) + below, minlength=b * (p + 1)).view(b, p + 1)
     at_least = hist.flip(1).cumsum(1).flip(1)  # at_least[:, i] = items above >= i thresholds
-    ranks = at_least[:, 1:].flip(1).long() + 1  # match j: items above threshold j, plus one
+    ranks = at_least[:, 1:].flip(1) + 1  # match j: items above threshold j, plus one
     valid = torch.arange(p, device=sim.device)[None] < npos[:, None]
     return ranks, valid
 
