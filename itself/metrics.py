@@ -43,12 +43,13 @@ def ranks_of(sim: torch.Tensor, pos: torch.Tensor, npos: torch.Tensor) -> tuple[
     sim = sim.float()
     lowest = pos.gather(1, (npos - 1).clamp(min=0)[:, None])
     rows, cols = (sim > lowest).nonzero(as_tuple=True)
-    lo = float(sim.min())
-    span = float(sim.max()) - lo + 1.0  # each row gets [span * row, span * row + span - 1]
-    shift = span * torch.arange(b, device=sim.device, dtype=torch.float64)[:, None] - lo
+    values = sim[rows, cols].double()
+    lo = float(lowest.min())  # every value and real threshold is >= lo
+    span = max(float(values.max()) if len(values) else lo, float(pos.max())) - lo + 1.0
+    shift = span * torch.arange(b, device=sim.device, dtype=torch.float64)[:, None] - lo  # row r -> [span r, span r + span - 1]
     # ascending per row; the -inf pads go just below the row's range (they count as below, as before)
     thresholds = pos.flip(1).double().clamp(min=lo - 0.5) + shift
-    values = sim[rows, cols].double() + shift[rows, 0]
+    values = values + shift[rows, 0]
     below = torch.searchsorted(thresholds.reshape(-1), values) - rows * p  # own-row thresholds under each value
     hist = torch.bincount(rows * (p + 1) + below, minlength=b * (p + 1)).view(b, p + 1)
     at_least = hist.flip(1).cumsum(1).flip(1)  # at_least[:, i] = items above >= i thresholds
