@@ -130,3 +130,14 @@ def test_existing_run_needs_resume(straight_run, small_dataset):
 def test_train_function_config_matches_the_cli(small_dataset):
     cfg = resolve_config("synthetic", None, small_run_args(small_dataset))
     assert cfg.train.batch_size == 16 and cfg.data.num_slots == 4
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero3"])
+def test_zero_stages_train_and_export(small_dataset, tmp_path, stage):
+    run_dir = tmp_path / stage
+    run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.epochs=1", f"train.deepspeed={stage}"])
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == int(stage[-1])
+    results = json.loads((run_dir / "results.json").read_text())
+    model, cfg, a = load_exported(run_dir / "model.pt")  # ZeRO-3 partitions are gathered for the export
+    metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"))
+    assert metrics[f"fused@{a:g}"]["mAP"] == pytest.approx(results["test"]["fused"]["mAP"], abs=1e-4)
