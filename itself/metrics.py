@@ -23,15 +23,6 @@ import torch.nn.functional as F
 KS = (1, 5, 10)
 
 
-def match_ranks(sim: torch.Tensor, match: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ranks [b, P], valid [b, P]): 1-based ranks of each query's matches, best first."""
-    npos = match.sum(1)
-    if bool((npos == 0).any()):
-        raise ValueError(f"{int((npos == 0).sum())} queries have no matching gallery item (person id)")
-    pos = sim.float().masked_fill(~match, float("-inf")).topk(int(npos.max()), dim=1).values
-    return ranks_of(sim, pos, npos)
-
-
 def ranks_of(sim: torch.Tensor, pos: torch.Tensor, npos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks of the match scores `pos` [b, P] (sorted descending, -inf padded) within each row of `sim`.
 

@@ -85,9 +85,9 @@ def param_groups(model: ITSELF, cfg: Config) -> list[dict]:
         if not p.requires_grad:
             continue
         top = name.split(".")[0]
-        if top in ("grab_image", "grab_text"):
+        if top in ITSELF.GRAB_MODULES:
             key = (t.grab_lr, t.weight_decay)
-        elif top in ("cid_heads", "id_heads"):
+        elif top in ITSELF.HEAD_MODULES:
             key = (t.lr * t.head_lr_mult, t.weight_decay)
         elif name.endswith(".bias"):
             key = (t.lr * t.bias_lr_mult, 0.0)

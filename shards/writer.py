@@ -62,10 +62,6 @@ class StrictError(BuildError):
         self.info = info
 
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
-
-
 class _ShardSink:
     """Writes one split's samples into size-limited shards, renaming each when complete."""
 
@@ -90,7 +86,7 @@ class _ShardSink:
         f = open(self._tmp, "rb+")
         os.fsync(f.fileno())
         f.close()
-        _atomic_replace(self._tmp, self._path)
+        os.replace(self._tmp, self._path)
         self.shards.append({"name": self._path.name, "samples": self._count,
                             "captions": self._captions, "bytes": self._path.stat().st_size})
         self._tar = None
@@ -275,7 +271,7 @@ class DatasetWriter:
     def _write_atomic(self, name: str, write) -> None:
         tmp = self.out / (name + schema.PARTIAL_SUFFIX)
         write(tmp)
-        _atomic_replace(tmp, self.out / name)
+        os.replace(tmp, self.out / name)
 
     def summary(self) -> dict:
         splits = {}

@@ -28,9 +28,6 @@ from ..config import DataConfig
 from . import transforms as T
 from .plan import DataError, EpochPlan, Pair, ShardIndex, check_slots, data_layout, derive_seed, plan_epoch
 
-DEFAULT_SYNTHETIC_ROOT = DataConfig().root
-
-
 # ----------------------------------------------------------------------------------- dataset
 
 

@@ -38,6 +38,10 @@ class ITSELF(nn.Module):
     """`forward(batch, step)` -> dict of this rank's loss shares (`*_loss`) and report values;
     `encode_image` / `encode_text` -> (global, GRAB or None) embeddings for retrieval."""
 
+    # Top-level modules that are new (not CLIP); the trainer gives them their own learning rates.
+    GRAB_MODULES = ("grab_image", "grab_text")
+    HEAD_MODULES = ("cid_heads", "id_heads")
+
     def __init__(self, cfg: ModelConfig, num_ids: int, image_size: tuple[int, int] = (384, 128), clip=None):
         super().__init__()
         self.cfg, self.num_ids = cfg, num_ids
@@ -137,7 +141,3 @@ class ITSELF(nn.Module):
                 id_classifier=self.id_heads[name] if self.id_heads is not None else None, num_ids=self.num_ids))
         out["k_image"], out["k_text"] = k_img, k_txt
         return out
-
-    def new_module_names(self) -> list[str]:
-        """Top-level parameter prefixes that are new (not CLIP): they get the larger learning rate."""
-        return [n for n in ("grab_image", "grab_text", "cid_heads", "id_heads") if getattr(self, n, None) is not None]
