@@ -4,6 +4,15 @@ at fault. Later parts of the system (model, training) add their own sections her
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+from pathlib import Path
+
+
+NONFINITE_POLICIES = ("skip", "stop")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""Run and job names: they name folders and SLURM jobs, so no path separators or shell syntax."""
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "cluster_configs" / "deepspeed"
 
 
 class ConfigError(ValueError):
@@ -45,6 +54,8 @@ class DataConfig:
     random token (20%) or removed (20%)."""
 
     def validate(self) -> None:
+        if not self.root:
+            raise ConfigError(f"data.root: must be a non-empty dataset directory, got {self.root!r}")
         h, w = self.image_size
         if h < 1 or w < 1:
             raise ConfigError(f"data.image_size: expected positive height x width, got {self.image_size}")
@@ -99,8 +110,11 @@ class ModelConfig:
     """Train with the ID loss (identity classification of image and text embeddings)."""
 
     def validate(self, num_layers: int | None = None) -> None:
+        """`num_layers`: of the built model's shallower tower; by default looked up from `arch`."""
         from .model.ats import MODES
 
+        if num_layers is None:
+            num_layers = arch_spec(self.arch)[0]
         if self.ats not in MODES:
             raise ConfigError(f"model.ats: must be one of {', '.join(MODES)}, got {self.ats!r}")
         if not 0 < self.p_end <= self.p_start <= 1:
@@ -116,9 +130,11 @@ class ModelConfig:
             raise ConfigError(f"model.grab_dim: must be a positive even number, got {self.grab_dim}")
         if self.tau <= 0:
             raise ConfigError(f"model.tau: must be > 0, got {self.tau}")
+        if self.margin < 0:
+            raise ConfigError(f"model.margin: must be >= 0, got {self.margin}")
         layers = list(self.mars_layers)
         if not layers or layers != sorted(set(layers)) or layers[0] < 0:
-            raise ConfigError(f"model.mars_layers: need ascending distinct layer indices, got {self.mars_layers}")
+            raise ConfigError(f"model.mars_layers: need ascending distinct layer indices >= 0, got {self.mars_layers}")
         strategies = ("mars", "mean_max", "mean_min", "std_max", "std_min")
         if self.selection not in strategies and not self.selection.startswith("layer:"):
             raise ConfigError(f"model.selection: must be one of {', '.join(strategies)} or layer:<i>, "
@@ -128,14 +144,38 @@ class ModelConfig:
                 int(self.selection.split(":", 1)[1])
             except ValueError:
                 raise ConfigError(f"model.selection: layer:<i> needs an integer, got {self.selection!r}") from None
-        if num_layers is not None:
-            used = layers if self.selection == "mars" else (
-                [int(self.selection.split(":")[1])] if self.selection.startswith("layer:") else [])
-            bad = [i for i in used if not 0 <= i < num_layers]
-            if bad:
-                field = "model.mars_layers" if self.selection == "mars" else "model.selection"
-                raise ConfigError(f"{field}: layer {bad[0]} does not exist; {self.arch} has {num_layers} layers "
-                                  f"(0..{num_layers - 1})")
+        used = layers if self.selection == "mars" else (
+            [int(self.selection.split(":")[1])] if self.selection.startswith("layer:") else [])
+        bad = [i for i in used if not 0 <= i < num_layers]
+        if bad:
+            field = "model.mars_layers" if self.selection == "mars" else "model.selection"
+            raise ConfigError(f"{field}: layer {bad[0]} does not exist; {self.arch} has {num_layers} layers "
+                              f"(0..{num_layers - 1})")
+
+
+def arch_spec(arch: str) -> tuple[int, int, int]:
+    """(layers of the shallower tower, text context length, patch size) of `model.arch`; a ConfigError listing
+    what the backbone can build (tiny / tiny-deep, open_clip CLIPs with transformer towers) otherwise."""
+    from .model.backbone import TINY_ARCHS
+
+    if arch in TINY_ARCHS:
+        v, t = TINY_ARCHS[arch]["vision"], TINY_ARCHS[arch]["text"]
+        return min(v["layers"], t["layers"]), 77, v["patch_size"]
+    import open_clip
+
+    def spec(name):  # None for ResNet, timm, Hugging Face or CoCa towers: the backbone reads CLIP's blocks
+        c = open_clip.get_model_config(name) or {}
+        v, t = c.get("vision_cfg", {}), c.get("text_cfg", {})
+        if (not isinstance(v.get("layers"), int) or v.get("timm_model_name") or c.get("custom_text")
+                or t.get("hf_model_name") or "multimodal_cfg" in c):
+            return None
+        return min(v["layers"], t.get("layers", 12)), t.get("context_length", 77), v.get("patch_size", 16)
+
+    found = spec(arch) if arch in open_clip.list_models() else None
+    if found is None:
+        allowed = [*TINY_ARCHS, *(name for name in open_clip.list_models() if spec(name))]
+        raise ConfigError(f"model.arch: must be one of {', '.join(allowed)}, got {arch!r}")
+    return found
 
 
 @dataclasses.dataclass
@@ -184,6 +224,16 @@ class TrainConfig:
     """Optimizer steps between training log lines in metrics.jsonl."""
     max_steps: int = 0
     """Stop training after this many optimizer steps (0 = all epochs); evaluation still runs."""
+    nonfinite: str = "skip"
+    """What a step with a non-finite loss or gradient does: `skip` (the update is dropped, the
+    weights and optimizer state stay as they were, the skip is counted) or `stop` (save a
+    checkpoint of the last finite state and stop with an error). Never applied to the weights."""
+    max_skipped_steps: int = 20
+    """With `nonfinite=skip`: stop (with a checkpoint) after this many consecutive skipped steps,
+    a diverged run rather than a bad batch (0 = never)."""
+    collective_timeout_s: int = 600
+    """Seconds a collective (all-reduce, barrier) waits for the other ranks before this rank fails:
+    a dead or stalled rank ends the job instead of hanging it."""
 
 
 @dataclasses.dataclass
@@ -213,8 +263,23 @@ class Config:
 
     def validate(self, world_size: int = 1) -> None:
         """Check every field and the combinations that would fail later; the message names the field."""
+        for section in ("data", "model", "train", "eval"):
+            for f in dataclasses.fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{section}.{f.name}: must be a finite number, got {value}")
+        if not NAME.fullmatch(self.name):
+            raise ConfigError(f"name: must be letters, digits, '.', '_' or '-' not starting with '.' or '-' "
+                              f"(it names the run folder and jobs), got {self.name!r}")
         self.data.validate()
         self.model.validate()
+        _, context, patch = arch_spec(self.model.arch)
+        if self.data.text_length > context:
+            raise ConfigError(f"data.text_length: must be <= {context}, the text context of model.arch "
+                              f"{self.model.arch}, got {self.data.text_length}")
+        if min(self.data.image_size) < patch:
+            raise ConfigError(f"data.image_size: must be at least {patch} x {patch}, the patch size of model.arch "
+                              f"{self.model.arch}, got {self.data.image_size}")
         t = self.train
         for field in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
             if getattr(t, field) < 1:
@@ -222,13 +287,27 @@ class Config:
         for field in ("lr", "grab_lr", "head_lr_mult", "bias_lr_mult", "adam_eps"):
             if getattr(t, field) <= 0:
                 raise ConfigError(f"train.{field}: must be > 0, got {getattr(t, field)}")
-        if t.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision: must be auto, fp32 or bf16, got {t.precision!r}")
-        if t.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device: must be auto, cpu or cuda, got {t.device!r}")
-        if t.warmup_epochs < 0 or not 0 < t.warmup_factor <= 1:
-            raise ConfigError(f"train.warmup_epochs / train.warmup_factor: need warmup_epochs >= 0 and "
-                              f"0 < warmup_factor <= 1, got {t.warmup_epochs}, {t.warmup_factor}")
+        if t.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}, got {t.nonfinite!r}")
+        for field in ("weight_decay", "grad_clip", "warmup_epochs", "max_skipped_steps", "checkpoint_every",
+                      "max_steps"):
+            if getattr(t, field) < 0:
+                raise ConfigError(f"train.{field}: must be >= 0, got {getattr(t, field)}")
+        if t.collective_timeout_s < 1:
+            raise ConfigError(f"train.collective_timeout_s: must be >= 1 second, got {t.collective_timeout_s}")
+        if not 0 < t.warmup_factor <= 1:
+            raise ConfigError(f"train.warmup_factor: must be in (0, 1], got {t.warmup_factor}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+        if not all(0 <= b < 1 for b in t.adam_betas):
+            raise ConfigError(f"train.adam_betas: each must be in [0, 1), got {t.adam_betas}")
+        for field, allowed in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):
+            if getattr(t, field) not in allowed:
+                raise ConfigError(f"train.{field}: must be one of {', '.join(allowed)}, got {getattr(t, field)!r}")
+        names = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
+        if names and not t.deepspeed.endswith(".json") and t.deepspeed not in names:
+            raise ConfigError(f"train.deepspeed: must be one of {', '.join(names)} or a .json path, "
+                              f"got {t.deepspeed!r}")
         per_rank = world_size * t.grad_accum * self.data.num_instance
         if t.batch_size % per_rank:
             raise ConfigError(
@@ -243,9 +322,11 @@ class Config:
         except DataError as e:
             raise ConfigError(f"train.batch_size / data.num_slots: {e}") from None
         if not self.eval.fusion_weights or any(not 0 <= a <= 1 for a in self.eval.fusion_weights):
-            raise ConfigError(f"eval.fusion_weights: need weights in [0, 1], got {self.eval.fusion_weights}")
-        if self.eval.batch_size < 1 or self.eval.every < 1 or self.eval.block_mb < 1:
-            raise ConfigError("eval.batch_size, eval.every and eval.block_mb must be >= 1")
+            raise ConfigError(f"eval.fusion_weights: need one or more weights, each in [0, 1], "
+                              f"got {self.eval.fusion_weights}")
+        for field in ("batch_size", "every", "block_mb"):
+            if getattr(self.eval, field) < 1:
+                raise ConfigError(f"eval.{field}: must be >= 1, got {getattr(self.eval, field)}")
 
 
 # --------------------------------------------------------------------------- dict <-> config
@@ -266,15 +347,14 @@ def _coerce(value, hint, key: str):
     """`value` (from YAML) as the field's type, or a ConfigError naming `key`."""
     import typing
 
-    origin = typing.get_origin(hint)
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(types) != len(items):
+            raise ConfigError(f"{key}: cannot use {value!r}: expected a list of {len(types)} values")
+        return tuple(_coerce(v, t, key) for v, t in zip(items, types))
     try:
-        if origin is tuple:
-            args = typing.get_args(hint)
-            items = list(value) if isinstance(value, (list, tuple)) else [value]
-            types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
-            if len(types) != len(items):
-                raise TypeError(f"expected {len(types)} values")
-            return tuple(_coerce(v, t, key) for v, t in zip(items, types))
         if hint is bool:
             if isinstance(value, bool):
                 return value
@@ -289,8 +369,9 @@ def _coerce(value, hint, key: str):
             return float(value)
         if hint is str:
             return "" if value is None else str(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot use {value!r}: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        expected = {int: "expected an integer", float: "expected a number"}.get(hint, str(e))
+        raise ConfigError(f"{key}: cannot use {value!r}: {expected}") from None
     return value
 
 
@@ -308,9 +389,12 @@ def set_value(cfg: Config, key: str, value) -> None:
         target = sub
     hints = typing.get_type_hints(type(target))
     name = parts[-1]
-    if name not in hints or dataclasses.is_dataclass(getattr(target, name, None)):
-        known = [f"{'.'.join(parts[:-1]) + '.' if len(parts) > 1 else ''}{f}" for f in hints]
-        close = difflib.get_close_matches(key, known, n=3)
+    if name in hints and dataclasses.is_dataclass(getattr(target, name)):
+        fields = ", ".join(f.name for f in dataclasses.fields(getattr(target, name)))
+        raise ConfigError(f"{key}: is a section, not a value; set its fields as {key}.<field>=value ({fields})")
+    if name not in hints:
+        prefix = "".join(f"{p}." for p in parts[:-1])
+        close = [prefix + f for f in difflib.get_close_matches(name, list(hints), n=3)]
         raise ConfigError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     setattr(target, name, _coerce(value, hints[name], key))
 

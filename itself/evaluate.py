@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .data import eval_loaders
+from .data import ensure_dataset, eval_loaders
 from .metrics import fused_metrics
 
 
@@ -66,7 +66,12 @@ def evaluate(model, cfg: Config, split: str, rank: int, world: int, device) -> d
     queries, gallery = embed_split(model, cfg, split, rank, world, device)
     if rank != 0:
         return None
-    return fused_metrics(queries, gallery, cfg.eval.fusion_weights, block_bytes=cfg.eval.block_mb << 20)
+    results = fused_metrics(queries, gallery, cfg.eval.fusion_weights, block_bytes=cfg.eval.block_mb << 20)
+    listed = ensure_dataset(cfg.data.root)["splits"][split]
+    # Undecodable gallery images are skipped (and printed); the count says how many, never silently.
+    results["counts"] = {"gallery": len(gallery["pids"]), "queries": len(queries["pids"]),
+                         "gallery_skipped": listed["images"] - len(gallery["pids"])}
+    return results
 
 
 def best_fusion(results: dict, metric: str = "R1") -> tuple[float, dict]:

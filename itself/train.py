@@ -18,22 +18,22 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
+from datetime import timedelta
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from itself import checkpoint as ckpt
-from itself.config import Config, ConfigError, to_dict
+from itself.config import DEEPSPEED_CONFIGS, Config, ConfigError, to_dict
 from itself.data import ensure_dataset, train_loader
 from itself.dist import ensure_process_env
 from itself.evaluate import best_fusion, evaluate
 from itself.losses import total_loss
 from itself.model import ITSELF
 
-REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED_CONFIGS = REPO / "cluster_configs" / "deepspeed"
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -114,12 +114,53 @@ def _broadcast(obj, rank: int):
 
 
 def resolve_run_dir(cfg: Config, rank: int) -> Path:
+    """The run directory (rank 0 names it, every rank gets it), checked writable before any work."""
     run_dir = cfg.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(_broadcast(run_dir, rank))
+    run_dir, problem = _broadcast((run_dir, _unwritable(Path(run_dir)) if rank == 0 else None), rank)
+    run_dir = Path(run_dir)
+    if problem:
+        raise ConfigError(problem)
     if not cfg.train.resume and ckpt.latest_tag(run_dir / "checkpoints"):
         raise ConfigError(f"run_dir: {run_dir} already holds checkpoints; pass train.resume=latest to continue "
                           "that run, or choose another run_dir")
     return run_dir
+
+
+def _unwritable(run_dir: Path) -> str | None:
+    """Why files cannot be written in run_dir (a read-only or full file system, a file in the
+    way, no permission), or None: found now rather than at the first checkpoint."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return f"run_dir: cannot write to {run_dir}: {e.strerror or e}; choose a writable run_dir"
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def checkpoint_bytes(model: torch.nn.Module, precision: str) -> int:
+    """About the size of one checkpoint: weights, the fp32 master copy (bf16) and Adam's two moments."""
+    n = sum(p.numel() for p in model.parameters())
+    return n * ((2 + 4) if precision == "bf16" else 4) + n * 8
+
+
+def check_free_space(run_dir: Path, model: torch.nn.Module, cfg: Config, precision: str) -> str | None:
+    """Why the run directory cannot hold this run's checkpoints (the last `keep_last`, the best, the
+    one being written) and the exported model, or None."""
+    per_ckpt = checkpoint_bytes(model, precision)
+    need = per_ckpt * (cfg.train.keep_last + 2) + sum(p.numel() for p in model.parameters()) * 4
+    free = shutil.disk_usage(run_dir).free
+    if free >= need:
+        return None
+    mib = 2 ** 20
+    return (f"run_dir: {run_dir} has {free / mib:.1f} MiB free, but this run needs about {need / mib:.1f} MiB "
+            f"({cfg.train.keep_last + 2} checkpoints of {per_ckpt / mib:.1f} MiB: train.keep_last={cfg.train.keep_last}, "
+            f"the best, the one being written; and model.pt). Free space, lower train.keep_last, or choose another run_dir")
 
 
 class RunLog:
@@ -206,29 +247,58 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> dict:
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1) // local_world
         torch.set_num_threads(max(1, threads))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    # Every rank checks the data (one builds the synthetic set under a file lock, the others wait
+    # for it) before joining the group, so no collective waits out a long build.
+    ensure_dataset(cfg.data.root, cfg.data.build_synthetic)
     import deepspeed
 
     owns_group = not dist.is_initialized()
     if owns_group:
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    result = _train(cfg, dist.get_rank(), dist.get_world_size(), device, precision, deepspeed, should_stop)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                                   timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    progress: dict = {}
+    try:
+        result = _train(cfg, dist.get_rank(), dist.get_world_size(), device, precision, deepspeed, should_stop, progress)
+    except ConfigError:
+        raise
+    except BaseException as e:  # a dead peer, a timeout, a full disk, an interrupt: say how to go on
+        _report_failure(e, progress, where.rank)
+        raise
     if owns_group:  # a clean exit: a live group aborts the process at interpreter shutdown
         dist.barrier()
         dist.destroy_process_group()
     return result
 
 
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient (train.nonfinite)."""
+
+
+def _report_failure(error: BaseException, progress: dict, rank: int) -> None:
+    """Tell the user, from every rank that fails, where training stopped and how to continue."""
+    run_dir = progress.get("run_dir")
+    where = f"at step {progress['global_step']} (epoch {progress['epoch'] + 1})" if "global_step" in progress else "during setup"
+    msg = f"[rank {rank}] training failed {where}: {type(error).__name__}: {error}"
+    if run_dir is not None:
+        tag = ckpt.latest_tag(run_dir / "checkpoints")
+        msg += (f"\n[rank {rank}] to continue, rerun the same command with run_dir={run_dir} train.resume=latest "
+                f"(newest complete checkpoint: {tag})" if tag else
+                f"\n[rank {rank}] no complete checkpoint in {run_dir}/checkpoints yet: rerun from the start")
+    print(msg, file=sys.stderr, flush=True)
+    if run_dir is not None:
+        try:
+            with open(run_dir / "train.log", "a") as f:
+                f.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+        except OSError:
+            pass
+
+
 def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: str, deepspeed,
-           should_stop: Callable[[], bool] | None) -> dict:
+           should_stop: Callable[[], bool] | None, progress: dict) -> dict:
     run_dir = resolve_run_dir(cfg, rank)
     log = RunLog(run_dir, rank)
     t = cfg.train
-
-    # Data: rank 0 builds the synthetic set if needed, then every rank checks it can see it.
-    if rank == 0:
-        ensure_dataset(cfg.data.root, cfg.data.build_synthetic)
-    dist.barrier()
-    info = ensure_dataset(cfg.data.root, cfg.data.build_synthetic)
+    info = ensure_dataset(cfg.data.root)
     micro = t.batch_size // (world * t.grad_accum)
     loader = train_loader(cfg.data, rank=rank, world_size=world, micro_batch=micro, seed=cfg.seed)
     loader.set_epoch(0)
@@ -237,6 +307,9 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
     torch.manual_seed(cfg.seed)
     model = ITSELF(cfg.model, info["train_identities"], cfg.data.image_size)
     model.schedule.steps_per_epoch = steps_per_epoch
+    problem = _broadcast(check_free_space(run_dir, model, cfg, precision) if rank == 0 else None, rank)
+    if problem:
+        raise ConfigError(problem)
     ds_config = deepspeed_config(cfg, world, precision, device)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg), config=ds_config,
@@ -248,11 +321,15 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
 
     ckpt_dir = run_dir / "checkpoints"
     state = {"epoch": 0, "micro_step": 0, "global_step": 0, "best_score": None, "best_epoch": None,
-             "fusion_weight": 1.0, "best_val": None}
+             "fusion_weight": 1.0, "best_val": None, "skipped_steps": 0}
     if t.resume:
         src_dir, tag = _resume_source(t.resume, ckpt_dir)
+        for partial in ckpt.incomplete_tags(src_dir):
+            log.info(f"ignoring incomplete checkpoint {src_dir / partial} (no {ckpt.COMPLETE} marker: "
+                     "the run stopped while writing it)")
         state.update({k: v for k, v in ckpt.load(engine, src_dir, tag, rank).items() if k in state})
-        log.info(f"resumed from {src_dir / tag}: epoch {state['epoch']}, step {state['global_step']}")
+        log.info(f"resumed from {src_dir / tag}: epoch {state['epoch'] + 1}, step {state['global_step']}")
+    progress.update(run_dir=run_dir, epoch=state["epoch"], global_step=state["global_step"])
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"run {run_dir} | {world} rank(s) on {device.type}, {precision} | {cfg.model.arch} "
@@ -260,8 +337,10 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
              f"{steps_per_epoch} steps/epoch x {t.epochs} epochs, batch {t.batch_size} ({micro}/rank)")
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     started, stop = time.time(), False
-    seen_steps = 0
+    seen_steps, skips_in_a_row = 0, 0
+    check_grads = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     for epoch in range(state["epoch"], t.epochs):
+        progress["epoch"] = epoch
         loader.set_epoch(epoch, state["micro_step"])
         micro_total = (len(loader) // t.grad_accum) * t.grad_accum
         bar = _progress(rank, epoch, t.epochs, micro_total // t.grad_accum, state["micro_step"] // t.grad_accum)
@@ -274,21 +353,37 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
             loss = total_loss(out)
             engine.backward(loss * world)  # shares of a global-batch loss; the engine averages over ranks
             boundary = engine.is_gradient_accumulation_boundary()
+            skipped_before = engine.skipped_steps
+            if boundary and check_grads:  # the one setup where DeepSpeed applies non-finite gradients
+                _drop_nonfinite_grads(engine, device)
             engine.step()
             window.append({k: (v.item() if torch.is_tensor(v) else float(v)) for k, v in out.items()} | {"loss": loss.item()})
             if not boundary:
                 continue
             state["global_step"] += 1
             state["micro_step"] = i + 1
+            progress["global_step"] = state["global_step"]
             seen_steps += 1
+            skipped = engine.skipped_steps > skipped_before or getattr(engine, "_itself_dropped", False)
+            engine._itself_dropped = False
+            if skipped:
+                # DeepSpeed dropped the update (non-finite gradients on some rank): weights and
+                # optimizer state are those of the previous step.
+                state["skipped_steps"] += 1
+                skips_in_a_row += 1
+                losses = window[-t.grad_accum:]
+                del window[-t.grad_accum:]
+                _on_nonfinite(engine, cfg, ckpt_dir, state, epoch, losses, skips_in_a_row, log, rank)
+            else:
+                skips_in_a_row = 0
             if bar is not None:
                 rate = seen_steps * t.batch_size / (time.time() - started)
                 eta = (total_steps - state["global_step"]) * t.batch_size / max(rate, 1e-9)
                 bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", samples_s=f"{rate:.0f}", eta=_hms(eta), refresh=False)
                 bar.update(1)
-            if state["global_step"] % t.log_every == 0:
+            if state["global_step"] % t.log_every == 0 and window:  # (all ranks skip the same steps)
                 values = _global_means(window, world, device)
-                values.update(epoch=epoch, lr=engine.get_lr()[0],
+                values.update(epoch=epoch, lr=engine.get_lr()[0], skipped_steps=state["skipped_steps"],
                               samples_per_s=len(window) * micro * world / max(time.time() - last_log, 1e-9))
                 log.record("train", state["global_step"], values)
                 window, last_log = [], time.time()
@@ -324,6 +419,41 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
     return _finish(engine, cfg, rank, world, device, info, ckpt_dir, run_dir, state, log)
 
 
+def _drop_nonfinite_grads(engine, device) -> None:
+    """Without ZeRO and bf16 DeepSpeed steps a plain optimizer that applies whatever gradients it
+    gets: drop them all (Adam then leaves every parameter and its moments alone) if any is
+    non-finite on any rank. The other setups skip such steps themselves (`engine.skipped_steps`)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+    if _any_rank(not finite, device):
+        for p in engine.module.parameters():
+            p.grad = None
+        engine._itself_dropped = True
+
+
+def _on_nonfinite(engine, cfg: Config, ckpt_dir: Path, state: dict, epoch: int, losses: list[dict],
+                  in_a_row: int, log: RunLog, rank: int) -> None:
+    """Count a skipped step; with train.nonfinite=stop, or too many in a row, checkpoint and stop."""
+    t = cfg.train
+    loss = ", ".join(f"{w['loss']:.4g}" for w in losses)
+    what = "non-finite loss" if any(not math.isfinite(w["loss"]) for w in losses) else "non-finite gradients"
+    log.info(f"step {state['global_step']} (epoch {epoch + 1}): {what} (loss {loss} on rank 0): update skipped "
+             f"({in_a_row} in a row, {state['skipped_steps']} in all)")
+    log.record("skipped", state["global_step"], {"epoch": epoch, "reason": what, "in_a_row": in_a_row,
+                                                 "skipped_steps": state["skipped_steps"]})
+    too_many = t.max_skipped_steps and in_a_row >= t.max_skipped_steps
+    if t.nonfinite == "skip" and not too_many:
+        return
+    tag = ckpt.save(engine, ckpt_dir, state["global_step"], dict(state, epoch=epoch),
+                    keep_last=t.keep_last, is_best=False, rank=rank)
+    why = ("train.nonfinite=stop" if t.nonfinite == "stop"
+           else f"{in_a_row} skipped steps in a row reach train.max_skipped_steps={t.max_skipped_steps}")
+    raise NonFiniteError(
+        f"{what} at step {state['global_step']} (epoch {epoch + 1}); stopping ({why}). Checkpoint {tag} holds the "
+        "last finite weights (the update of this step was not applied). Lower train.lr, set train.grad_clip, "
+        "or use train.nonfinite=skip, then continue with train.resume=latest")
+
+
 def _any_rank(flag: bool, device) -> bool:
     """True on every rank if `flag` is true on any (so all ranks stop at the same step)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -351,7 +481,9 @@ def _validate(model, cfg: Config, rank: int, world: int, device, epoch: int, sta
         verdict = state["best_score"] is None or score > tuple(state["best_score"])
         log.record("eval", state["global_step"], {"split": "val", "epoch": epoch, "fusion_weight": a, "metrics": results})
         log.info(f"epoch {epoch + 1}: val R@1 {fused['R1']:.2f} mAP {fused['mAP']:.2f} (fused a={a:g}; "
-                 f"global R@1 {results['global']['R1']:.2f})" + ("  * best" if verdict else ""))
+                 f"global R@1 {results['global']['R1']:.2f})" + ("  * best" if verdict else "")
+                 + (f"  ({results['counts']['gallery_skipped']} corrupt gallery images skipped)"
+                    if results["counts"]["gallery_skipped"] else ""))
         if verdict:
             state.update(best_score=list(score), best_epoch=epoch + 1, fusion_weight=a, best_val=results)
     verdict, best = _broadcast((verdict, {k: state[k] for k in ("best_score", "best_epoch", "fusion_weight", "best_val")}), rank)
@@ -379,7 +511,8 @@ def _finish(engine, cfg, rank, world, device, info, ckpt_dir: Path, run_dir: Pat
         ckpt.export(model_path, sd, to_dict(cfg), info["train_identities"], a, metrics=test)
         summary = {"run_dir": str(run_dir), "best_epoch": state["best_epoch"], "checkpoint": best,
                    "fusion_weight": a, "val": {k: v for k, v in val.items() if k in ("global", "grab", fused_key)},
-                   "test": test, "test_chance_R1": chance_r1(info, "test"), "model": str(model_path)}
+                   "test": test, "test_counts": results["counts"], "test_chance_R1": chance_r1(info, "test"),
+                   "model": str(model_path)}
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("results (best val epoch {}, checkpoint {}, fusion weight a={:g} chosen on val):\n{}".format(
             state["best_epoch"], best, a, results_table({**val_rows, **{f"test {k}": v for k, v in test.items()}})))

@@ -99,14 +99,36 @@ def load_profile(name_or_path: str) -> SlurmProfile:
     return profile
 
 
+SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
+
+
 def validate(p: SlurmProfile, where: str) -> None:
-    if p.gpus_per_node < 0 or (p.tasks_per_node is not None and p.tasks_per_node < 1):
-        raise ProfileError(f"{where}: gpus_per_node must be >= 0 and tasks_per_node >= 1")
-    if p.cpus_per_task is not None and p.cpus_per_task < 1:
-        raise ProfileError(f"{where}: cpus_per_task must be >= 1")
-    if p.max_requeues < 0 or p.signal_delay_s < 0 or p.mem_gb < 0:
-        raise ProfileError(f"{where}: max_requeues, signal_delay_s and mem_gb must be >= 0")
+    if p.gpus_per_node < 0:
+        raise ProfileError(f"{where}: gpus_per_node must be >= 0, got {p.gpus_per_node}")
+    for name in ("tasks_per_node", "cpus_per_task"):
+        if getattr(p, name) is not None and getattr(p, name) < 1:
+            raise ProfileError(f"{where}: {name} must be >= 1 (or unset), got {getattr(p, name)}")
+    for name in ("max_requeues", "signal_delay_s", "mem_gb"):
+        if getattr(p, name) < 0:
+            raise ProfileError(f"{where}: {name} must be >= 0, got {getattr(p, name)}")
+    # submitit writes these into the batch script: a line break would start a shell command there.
+    lines = {name: getattr(p, name) for name in ("partition", "account", "qos", "constraint", "time")}
+    lines.update({f"sbatch_args.{k}": v for k, v in p.sbatch_args.items()})
+    lines.update({f"srun_args[{i}]": v for i, v in enumerate(p.srun_args)})
+    lines.update({f"setup[{i}]": v for i, v in enumerate(p.setup)})
+    for name, value in lines.items():
+        check_one_line(value, f"{where}: {name}")
+    for key in p.sbatch_args:
+        if not SBATCH_KEY.fullmatch(str(key)):
+            raise ProfileError(f"{where}: sbatch_args key {key!r} must be an sbatch option name "
+                               "(lower-case letters, digits, '-'; e.g. mail-type)")
     try:
         p.minutes()
     except ProfileError as e:
         raise ProfileError(f"{where}: {e}") from None
+
+
+def check_one_line(value, what: str) -> None:
+    """A ProfileError if `value` would not stay on its line of the batch script."""
+    if value is not None and any(c in str(value) for c in "\n\r\0"):
+        raise ProfileError(f"{what}: must be one line without line breaks or NUL characters, got {value!r}")

@@ -22,7 +22,7 @@ import time
 
 import yaml
 
-from itself.config import ConfigError, to_dict
+from itself.config import NAME, ConfigError, to_dict
 from itself.presets import PRESETS, resolve_config
 from launch.job import TrainJob
 from launch.profiles import ProfileError, SlurmProfile, load_profile, validate
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         profile = resolve_profile(args)
         world = args.nodes * profile.ranks_per_node
         cfg.validate(world_size=world)
+        if args.name is not None and not NAME.fullmatch(args.name):
+            raise ConfigError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
     except (ConfigError, ProfileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

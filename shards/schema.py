@@ -2,7 +2,7 @@
 
 Both the writer (`shards.writer`) and the reader (`itself.data`) import these names, so the
 format cannot drift between them. Extend, don't break: a reader accepts any schema version up
-to `SCHEMA_VERSION` it knows how to read.
+to `SCHEMA_VERSION` it knows how to read (`READABLE_VERSIONS`), and refuses the others.
 
 Layout of a built dataset directory::
 
@@ -19,6 +19,9 @@ Layout of a built dataset directory::
 from __future__ import annotations
 
 SCHEMA_VERSION = 1
+READABLE_VERSIONS = (1,)
+# Key of the schema version in manifest.parquet's metadata (dataset.json has "schema_version").
+MANIFEST_VERSION_KEY = b"itself.schema_version"
 
 SPLITS = ("train", "val", "test")
 

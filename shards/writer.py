@@ -258,6 +258,7 @@ class DatasetWriter:
             ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("source", pa.string()),
         ]))
         assert tuple(table.column_names) == schema.MANIFEST_COLUMNS
+        table = table.replace_schema_metadata({schema.MANIFEST_VERSION_KEY: str(schema.SCHEMA_VERSION).encode()})
         self._write_atomic(schema.MANIFEST_FILE, lambda p: pq.write_table(table, p))
         self._write_atomic(schema.REJECTS_FILE, lambda p: Path(p).write_text(
             "".join(json.dumps(dataclasses.asdict(r), default=str) + "\n" for r in self.rejects)))

@@ -17,31 +17,7 @@ from itself.checkpoint import latest_tag, load_exported
 from itself.dist import free_port
 from itself.evaluate import evaluate
 from itself.presets import resolve_config
-
-REPO = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH = 8  # 128 train pairs of the small dataset / batch 16
-
-
-def small_run_args(root) -> list[str]:
-    """A CPU-small synthetic run on the small test dataset (fixed data slots: world-size invariant)."""
-    return [f"data.root={root}", "data.image_size=[48,16]", "data.num_workers=0", "data.num_slots=4",
-            "model.grab_dim=32", "train.batch_size=16", "train.epochs=2", "train.warmup_epochs=1",
-            "eval.batch_size=32", "train.log_every=2"]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    return env
-
-
-def run_train(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + ["itself/train.py", *args]
-    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
-    return run
-
+from runs import REPO, STEPS_PER_EPOCH, run_train, small_run_args, train_env
 
 def final_weights(run_dir: Path) -> dict:
     tag = latest_tag(run_dir / "checkpoints")
@@ -123,7 +99,7 @@ def test_two_ranks_reach_the_same_metrics_as_one(straight_run, small_dataset, tm
 
 def test_existing_run_needs_resume(straight_run, small_dataset):
     run = subprocess.run([sys.executable, "itself/train.py", *small_run_args(small_dataset), f"run_dir={straight_run}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "already holds checkpoints; pass train.resume=latest" in run.stderr
 
 

@@ -49,10 +49,16 @@ def ensure_dataset(root: str | os.PathLike, build_synthetic: bool = False) -> di
         raise DataError(f"{info_file} not found: {root} is not a built dataset. Build it with "
                         f"`python -m shards build --dataset ... --out {root}` or set data.root")
     info = json.loads(info_file.read_text())
-    if info.get("schema_version", 0) > schema.SCHEMA_VERSION:
-        raise DataError(f"{info_file}: schema version {info['schema_version']} is newer than this code "
-                        f"reads ({schema.SCHEMA_VERSION}); update the code or rebuild the dataset")
+    check_schema_version(info.get("schema_version"), info_file)
     return info
+
+
+def check_schema_version(version, where) -> None:
+    """A DataError unless `version` (of dataset.json or the manifest) is one this code reads."""
+    if version not in schema.READABLE_VERSIONS:
+        readable = ", ".join(map(str, schema.READABLE_VERSIONS))
+        raise DataError(f"{where}: shard schema version {version} is not one this code reads ({readable}); "
+                        f"rebuild the dataset with `python -m shards build` (or use the code that wrote it)")
 
 
 def split_urls(cfg: DataConfig, split: str, info: dict | None = None) -> list[str]:
@@ -79,7 +85,11 @@ def load_train_index(root: str | os.PathLike, urls: list[str]) -> list[ShardInde
     manifest = Path(root) / schema.MANIFEST_FILE
     if not manifest.exists():
         raise DataError(f"{manifest} not found: the train pipeline plans batches from the manifest")
-    cols = pq.read_table(manifest, columns=["split", "shard", "key", "pid", "captions"]).to_pydict()
+    table = pq.read_table(manifest, columns=["split", "shard", "key", "pid", "captions"])
+    version = (table.schema.metadata or {}).get(schema.MANIFEST_VERSION_KEY)
+    if version is not None:  # (manifests written before versioning carry none: dataset.json's applies)
+        check_schema_version(int(version) if version.isdigit() else version.decode(errors="replace"), manifest)
+    cols = table.to_pydict()
     by_shard: dict[str, list[tuple[int, str, int]]] = {}
     for split, shard, key, pid, caps in zip(cols["split"], cols["shard"], cols["key"], cols["pid"], cols["captions"]):
         if split == "train":
@@ -104,7 +114,11 @@ def iter_shard(url: str) -> Iterator[dict]:
         raise DataError(f"cannot read shard {url}: {exn.args[0] if exn.args else exn!r}") from exn
 
     try:
-        yield from tarfile_samples([{"url": url}], handler=reraise)
+        for sample in tarfile_samples([{"url": url}], handler=reraise):
+            key = sample["__key__"]
+            if key.startswith("/") or ".." in key.split("/"):  # shards are read, never unpacked; refuse anyway
+                raise DataError(f"cannot read shard {url}: member {key!r} has an unsafe path (absolute or '..')")
+            yield sample
     except DataError:
         raise
     except Exception as exn:  # noqa: BLE001 - tar/gzip/IO errors of any kind
@@ -311,27 +325,32 @@ def train_loader(cfg: DataConfig, *, rank: int, world_size: int, micro_batch: in
 class _EvalStream(IterableDataset):
     """Samples of a split, every (rank, worker) taking a disjoint, interleaved slice."""
 
-    def __init__(self, urls: list[str], rank: int, world_size: int):
+    def __init__(self, urls: list[str], rank: int, world_size: int, expected: list[int] | None = None):
         self.urls, self.rank, self.world_size = urls, rank, world_size
+        self.expected = expected  # samples per shard (dataset.json), checked so none go missing silently
 
     def _my_samples(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         stride, offset = self.world_size * workers, self.rank * workers + worker
         i = 0
-        for url in self.urls:
+        for n, url in enumerate(self.urls):
+            start = i
             for sample in iter_shard(url):
                 if i % stride == offset:
                     yield sample
                 i += 1
+            if self.expected is not None and i - start != self.expected[n]:
+                raise DataError(f"shard {url} holds {i - start} samples, dataset.json lists {self.expected[n]}: "
+                                "the shard is truncated or from another build; rebuild the dataset")
 
 
 class EvalImages(_EvalStream):
     """Gallery: (image [3, H, W], pid, image_id) per image; undecodable images are skipped and
     reported (they cannot be retrieved, so they would only distort the metrics silently)."""
 
-    def __init__(self, urls, image_size: tuple[int, int], rank: int = 0, world_size: int = 1):
-        super().__init__(urls, rank, world_size)
+    def __init__(self, urls, image_size: tuple[int, int], rank: int = 0, world_size: int = 1, expected=None):
+        super().__init__(urls, rank, world_size, expected)
         self.image_size = image_size
 
     def __iter__(self):
@@ -348,8 +367,8 @@ class EvalImages(_EvalStream):
 class EvalTexts(_EvalStream):
     """Queries: (tokens [L], pid, image_id, caption index) per caption of every image (no augmentation)."""
 
-    def __init__(self, urls, text_length: int = 77, rank: int = 0, world_size: int = 1):
-        super().__init__(urls, rank, world_size)
+    def __init__(self, urls, text_length: int = 77, rank: int = 0, world_size: int = 1, expected=None):
+        super().__init__(urls, rank, world_size, expected)
         self.text_length = text_length
 
     def __iter__(self):
@@ -363,8 +382,10 @@ class EvalTexts(_EvalStream):
 def eval_loaders(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
                  batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
     """(gallery, queries) loaders of `split` ('val' or 'test') for one rank's disjoint slice."""
-    urls = split_urls(cfg, split)
-    images = DataLoader(EvalImages(urls, cfg.image_size, rank, world_size), batch_size=batch_size,
+    info = ensure_dataset(cfg.root)
+    urls = split_urls(cfg, split, info)
+    expected = [s["samples"] for s in info["splits"][split]["shards"]]
+    images = DataLoader(EvalImages(urls, cfg.image_size, rank, world_size, expected), batch_size=batch_size,
                         num_workers=cfg.num_workers)
-    texts = DataLoader(EvalTexts(urls, cfg.text_length, rank, world_size), batch_size=batch_size)
+    texts = DataLoader(EvalTexts(urls, cfg.text_length, rank, world_size, expected), batch_size=batch_size)
     return images, texts

@@ -52,12 +52,22 @@ def interpolate_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch
     return torch.cat([cls, grid[0].permute(1, 2, 0).reshape(-1, pos.shape[1]).to(pos.dtype)])
 
 
+def read_weights(path: str) -> dict:
+    """A state dict from a local file, never by unpickling code: a TorchScript archive (OpenAI's
+    released CLIP files) through torch.jit, anything else with torch.load(weights_only=True)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    from ..checkpoint import safe_load
+
+    return safe_load(path)
+
+
 def load_clip_weights(clip: nn.Module, path: str) -> None:
     """Load an open_clip / OpenAI-format state dict from a local file, interpolating the image
     position embedding to this model's grid."""
-    sd = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(sd, nn.Module):  # an OpenAI JIT/pickled model
-        sd = sd.state_dict()
+    sd = read_weights(path)
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     key = "visual.positional_embedding"

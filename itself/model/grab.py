@@ -18,8 +18,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
+        if not self.training:  # in fp32: bf16 activations may meet fp32 buffers (CPU kernels need one dtype)
+            return F.batch_norm(x.float(), self.running_mean.float(), self.running_var.float(), self.weight.float(),
+                                self.bias.float(), False, 0.0, self.eps).to(x.dtype)
         w = torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype) if valid is None else valid.to(x.dtype)[:, None]
         xf, wf = x.float(), w.float()
         stats = torch.cat([(xf * wf).sum(0), (xf * xf * wf).sum(0), wf.sum(0)])

@@ -1,0 +1,36 @@
+"""Helpers shared by the tests that run `itself/train.py` as real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 8  # 128 train pairs of the small dataset / batch 16
+
+
+def small_run_args(root) -> list[str]:
+    """A CPU-small synthetic run on the small test dataset (fixed data slots: world-size invariant)."""
+    return [f"data.root={root}", "data.image_size=[48,16]", "data.num_workers=0", "data.num_slots=4",
+            "model.grab_dim=32", "train.batch_size=16", "train.epochs=2", "train.warmup_epochs=1",
+            "eval.batch_size=32", "train.log_every=2"]
+
+
+def train_env(**extra) -> dict:
+    """This environment without a launcher's rank variables (each test sets its own)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    env.update(extra)
+    return env
+
+
+def run_train(args: list[str], launcher: list[str] | None = None, check: bool = True,
+              **env) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["itself/train.py", *args]
+    run = subprocess.run(cmd, cwd=REPO, env=train_env(**env), capture_output=True, text=True, timeout=600)
+    if check:
+        assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    return run
