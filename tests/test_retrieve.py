@@ -97,7 +97,7 @@ def test_folder_gallery_and_errors(trained_run, index_dir, tmp_path):
     res = _cli("index", "--model", str(run / "model.pt"), "--gallery", str(empty), "--out", str(tmp_path / "e"))
     assert res.returncode == 2 and "holds no readable image" in res.stderr
     # A model with another embedding size cannot query this index.
-    blob = torch.load(run / "model.pt", weights_only=False)
+    blob = torch.load(run / "model.pt", weights_only=True)
     cfg = Config()
     apply_dict(cfg, blob["config"])
     cfg.model.grab_dim = 32

@@ -4,7 +4,6 @@ model, and 2 ranks under the DeepSpeed launcher against 1 rank."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from runs import REPO, STEPS_PER_EPOCH, run_train, small_run_args, train_env
 
 def final_weights(run_dir: Path) -> dict:
     tag = latest_tag(run_dir / "checkpoints")
-    return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
 
 
 @pytest.fixture(scope="module")

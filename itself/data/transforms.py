@@ -14,7 +14,6 @@ import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 try:  # the fastest JPEG decoder on PyPI (libjpeg-turbo); Pillow when it is missing
