@@ -140,7 +140,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
         raise UnsafeCheckpointError(
             f"{path}: refused, it holds more than tensors and plain values"
             f"{f' ({found.group(1)})' if found else ''}; torch.load(weights_only=True) will not unpickle it. "

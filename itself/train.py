@@ -349,13 +349,15 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
             if i >= micro_total:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if (i - state["micro_step"]) % t.grad_accum == 0:  # a step begins: keep its buffers to undo a skip
+                buffers = [b.clone() for b in engine.module.buffers()]
             out = engine(batch, step=state["global_step"])
             loss = total_loss(out)
             engine.backward(loss * world)  # shares of a global-batch loss; the engine averages over ranks
             boundary = engine.is_gradient_accumulation_boundary()
             skipped_before = engine.skipped_steps
-            if boundary and check_grads:  # the one setup where DeepSpeed applies non-finite gradients
-                _drop_nonfinite_grads(engine, device)
+            # Without ZeRO and bf16, DeepSpeed would apply non-finite gradients: we drop them.
+            dropped = boundary and check_grads and _drop_nonfinite_grads(engine, device)
             engine.step()
             window.append({k: (v.item() if torch.is_tensor(v) else float(v)) for k, v in out.items()} | {"loss": loss.item()})
             if not boundary:
@@ -364,11 +366,12 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
             state["micro_step"] = i + 1
             progress["global_step"] = state["global_step"]
             seen_steps += 1
-            skipped = engine.skipped_steps > skipped_before or getattr(engine, "_itself_dropped", False)
-            engine._itself_dropped = False
-            if skipped:
+            step_loss = window[-1]["loss"]
+            if dropped or engine.skipped_steps > skipped_before:
                 # DeepSpeed dropped the update (non-finite gradients on some rank): weights and
                 # optimizer state are those of the previous step.
+                for b, saved in zip(engine.module.buffers(), buffers):  # (BatchNorm statistics of the bad batch)
+                    b.copy_(saved)
                 state["skipped_steps"] += 1
                 skips_in_a_row += 1
                 losses = window[-t.grad_accum:]
@@ -379,7 +382,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
             if bar is not None:
                 rate = seen_steps * t.batch_size / (time.time() - started)
                 eta = (total_steps - state["global_step"]) * t.batch_size / max(rate, 1e-9)
-                bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", samples_s=f"{rate:.0f}", eta=_hms(eta), refresh=False)
+                bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{rate:.0f}", eta=_hms(eta), refresh=False)
                 bar.update(1)
             if state["global_step"] % t.log_every == 0 and window:  # (all ranks skip the same steps)
                 values = _global_means(window, world, device)
@@ -419,16 +422,18 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
     return _finish(engine, cfg, rank, world, device, info, ckpt_dir, run_dir, state, log)
 
 
-def _drop_nonfinite_grads(engine, device) -> None:
+def _drop_nonfinite_grads(engine, device) -> bool:
     """Without ZeRO and bf16 DeepSpeed steps a plain optimizer that applies whatever gradients it
     gets: drop them all (Adam then leaves every parameter and its moments alone) if any is
-    non-finite on any rank. The other setups skip such steps themselves (`engine.skipped_steps`)."""
+    non-finite on any rank; True if dropped. The other setups skip such steps themselves
+    (`engine.skipped_steps`)."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
-    if _any_rank(not finite, device):
-        for p in engine.module.parameters():
-            p.grad = None
-        engine._itself_dropped = True
+    if not _any_rank(not finite, device):
+        return False
+    for p in engine.module.parameters():
+        p.grad = None
+    return True
 
 
 def _on_nonfinite(engine, cfg: Config, ckpt_dir: Path, state: dict, epoch: int, losses: list[dict],

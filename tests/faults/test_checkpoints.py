@@ -1,0 +1,142 @@
+"""Checkpoints survive a kill mid-write, and nothing we load can run code: checkpoints, exported
+models and pretrained weights are read with torch.load(weights_only=True) (or as TorchScript)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from itself.checkpoint import UnsafeCheckpointError, check_safe, latest_tag, load_exported
+from itself.model.backbone import build_clip
+from runs import REPO, run_train, small_run_args, train_env
+
+# Run itself/train.py with torch.save patched to write half of the model-state file of one
+# checkpoint and then SIGKILL the process: a real kill, at a known point of a checkpoint write.
+KILL_DURING_SAVE = """
+import io, os, signal, sys
+from pathlib import Path
+import torch
+
+target, real_save = sys.argv[1], torch.save
+
+def save(obj, f, *args, **kwargs):
+    path = Path(f) if isinstance(f, (str, os.PathLike)) else None
+    if path is not None and path.parent.name == target and path.name.endswith("model_states.pt"):
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        with open(path, "wb") as out:
+            out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            out.flush()
+            os.fsync(out.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save
+sys.argv = ["itself/train.py", *sys.argv[2:]]
+from itself.train import main
+raise SystemExit(main())
+"""
+
+
+class RunsCode:
+    """Unpickling this runs a shell command (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def reference(small_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ckpt") / "reference"
+    run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"])
+    return run_dir
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_uses_it(small_dataset, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.checkpoint_every=2"]
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "step00000004", *args], cwd=REPO,
+                            env=train_env(), capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "step00000004").is_dir() and not (ckpts / "step00000004" / "COMPLETE").exists()
+    assert (ckpts / "latest").read_text() == "step00000002" and latest_tag(ckpts) == "step00000002"
+    check_safe(ckpts / "step00000002")  # intact: every file of it loads
+
+    resume = run_train(args + ["train.resume=latest"])
+    log = (run_dir / "train.log").read_text()
+    assert f"ignoring incomplete checkpoint {ckpts / 'step00000004'}" in log
+    assert f"resumed from {ckpts / 'step00000002'}: epoch 1, step 2" in log
+    assert "Traceback" not in resume.stderr
+    # The partial folder was replaced by a complete checkpoint of the same step, and the run ends
+    # where an uninterrupted one does (exact resume: float noise only).
+    assert (ckpts / "step00000004").exists() is False or (ckpts / "step00000004" / "COMPLETE").exists()
+    want, got = (json.loads((r / "results.json").read_text()) for r in (reference, run_dir))
+    for branch, metrics in want["test"].items():
+        for name, value in metrics.items():
+            assert got["test"][branch][name] == pytest.approx(value, abs=1e-6), (branch, name)
+
+
+def test_every_file_a_run_writes_loads_with_weights_only(reference):
+    files = sorted(reference.rglob("*.pt"))
+    assert reference / "model.pt" in files and len(files) >= 3
+    for path in files:
+        torch.load(path, weights_only=True)
+
+
+def test_checkpoint_holding_code_is_refused_at_resume(reference, tmp_path, small_dataset):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    marker = tmp_path / "code-ran"
+    tag = latest_tag(run_dir / "checkpoints")
+    torch.save({"module": RunsCode(marker)}, run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt")
+    run = run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.resume=latest"], check=False)
+    assert run.returncode != 0 and "UnsafeCheckpointError" in run.stderr and "refused" in run.stderr
+    assert "posix.system" in run.stderr  # says what it found
+    assert not marker.exists()
+
+
+def test_exported_model_holding_code_is_refused(tmp_path):
+    marker, path = tmp_path / "code-ran", tmp_path / "model.pt"
+    torch.save({"format": "itself-model/1", "state_dict": RunsCode(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_exported(path)
+    assert not marker.exists()
+
+
+def test_pretrained_weights_holding_code_are_refused(tmp_path):
+    marker, path = tmp_path / "code-ran", tmp_path / "clip.pt"
+    torch.save({"state_dict": RunsCode(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        build_clip("tiny", (32, 32), pretrained=str(path))
+    assert not marker.exists()
+
+
+def test_torchscript_weights_load_without_unpickling(tmp_path):
+    # OpenAI's released CLIP files are TorchScript archives: read through torch.jit, not pickle.
+    torch.manual_seed(0)
+    square = build_clip("tiny", (32, 32))
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual, self.transformer = square.visual, square.transformer
+
+        def forward(self, x):
+            return x
+
+    path = tmp_path / "clip-jit.pt"
+    torch.jit.save(torch.jit.script(Holder()), path)
+    with pytest.raises(ValueError, match="missing"):  # read fine; a partial model is then reported
+        build_clip("tiny", (32, 32), pretrained=str(path))

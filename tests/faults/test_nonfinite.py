@@ -1,0 +1,103 @@
+"""A non-finite loss or gradient never reaches the weights: the step is skipped and counted
+(train.nonfinite=skip), or training stops with a message and a checkpoint (stop, or too many
+skips in a row). Both DeepSpeed's own overflow skip (ZeRO >= 1, bf16) and ours (ZeRO-0 fp32)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runs import REPO, small_run_args, train_env
+
+# Run itself/train.py with the model's forward returning a NaN loss (`loss`), or a finite loss
+# whose gradient is NaN (`grad`), at the given global steps (0-based: step s is the (s+1)-th).
+INJECT_NAN = """
+import sys, torch
+from itself.model import ITSELF
+
+steps, kind, real = {int(s) for s in sys.argv[1].split(",")}, sys.argv[2], ITSELF.forward
+
+class NanGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+def forward(self, batch, step):
+    out = real(self, batch, step)
+    if step in steps:
+        key = next(k for k in out if k.endswith("_loss"))
+        out[key] = out[key] * float("nan") if kind == "loss" else NanGradient.apply(out[key])
+    return out
+
+ITSELF.forward = forward
+sys.argv = ["itself/train.py", *sys.argv[3:]]
+from itself.train import main
+raise SystemExit(main())
+"""
+
+
+def run_with_nan(steps: str, kind: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", INJECT_NAN, steps, kind, *args], cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def weights(run_dir, step: int) -> dict:
+    path = run_dir / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, weights_only=True)["module"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def args_for(dataset, run_dir, *extra) -> list[str]:
+    return small_run_args(dataset) + [f"run_dir={run_dir}", "train.epochs=1", "train.checkpoint_every=1",
+                                      "train.keep_last=20", *extra]
+
+
+@pytest.mark.parametrize("stage,kind", [("zero1", "loss"), ("zero0", "grad"), ("zero0", "loss")])
+def test_skip_policy_drops_the_update_counts_it_and_training_goes_on(small_dataset, tmp_path, stage, kind):
+    run_dir = tmp_path / "run"
+    run = run_with_nan("3", kind, args_for(small_dataset, run_dir, f"train.deepspeed={stage}"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    reason = "non-finite loss" if kind == "loss" else "non-finite gradients"
+    assert f"step 4 (epoch 1): {reason}" in log and "update skipped (1 in a row, 1 in all)" in log
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "skipped"] == [4]
+    assert [r["skipped_steps"] for r in records if r["type"] == "train"][-1] == 1
+    assert_same_weights(weights(run_dir, 3), weights(run_dir, 4))  # the update of step 4 was not applied
+    after = weights(run_dir, 5)
+    assert not torch.equal(after["grab_image.linear.weight"], weights(run_dir, 4)["grab_image.linear.weight"])
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert json.loads((run_dir / "results.json").read_text())["test"]["fused"]["R1"] >= 0
+
+
+def test_stop_policy_saves_the_last_finite_state_and_exits_with_a_message(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    run = run_with_nan("3", "loss", args_for(small_dataset, run_dir, "train.nonfinite=stop"))
+    assert run.returncode != 0
+    assert ("NonFiniteError: non-finite loss at step 4 (epoch 1); stopping (train.nonfinite=stop). "
+            "Checkpoint step00000004 holds the last finite weights") in run.stderr
+    assert "train.resume=latest" in run.stderr
+    assert (run_dir / "checkpoints" / "step00000004" / "COMPLETE").exists()
+    assert_same_weights(weights(run_dir, 3), weights(run_dir, 4))
+    assert not (run_dir / "results.json").exists()
+
+
+def test_too_many_skips_in_a_row_stop_a_diverged_run(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    run = run_with_nan("2,3,4", "loss", args_for(small_dataset, run_dir, "train.max_skipped_steps=3"))
+    assert run.returncode != 0
+    assert "3 skipped steps in a row reach train.max_skipped_steps=3" in run.stderr
+    assert_same_weights(weights(run_dir, 2), weights(run_dir, 5))
