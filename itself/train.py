@@ -139,7 +139,10 @@ def _unwritable(run_dir: Path) -> str | None:
     except OSError as e:
         return f"run_dir: cannot write to {run_dir}: {e.strerror or e}; choose a writable run_dir"
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # (no folder to remove it from)
+            pass
     return None
 
 
@@ -154,11 +157,14 @@ def check_free_space(run_dir: Path, model: torch.nn.Module, cfg: Config, precisi
     one being written) and the exported model, or None."""
     per_ckpt = checkpoint_bytes(model, precision)
     need = per_ckpt * (cfg.train.keep_last + 2) + sum(p.numel() for p in model.parameters()) * 4
+    # A resumed run's checkpoints are already there, and give their room to the new ones.
+    held = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
     free = shutil.disk_usage(run_dir).free
-    if free >= need:
+    if free + held >= need:
         return None
     mib = 2 ** 20
-    return (f"run_dir: {run_dir} has {free / mib:.1f} MiB free, but this run needs about {need / mib:.1f} MiB "
+    return (f"run_dir: {run_dir} has {free / mib:.1f} MiB free{f' (+{held / mib:.1f} MiB of checkpoints)' if held else ''}, "
+            f"but this run needs about {need / mib:.1f} MiB "
             f"({cfg.train.keep_last + 2} checkpoints of {per_ckpt / mib:.1f} MiB: train.keep_last={cfg.train.keep_last}, "
             f"the best, the one being written; and model.pt). Free space, lower train.keep_last, or choose another run_dir")
 

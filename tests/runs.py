@@ -34,3 +34,18 @@ def run_train(args: list[str], launcher: list[str] | None = None, check: bool = 
     if check:
         assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     return run
+
+
+# Credentials a user's environment may hold; runs get them and must not write them anywhere.
+SECRETS = {"AWS_SECRET_ACCESS_KEY": "itself-test-secret-aws-7f3a", "HF_TOKEN": "itself-test-secret-hf-91c2",
+           "WANDB_API_KEY": "itself-test-secret-wandb-5d08"}
+
+
+def assert_no_secrets(folder: Path) -> None:
+    """No file under `folder` (text or binary, pickles included) holds a value of SECRETS."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink()]
+    assert files, f"nothing written under {folder}"
+    for path in files:
+        data = path.read_bytes()
+        for name, value in SECRETS.items():
+            assert value.encode() not in data, f"{path} holds ${name}"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from runs import SECRETS, assert_no_secrets
 from slurm_cluster import SlurmCluster, missing_binaries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,10 +49,11 @@ def _events(path: Path) -> list[dict]:
 
 
 def test_four_nodes_train_with_world_size_four(slurm, small_dataset, tmp_path):
-    run = _submit(slurm, tmp_path, "--nodes", "4", "--profile", "local-test", "--wait",
+    run = _submit({**slurm, **SECRETS}, tmp_path, "--nodes", "4", "--profile", "local-test", "--wait",
                   *_training_args(small_dataset), "train.epochs=1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = _job_folder(tmp_path)
+    assert_no_secrets(folder)  # the job had them in its environment (sbatch exports it)
     submission = json.loads((folder / "submission.json").read_text())
     job_id = submission["job_ids"][0]
     assert f"submitted job {job_id}: 4 node(s) x 1 rank(s)" in run.stdout

@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from runs import SECRETS, assert_no_secrets
+
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
 
@@ -28,7 +30,7 @@ def _args(root) -> list[str]:
 def _env(tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["RAY_TMPDIR"] = "/tmp/ray-itself"  # short: Ray's socket paths must fit
-    return env
+    return {**env, **SECRETS}
 
 
 def _search(tmp_path, *extra, **kw) -> subprocess.Popen:
@@ -41,6 +43,7 @@ def test_search_prunes_with_asha_and_its_best_config_trains(small_dataset, tmp_p
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     exp = tmp_path / "s"
+    assert_no_secrets(exp)  # trials inherit the credentials; no trial folder or result keeps them
     table = pd.read_parquet(exp / "results.parquet")
     assert len(table) == 6 and list(pd.read_csv(exp / "results.csv")["trial_id"]) == list(table["trial_id"])
     assert (table["p_end"] <= table["p_start"]).all()

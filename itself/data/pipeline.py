@@ -111,6 +111,8 @@ def load_train_index(root: str | os.PathLike, urls: list[str]) -> list[ShardInde
 def iter_shard(url: str) -> Iterator[dict]:
     """Samples of one shard as {'__key__', 'json', '<image ext>'}; errors name the shard."""
     def reraise(exn: Exception) -> bool:
+        if isinstance(exn, DataError):  # webdataset's outer layer hands back what we raised, args extended
+            raise DataError(exn.args[0]) from None
         raise DataError(f"cannot read shard {url}: {exn.args[0] if exn.args else exn!r}") from exn
 
     try:
@@ -118,6 +120,10 @@ def iter_shard(url: str) -> Iterator[dict]:
             key = sample["__key__"]
             if key.startswith("/") or ".." in key.split("/"):  # shards are read, never unpacked; refuse anyway
                 raise DataError(f"cannot read shard {url}: member {key!r} has an unsafe path (absolute or '..')")
+            if schema.META_EXT not in sample or not any(ext in sample for ext in schema.IMAGE_EXTS):
+                raise DataError(f"cannot read shard {url}: sample {key} lacks its "
+                                f"{'metadata' if schema.META_EXT not in sample else 'image'} member "
+                                "(a truncated or damaged shard); rebuild the dataset")
             yield sample
     except DataError:
         raise

@@ -1,0 +1,140 @@
+"""Bad data gives a clear error naming the file, or a counted skip; the number of samples never
+changes silently. (Also: tests/test_data_pipeline.py, corrupt train image substituted and counted;
+missing and unreadable shards; tests/test_converters.py, annotation paths that escape the root.)"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from itself.config import DataConfig
+from itself.data import DataError, eval_loaders, train_loader
+from itself.evaluate import evaluate
+from itself.model import ITSELF
+from itself.presets import resolve_config
+from runs import run_train, small_run_args
+from shards import schema
+
+
+@pytest.fixture
+def dataset(small_dataset, tmp_path):
+    """A private copy of the small dataset, to damage."""
+    root = tmp_path / "data"
+    shutil.copytree(small_dataset, root)
+    return root
+
+
+def cfg(root) -> DataConfig:
+    return DataConfig(root=str(root), image_size=(48, 16), num_workers=0, num_slots=4)
+
+
+def one_train_epoch(root) -> list[dict]:
+    loader = train_loader(cfg(root), rank=0, world_size=1, micro_batch=16)
+    loader.set_epoch(0)
+    return list(loader)
+
+
+def member_offsets(path) -> list[int]:
+    with tarfile.open(path) as t:
+        return [m.offset for m in t.getmembers()]
+
+
+def truncate(path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_train_shard_cut_inside_a_member_is_an_error_naming_it(dataset):
+    shard = dataset / "train" / "train-000001.tar"
+    truncate(shard, member_offsets(shard)[5] + 700)  # mid-way through a member's data
+    with pytest.raises(DataError, match=f"shard {shard}"):
+        one_train_epoch(dataset)
+
+
+def test_train_shard_cut_between_samples_is_an_error_not_fewer_samples(dataset):
+    shard = dataset / "train" / "train-000001.tar"
+    truncate(shard, member_offsets(shard)[6])  # 3 whole samples left: a tar that looks complete
+    with pytest.raises(DataError, match=f"listed in the manifest is missing from shard {shard}"):
+        one_train_epoch(dataset)
+
+
+def test_truncated_train_shard_stops_training_with_the_shard_named(dataset, tmp_path):
+    shard = dataset / "train" / "train-000002.tar"
+    truncate(shard, member_offsets(shard)[3] + 100)
+    run = run_train(small_run_args(dataset) + [f"run_dir={tmp_path / 'run'}"], check=False)
+    assert run.returncode != 0 and f"cannot read shard {shard}" in run.stderr
+    assert "training failed at step 0 (epoch 1)" in run.stderr
+
+
+@pytest.mark.parametrize("cut", ["inside", "between"])
+def test_truncated_eval_shard_is_an_error_not_a_smaller_gallery(dataset, cut):
+    shard = dataset / "val" / "val-000001.tar"
+    offsets = member_offsets(shard)
+    truncate(shard, offsets[5] + 700 if cut == "inside" else offsets[6])
+    gallery, queries = eval_loaders(cfg(dataset), "val")
+    for loader in (gallery, queries):
+        with pytest.raises(DataError, match=str(shard)):
+            list(loader)
+
+
+def test_corrupt_gallery_image_is_skipped_and_counted_in_the_results(dataset, capfd):
+    shard = dataset / "val" / "val-000000.tar"
+    with tarfile.open(shard) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as t:
+        for i, (m, data) in enumerate(members):
+            if i == 2:  # the second sample's image
+                data = b"\xff\xd8\xff\xe0 not a jpeg" + bytes(100)
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    config = resolve_config("synthetic", None, small_run_args(dataset))
+    torch.manual_seed(0)
+    model = ITSELF(config.model, 32, config.data.image_size).eval()
+    results = evaluate(model, config, "val", rank=0, world=1, device=torch.device("cpu"))
+    assert results["counts"] == {"gallery": 15, "queries": 32, "gallery_skipped": 1}
+    assert "skipped corrupt gallery image" in capfd.readouterr().err
+
+
+def test_missing_train_shard_is_an_error_naming_it(dataset):
+    (dataset / "train" / "train-000003.tar").unlink()
+    with pytest.raises(DataError, match="shard not found: .*train-000003.tar"):
+        one_train_epoch(dataset)
+
+
+@pytest.mark.parametrize("version", [0, 2, "1.5"])
+def test_dataset_json_of_another_schema_version_is_refused(dataset, version):
+    info_file = dataset / schema.DATASET_FILE
+    info = json.loads(info_file.read_text())
+    info["schema_version"] = version
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(DataError, match=f"schema version {version} is not one this code reads \\(1\\); rebuild"):
+        one_train_epoch(dataset)
+
+
+def test_manifest_of_another_schema_version_is_refused(dataset):
+    manifest = dataset / schema.MANIFEST_FILE
+    table = pq.read_table(manifest)
+    assert table.schema.metadata[schema.MANIFEST_VERSION_KEY] == b"1"  # the writer records it
+    pq.write_table(table.replace_schema_metadata({schema.MANIFEST_VERSION_KEY: b"2"}), manifest)
+    with pytest.raises(DataError, match=f"{manifest}: shard schema version 2 is not one this code reads"):
+        one_train_epoch(dataset)
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/abs/outside"])
+def test_tar_member_with_an_escaping_path_is_refused(dataset, name):
+    shard = dataset / "val" / "val-000000.tar"
+    with tarfile.open(shard, "a") as t:
+        for ext, data in (("jpg", b"\xff\xd8"), ("json", b"{}")):
+            info = tarfile.TarInfo(f"{name}.{ext}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    gallery, _ = eval_loaders(cfg(dataset), "val")
+    with pytest.raises(DataError, match="has an unsafe path"):
+        list(gallery)
+    assert not (dataset.parent / "outside.jpg").exists() and not (dataset / "outside.jpg").exists()

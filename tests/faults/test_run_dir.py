@@ -1,0 +1,101 @@
+"""An unwritable or full run directory is an error before training starts, naming the directory,
+the cause and what to do. Real file systems: small and read-only tmpfs mounts (needs root, as CI
+has; skipped with the reason otherwise)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from itself.checkpoint import check_safe, latest_tag
+from runs import REPO, run_train, small_run_args, train_env
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(options) -> a fresh tmpfs mounted with those options, unmounted afterwards."""
+    mounted = []
+
+    def make(options: str):
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def assert_refused_before_training(run, *fragments):
+    assert run.returncode == 2, run.stderr[-3000:]
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: run_dir: ")
+    for fragment in fragments:
+        assert fragment in error
+    assert "epoch 1" not in run.stdout + run.stderr  # no step was taken
+
+
+def test_read_only_run_dir_is_an_error_before_training(small_dataset, mount):
+    run_dir = mount("ro,size=4m") / "run"
+    run = run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"], check=False)
+    assert_refused_before_training(run, f"cannot write to {run_dir}", "Read-only file system", "choose a writable run_dir")
+
+
+def test_full_run_dir_is_an_error_before_training(small_dataset, mount):
+    run_dir = mount("size=8m") / "run"  # a checkpoint of the tiny test model is ~43 MiB
+    run = run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"], check=False)
+    assert_refused_before_training(run, f"{run_dir} has", "MiB free, but this run needs about",
+                                   "train.keep_last=2", "lower train.keep_last")
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_disk_already_full_is_an_error_before_training(small_dataset, mount):
+    point = mount("size=1m")
+    (point / "filler").write_bytes(b"\0" * ((1 << 20) - 8192))  # leaves less than the 64 KiB probe
+    run = run_train(small_run_args(small_dataset) + [f"run_dir={point / 'run'}"], check=False)
+    assert_refused_before_training(run, "No space left on device")
+
+
+def test_a_file_in_the_way_of_the_run_dir_is_an_error(small_dataset, tmp_path):
+    (tmp_path / "taken").write_text("")
+    run = run_train(small_run_args(small_dataset) + [f"run_dir={tmp_path / 'taken' / 'run'}"], check=False)
+    assert_refused_before_training(run, "cannot write to", "Not a directory")
+
+
+def test_disk_filling_up_mid_run_fails_loudly_and_the_run_resumes_once_there_is_room(small_dataset, mount):
+    run_dir = mount("size=160m") / "run"  # room for keep_last=1 + 2 checkpoints of ~43 MiB and model.pt
+    args = small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.checkpoint_every=2", "train.keep_last=1"]
+    proc = subprocess.Popen([sys.executable, "itself/train.py", *args], cwd=REPO, env=train_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    filler = run_dir.parent / "filler"
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "step00000002" / "COMPLETE").exists():
+            assert time.time() < deadline and proc.poll() is None, "no first checkpoint"
+            time.sleep(0.02)
+        with open(filler, "wb") as f:  # another job fills the disk
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "No space left on device" in err
+    assert "to continue, rerun the same command with" in err and "train.resume=latest" in err
+    tag = latest_tag(run_dir / "checkpoints")
+    assert tag is not None and not (run_dir / "results.json").exists()
+    check_safe(run_dir / "checkpoints" / tag)  # the last complete checkpoint is whole
+    filler.unlink()
+    run_train(args + ["train.resume=latest"])
+    assert f"resumed from {run_dir / 'checkpoints' / tag}" in (run_dir / "train.log").read_text()
+    assert (run_dir / "results.json").exists()
