@@ -123,6 +123,7 @@ def test_pretrained_weights_holding_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
 def test_torchscript_weights_load_without_unpickling(tmp_path):
     # OpenAI's released CLIP files are TorchScript archives: read through torch.jit, not pickle.
     torch.manual_seed(0)
