@@ -25,13 +25,14 @@ def small_dataset(tmp_path_factory):
 def trained_run(tmp_path_factory):
     """(run directory with model.pt, dataset) of the default synthetic training cut to 8 epochs
     (about a minute): test R@1 around 20% against a 2.5% chance level."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     base = tmp_path_factory.mktemp("trained")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    from runs import train_env
+
+    env = train_env()
     run = subprocess.run([sys.executable, "itself/train.py", "train.epochs=8", f"data.root={base / 'synthetic'}",
                           f"run_dir={base / 'run'}"],
                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=900)

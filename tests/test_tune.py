@@ -4,7 +4,6 @@ best config trains as is, and an interrupted search resumes without redoing fini
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from runs import SECRETS, assert_no_secrets
+from runs import SECRETS, assert_no_secrets, train_env
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -28,9 +27,7 @@ def _args(root) -> list[str]:
 
 
 def _env(tmp_path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["RAY_TMPDIR"] = "/tmp/ray-itself"  # short: Ray's socket paths must fit
-    return {**env, **SECRETS}
+    return train_env(RAY_TMPDIR="/tmp/ray-itself", **SECRETS)  # short: Ray's socket paths must fit
 
 
 def _search(tmp_path, *extra, **kw) -> subprocess.Popen:
