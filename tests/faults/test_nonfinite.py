@@ -5,21 +5,25 @@ skips in a row). Both DeepSpeed's own overflow skip (ZeRO >= 1, bf16) and ours (
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from itself.dist import free_port
 from runs import REPO, small_run_args, train_env
 
 # Run itself/train.py with the model's forward returning a NaN loss (`loss`), or a finite loss
 # whose gradient is NaN (`grad`), at the given global steps (0-based: step s is the (s+1)-th).
 INJECT_NAN = """
-import sys, torch
+import os, sys, torch
 from itself.model import ITSELF
 
-steps, kind, real = {int(s) for s in sys.argv[1].split(",")}, sys.argv[2], ITSELF.forward
+args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # (the DeepSpeed launcher adds it)
+steps, kind, real = {int(s) for s in args[0].split(",")}, args[1], ITSELF.forward
+only_rank = int(args[2]) if args[2] != "all" else None  # inject on this rank only
 
 class NanGradient(torch.autograd.Function):
     @staticmethod
@@ -32,20 +36,26 @@ class NanGradient(torch.autograd.Function):
 
 def forward(self, batch, step):
     out = real(self, batch, step)
-    if step in steps:
+    if step in steps and only_rank in (None, int(os.environ.get("RANK", 0))):
         key = next(k for k in out if k.endswith("_loss"))
         out[key] = out[key] * float("nan") if kind == "loss" else NanGradient.apply(out[key])
     return out
 
 ITSELF.forward = forward
-sys.argv = ["itself/train.py", *sys.argv[3:]]
+sys.argv = ["itself/train.py", *args[3:]]
 from itself.train import main
 raise SystemExit(main())
 """
 
 
-def run_with_nan(steps: str, kind: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", INJECT_NAN, steps, kind, *args], cwd=REPO, env=train_env(),
+def run_with_nan(steps: str, kind: str, args: list[str], rank: str = "all", launcher: list[str] | None = None,
+                 tmp_path=None) -> subprocess.CompletedProcess:
+    if launcher is None:
+        cmd = [sys.executable, "-c", INJECT_NAN]
+    else:  # the DeepSpeed launcher runs a script file
+        (tmp_path / "inject_nan.py").write_text(INJECT_NAN)
+        cmd = [*launcher, str(tmp_path / "inject_nan.py")]
+    return subprocess.run([*cmd, steps, kind, rank, *args], cwd=REPO, env=train_env(PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -101,3 +111,17 @@ def test_too_many_skips_in_a_row_stop_a_diverged_run(small_dataset, tmp_path):
     assert run.returncode != 0
     assert "3 skipped steps in a row reach train.max_skipped_steps=3" in run.stderr
     assert_same_weights(weights(run_dir, 2), weights(run_dir, 5))
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero1"])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(small_dataset, tmp_path, stage):
+    run_dir = tmp_path / "run"
+    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    run = run_with_nan("3", "loss", args_for(small_dataset, run_dir, f"train.deepspeed={stage}"), rank="1",
+                       launcher=launcher, tmp_path=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "2 rank(s) on cpu" in run.stdout
+    log = (run_dir / "train.log").read_text()
+    assert "step 4 (epoch 1): non-finite gradients" in log  # (rank 0's own loss was finite)
+    assert_same_weights(weights(run_dir, 3), weights(run_dir, 4))
+    assert json.loads((run_dir / "results.json").read_text())["test"]["fused"]["R1"] >= 0
