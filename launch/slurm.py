@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = args.name or cfg.name
     folder = (Path(args.jobs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    cfg.run_dir = str(folder / "run")
+    # The run lives in the job folder, unless run_dir is given: to continue a failed run, resubmit
+    # with run_dir=<its run folder> (a job resumes from the latest complete checkpoint it finds).
+    cfg.run_dir = str(Path(cfg.run_dir).resolve()) if cfg.run_dir else str(folder / "run")
     executor = make_executor(folder, profile, args.nodes, name, args.local)
     if args.dry_run:
         print(f"# sbatch script ({args.nodes} nodes x {profile.ranks_per_node} tasks = {world} ranks, "
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     (folder / "submission.json").write_text(json.dumps({
         "command": [sys.executable, *sys.argv], "job_ids": [str(job.job_id)], "executor": "local" if args.local else "slurm",
         "nodes": args.nodes, "ranks": world, "profile": dataclasses.asdict(profile), "git_commit": git_commit(),
-        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_dir": str(folder / "run"),
+        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_dir": cfg.run_dir,
     }, indent=2) + "\n")
     print(f"submitted job {job.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s), "
           f"{profile.gpus_per_node} GPU(s)/node")
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"follow: tail -f {folder}/{job.job_id}_0_log.out   (rank r: {job.job_id}_<r>_log.out/err)")
     if not args.local:
         print(f"        squeue -j {job.job_id}   scontrol show job {job.job_id}   scancel {job.job_id}")
-    print(f"results: {folder}/run/results.json   attempts: {folder}/attempts.jsonl")
+    print(f"results: {cfg.run_dir}/results.json   attempts: {folder}/attempts.jsonl")
     if args.wait:
         result = wait_for(job, folder, args.local)
         if result is None:

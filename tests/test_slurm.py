@@ -137,3 +137,21 @@ def test_local_executor_runs_the_same_job_here(small_dataset, tmp_path):
     folder = _job_folder(tmp_path)
     assert "2 rank(s) on cpu" in (folder / "run" / "train.log").read_text()
     assert [e["event"] for e in _events(folder / "attempts.jsonl")] == ["start", "completed"]
+
+
+def test_a_failed_run_continues_by_resubmitting_with_its_run_dir(small_dataset, tmp_path):
+    # What the failure message says to do ("rerun the same command with run_dir=... train.resume=latest")
+    # works through the launcher too: the new job trains on in the old run folder.
+    run_dir = tmp_path / "earlier" / "run"
+    first = subprocess.run([sys.executable, "itself/train.py", *_training_args(small_dataset), "train.epochs=1",
+                            f"run_dir={run_dir}"], cwd=REPO, env=os.environ.copy(), capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = _submit(os.environ.copy(), tmp_path / "jobs", "--local", "--profile", "local-test", "--wait",
+                  *_training_args(small_dataset), "train.epochs=2", f"run_dir={run_dir}", "train.resume=latest")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    folder = _job_folder(tmp_path / "jobs")
+    assert json.loads((folder / "submission.json").read_text())["run_dir"] == str(run_dir)
+    assert _events(folder / "attempts.jsonl")[0]["resume_from"] == "step00000008"
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "results.json").read_text())["best_epoch"] in (1, 2)
