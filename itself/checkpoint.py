@@ -27,9 +27,22 @@ def tag_for(step: int) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write, fsync, rename, fsync the folder: after a crash the file is the old or the new one."""
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _barrier() -> None:
@@ -91,9 +104,9 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, *, 
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    _fsync_tree(ckpt_dir / tag)  # every rank, for what it wrote (on NFS only the writer's fsync counts)
     _barrier()
-    if rank == 0:
-        _fsync_tree(ckpt_dir / tag)  # durable before it is marked complete
+    if rank == 0:  # durable before it is marked complete
         _write_atomic(ckpt_dir / tag / COMPLETE, "")
         _write_atomic(ckpt_dir / "latest", tag)
         if is_best:
@@ -113,6 +126,7 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+    _fsync_dir(folder)
 
 
 def load(engine, ckpt_dir: str | os.PathLike, tag: str, rank: int, *, weights_only: bool = False) -> dict:
@@ -134,11 +148,11 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds more than tensors and plain values: it is not unpickled."""
 
 
-def safe_load(path: str | os.PathLike, map_location="cpu"):
+def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False):
     """torch.load with weights_only=True (tensors, numbers, strings, containers: never code), with
     an error that says why a file is refused."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
         raise UnsafeCheckpointError(
@@ -152,7 +166,7 @@ def check_safe(folder: Path) -> None:
     loader unpickles without that restriction; a file that passes here holds nothing it could run."""
     for path in sorted(folder.rglob("*.pt")):
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            safe_load(path)
+            safe_load(path, mmap=True)  # (mapped: the check reads the pickle, not the tensor data)
 
 
 def _deepspeed_safe_globals() -> list:

@@ -69,7 +69,9 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str, device: torch
         "train_micro_batch_size_per_gpu": t.batch_size // (world_size * t.grad_accum),
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": precision == "bf16"},
+        # Skip (never apply) a step whose gradients are not finite: explicit, as older DeepSpeed
+        # releases did not check in bf16. (fp32 ZeRO checks the gradient norm; ZeRO-0 fp32: _drop_nonfinite_grads.)
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "optimizer": {"type": "Adam", "params": adam},
         "steps_per_print": 10**9,
@@ -300,7 +302,7 @@ def _report_failure(error: BaseException, progress: dict, rank: int) -> None:
                 f"(newest complete checkpoint: {tag})" if tag else
                 f"\n[rank {rank}] no complete checkpoint in {run_dir}/checkpoints yet: rerun from the start")
     print(msg, file=sys.stderr, flush=True)
-    if run_dir is not None:
+    if run_dir is not None and rank == 0:  # (train.log is rank 0's; the others' go to their own stderr)
         try:
             with open(run_dir / "train.log", "a") as f:
                 f.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
@@ -341,7 +343,9 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, precision: 
         src_dir, tag = _resume_source(t.resume, ckpt_dir)
         for partial in ckpt.incomplete_tags(src_dir):
             log.info(f"ignoring incomplete checkpoint {src_dir / partial} (no {ckpt.COMPLETE} marker: "
-                     "the run stopped while writing it)")
+                     "the run stopped while writing it)" + ("; removing it" if src_dir == ckpt_dir else ""))
+            if rank == 0 and src_dir == ckpt_dir:
+                shutil.rmtree(src_dir / partial, ignore_errors=True)
         state.update({k: v for k, v in ckpt.load(engine, src_dir, tag, rank).items() if k in state})
         log.info(f"resumed from {src_dir / tag}: epoch {state['epoch'] + 1}, step {state['global_step']}")
     progress.update(run_dir=run_dir, epoch=state["epoch"], global_step=state["global_step"])

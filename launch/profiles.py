@@ -99,7 +99,7 @@ def load_profile(name_or_path: str) -> SlurmProfile:
     return profile
 
 
-SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
+SBATCH_KEY = re.compile(r"[a-z][a-z0-9_-]*")  # (submitit writes mail_type as --mail-type)
 
 
 def validate(p: SlurmProfile, where: str) -> None:
@@ -121,7 +121,7 @@ def validate(p: SlurmProfile, where: str) -> None:
     for key in p.sbatch_args:
         if not SBATCH_KEY.fullmatch(str(key)):
             raise ProfileError(f"{where}: sbatch_args key {key!r} must be an sbatch option name "
-                               "(lower-case letters, digits, '-'; e.g. mail-type)")
+                               "(lower-case letters, digits, '-', '_'; e.g. mail-type)")
     try:
         p.minutes()
     except ProfileError as e:

@@ -22,6 +22,7 @@ import time
 
 import yaml
 
+from itself.checkpoint import latest_tag
 from itself.config import NAME, ConfigError, to_dict
 from itself.presets import PRESETS, resolve_config
 from launch.job import TrainJob
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         profile = resolve_profile(args)
         world = args.nodes * profile.ranks_per_node
         cfg.validate(world_size=world)
+        if cfg.run_dir and latest_tag(Path(cfg.run_dir) / "checkpoints") and cfg.train.resume != "latest":
+            # (a job resumes from any checkpoint it finds: continuing must be asked for)
+            raise ConfigError(f"run_dir: {cfg.run_dir} already holds checkpoints; pass train.resume=latest to "
+                              "continue that run, or leave run_dir unset for a new one in the job folder")
         if args.name is not None and not NAME.fullmatch(args.name):
             raise ConfigError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
     except (ConfigError, ProfileError) as e:

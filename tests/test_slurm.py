@@ -147,6 +147,9 @@ def test_a_failed_run_continues_by_resubmitting_with_its_run_dir(small_dataset, 
                             f"run_dir={run_dir}"], cwd=REPO, env=os.environ.copy(), capture_output=True, text=True,
                            timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
+    refused = _submit(os.environ.copy(), tmp_path / "jobs", "--local", "--profile", "local-test",
+                      *_training_args(small_dataset), f"run_dir={run_dir}")  # e.g. an old job's config.yaml
+    assert refused.returncode == 2 and "already holds checkpoints; pass train.resume=latest" in refused.stderr
     run = _submit(os.environ.copy(), tmp_path / "jobs", "--local", "--profile", "local-test", "--wait",
                   *_training_args(small_dataset), "train.epochs=2", f"run_dir={run_dir}", "train.resume=latest")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

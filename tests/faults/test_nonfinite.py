@@ -75,10 +75,12 @@ def args_for(dataset, run_dir, *extra) -> list[str]:
                                       "train.keep_last=20", *extra]
 
 
-@pytest.mark.parametrize("stage,kind", [("zero1", "loss"), ("zero0", "grad"), ("zero0", "loss")])
-def test_skip_policy_drops_the_update_counts_it_and_training_goes_on(small_dataset, tmp_path, stage, kind):
+@pytest.mark.parametrize("stage,kind,precision", [("zero1", "loss", "fp32"), ("zero0", "grad", "fp32"),
+                                                  ("zero0", "loss", "fp32"), ("zero2", "grad", "bf16")])
+def test_skip_policy_drops_the_update_counts_it_and_training_goes_on(small_dataset, tmp_path, stage, kind, precision):
     run_dir = tmp_path / "run"
-    run = run_with_nan("3", kind, args_for(small_dataset, run_dir, f"train.deepspeed={stage}"))
+    run = run_with_nan("3", kind, args_for(small_dataset, run_dir, f"train.deepspeed={stage}",
+                                           f"train.precision={precision}"))
     assert run.returncode == 0, run.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     reason = "non-finite loss" if kind == "loss" else "non-finite gradients"
