@@ -56,9 +56,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str, device: torch
     """The cluster file (ZeRO stage, offload) with everything else filled in from the train config."""
     t = cfg.train
     path = Path(t.deepspeed) if t.deepspeed.endswith(".json") else DEEPSPEED_CONFIGS / f"{t.deepspeed}.json"
-    if not path.exists():
-        names = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
-        raise ConfigError(f"train.deepspeed: {path} not found; use one of {', '.join(names)} or a JSON path")
+    if not path.exists():  # (names are checked by Config.validate; a path may be missing)
+        raise ConfigError(f"train.deepspeed: {path} not found")
     ds = json.loads(path.read_text())
     adam = {"lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
             "torch_adam": True, "adam_w_mode": False}

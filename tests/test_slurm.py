@@ -7,12 +7,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from runs import SECRETS, assert_no_secrets
+from runs import SECRETS, assert_no_secrets, wait_until
 from slurm_cluster import SlurmCluster, missing_binaries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,14 +74,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, small_dataset, tm
                              "--profile", "local-test", "--wait", *_training_args(small_dataset), "train.epochs=3"],
                             cwd=REPO, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(tmp_path.glob("*/submission.json")):
-            time.sleep(0.2)
+        wait_until(lambda: list(tmp_path.glob("*/submission.json")), 300, "the submission")
         folder = _job_folder(tmp_path)
         job_id = json.loads((folder / "submission.json").read_text())["job_ids"][0]
         metrics = folder / "run" / "metrics.jsonl"
-        while time.time() < deadline and not any(e["type"] == "train" for e in _events(metrics)):
-            time.sleep(0.2)
+        wait_until(lambda: any(e["type"] == "train" for e in _events(metrics)), 300, "the first training steps")
         # The scheduler's pre-emption / time-limit warning: SIGUSR2 to every task of the job.
         subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True)
         out, err = proc.communicate(timeout=600)

@@ -18,7 +18,7 @@ import pytest
 
 from itself.checkpoint import latest_tag
 from itself.dist import free_port
-from runs import REPO, small_run_args, train_env
+from runs import REPO, small_run_args, train_env, wait_until
 
 TIMEOUT_S = 20  # train.collective_timeout_s in these runs
 WORLD = 2
@@ -41,13 +41,10 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     return [p.wait(timeout=max(1.0, deadline - time.time())) for p in procs]
 
 
-def wait_for_checkpoint(run_dir: Path, step: int, procs, timeout: float = 240) -> None:
+def wait_for_checkpoint(run_dir: Path, step: int, procs) -> None:
     marker = run_dir / "checkpoints" / f"step{step:08d}" / "COMPLETE"
-    deadline = time.time() + timeout
-    while not marker.exists():
-        assert time.time() < deadline, "no checkpoint appeared"
-        assert all(p.poll() is None for p in procs), "a rank exited before the fault was injected"
-        time.sleep(0.02)
+    wait_until(lambda: marker.exists() or any(p.poll() is not None for p in procs), 240, f"checkpoint {step}")
+    assert all(p.poll() is None for p in procs), "a rank exited before the fault was injected"
 
 
 def run_args(dataset, run_dir: Path, *extra: str) -> list[str]:

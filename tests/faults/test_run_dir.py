@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
 from itself.checkpoint import check_safe, latest_tag
-from runs import REPO, run_train, small_run_args, train_env
+from runs import REPO, run_train, small_run_args, train_env, wait_until
 
 
 @pytest.fixture
@@ -76,10 +75,9 @@ def test_disk_filling_up_mid_run_fails_loudly_and_the_run_resumes_once_there_is_
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     filler = run_dir.parent / "filler"
     try:
-        deadline = time.time() + 300
-        while not (run_dir / "checkpoints" / "step00000002" / "COMPLETE").exists():
-            assert time.time() < deadline and proc.poll() is None, "no first checkpoint"
-            time.sleep(0.02)
+        first = run_dir / "checkpoints" / "step00000002" / "COMPLETE"
+        wait_until(lambda: first.exists() or proc.poll() is not None, 300, "the first checkpoint")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
         with open(filler, "wb") as f:  # another job fills the disk
             try:
                 while True:
