@@ -45,7 +45,7 @@ def main() -> None:
     print(f"{args.arch} {size[0]}x{size[1]} batch {args.batch} on {device.type} ({dtype}), {args.iters} iters")
     base = None
     for name, kw in settings.items():
-        model = ITSELF(ModelConfig(arch=args.arch, grab_dim=256 if small else 4096, **kw), num_ids=100,
+        model = ITSELF(ModelConfig(arch=args.arch, pretrained="", grab_dim=256 if small else 4096, **kw), num_ids=100,
                        image_size=size).to(device, dtype).train()
         for _ in range(2):  # warm-up
             total_loss(model(batch, step=0)).backward()

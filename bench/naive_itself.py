@@ -40,7 +40,7 @@ def naive_cid_sum(head, image_feats, text_feats, pids, text_neg, image_neg, neg_
     return (F.cross_entropy(head(v, t).float(), y, reduction="sum") + F.cross_entropy(head(t, v).float(), y, reduction="sum")) / 2
 
 
-def naive_rollout(attn, layers, discard_ratio=0.25):
+def naive_rollout(attn, layers, discard_ratio):
     attn = mars._head_mean(attn).float()
     _, b, n, _ = attn.shape
     eye = torch.eye(n, device=attn.device)

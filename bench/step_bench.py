@@ -42,7 +42,7 @@ def make_batch(n: int, size, device, seed: int = 0) -> dict:
 def build(kind: str, arch: str, size, device, grab_dim: int, layers) -> ITSELF:
     kw = {"baseline": dict(global_only=True), "itself": {}, "naive": {}, "all-layers": dict(selection="mean_max")}[kind]
     torch.manual_seed(0)
-    return ITSELF(ModelConfig(arch=arch, grab_dim=grab_dim, mars_layers=layers, **kw), num_ids=1000, image_size=size).to(device)
+    return ITSELF(ModelConfig(arch=arch, pretrained="", grab_dim=grab_dim, mars_layers=layers, **kw), num_ids=1000, image_size=size).to(device)
 
 
 def step_fn(model, batch, device, bf16: bool):

@@ -1,5 +1,5 @@
 """DeepSpeed checkpoints that are never taken half-written, pruned to the last K plus the best,
-and the single-file fp32 export for inference without DeepSpeed.
+and the training state they carry.
 
 Layout of `<run_dir>/checkpoints/`: one folder per checkpoint, `step00001234/`, written by
 DeepSpeed, then marked complete with a `COMPLETE` file once every rank has finished; the
@@ -8,10 +8,9 @@ pointer files `latest` and `best` (written atomically by rank 0) name complete c
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import pickle
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -19,30 +18,46 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .safeio import fsync_dir, safe_load, write_atomic
+
 COMPLETE = "COMPLETE"
 
 
 def tag_for(step: int) -> str:
+    """The folder name of the checkpoint taken after optimizer step `step`."""
     return f"step{step:08d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write, fsync, rename, fsync the folder: after a crash the file is the old or the new one."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands; checkpoints persist it, so a resumed run continues exactly."""
 
+    epoch: int = 0
+    """The epoch in progress (0-based); after an epoch's last step, the next one."""
+    micro_step: int = 0
+    """Micro-batches of `epoch` already trained (a mid-epoch checkpoint resumes after them)."""
+    global_step: int = 0
+    """Optimizer steps taken (skipped ones included: they consumed their data)."""
+    skipped_steps: int = 0
+    """Steps whose update was dropped (non-finite loss or gradients)."""
+    best_score: list | None = None
+    """(val R@1, val mAP) of the best evaluation so far."""
+    best_epoch: int | None = None
+    """1-based epoch of the best evaluation."""
+    fusion_weight: float = 1.0
+    """The weight a of a * S_global + (1 - a) * S_grab chosen on val at the best evaluation."""
+    selection: str = "train"
+    """The GRAB token selection chosen on val at the best evaluation (`train` or `last_layer@<ratio>`)."""
+    best_val: dict | None = None
+    """Every val metric of the best evaluation."""
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def _barrier() -> None:
@@ -93,32 +108,57 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, *, keep_last: int,
-         is_best: bool, rank: int) -> str:
-    """Save a checkpoint on every rank; mark it complete, move `latest` (and `best`), prune."""
-    ckpt_dir = Path(ckpt_dir)
-    tag = tag_for(step)
-    if rank == 0 and (ckpt_dir / tag).exists():  # a leftover of this step (a resumed run redoing it)
-        (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)  # unmark first: never complete while rewritten
-        shutil.rmtree(ckpt_dir / tag)
-    _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
-    _fsync_tree(ckpt_dir / tag)  # every rank, for what it wrote (on NFS only the writer's fsync counts)
-    _barrier()
-    if rank == 0:  # durable before it is marked complete
-        _write_atomic(ckpt_dir / tag / COMPLETE, "")
-        _write_atomic(ckpt_dir / "latest", tag)
-        if is_best:
-            _write_atomic(ckpt_dir / "best", tag)
-        keep = {tag, read_pointer(ckpt_dir, "best")}
-        done = sorted(p.name for p in ckpt_dir.glob("step*") if is_complete(ckpt_dir, p.name))
-        keep.update(done[-keep_last:])
+class Checkpointer:
+    """Saves and restores one run's DeepSpeed checkpoints in `ckpt_dir`, bound once to the engine.
+
+    Every rank calls `save` at the same step: each writes its part, then rank 0 marks the folder
+    COMPLETE, moves `latest` (and `best`) and prunes all but the last `keep_last` and the best."""
+
+    def __init__(self, engine, ckpt_dir: str | os.PathLike, keep_last: int, rank: int):
+        self.engine, self.dir, self.keep_last, self.rank = engine, Path(ckpt_dir), keep_last, rank
+
+    def save(self, state: TrainState, is_best: bool = False) -> str:
+        tag = tag_for(state.global_step)
+        folder = self.dir / tag
+        if self.rank == 0 and folder.exists():  # a leftover of this step (a resumed run redoing it)
+            (folder / COMPLETE).unlink(missing_ok=True)  # unmark first: never complete while rewritten
+            shutil.rmtree(folder)
+        _barrier()
+        self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=state.to_dict(), save_latest=False)
+        torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
+        _fsync_tree(folder)  # every rank, for what it wrote (on NFS only the writer's fsync counts)
+        _barrier()
+        if self.rank == 0:  # durable before it is marked complete
+            write_atomic(folder / COMPLETE, "")
+            write_atomic(self.dir / "latest", tag)
+            if is_best:
+                write_atomic(self.dir / "best", tag)
+            self._prune(tag)
+        _barrier()
+        return tag
+
+    def _prune(self, newest: str) -> None:
+        done = sorted(p.name for p in self.dir.glob("step*") if is_complete(self.dir, p.name))
+        keep = {newest, read_pointer(self.dir, "best"), *done[-self.keep_last:]}
         for name in done:
             if name not in keep:
-                shutil.rmtree(ckpt_dir / name, ignore_errors=True)
-    _barrier()
-    return tag
+                shutil.rmtree(self.dir / name, ignore_errors=True)
+
+    def load(self, folder: str | os.PathLike, *, weights_only: bool = False) -> TrainState:
+        """Restore the checkpoint `folder` (a complete one, of this run or another) into the engine and
+        this rank's random state; returns the training state it holds."""
+        folder = Path(folder)
+        if not is_complete(folder.parent, folder.name):
+            raise FileNotFoundError(f"checkpoint {folder} is missing or incomplete (no {COMPLETE} marker)")
+        check_safe(folder)
+        _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                                load_optimizer_states=not weights_only,
+                                                load_lr_scheduler_states=not weights_only,
+                                                load_module_only=weights_only)
+        rng_file = folder / f"rng_rank{self.rank}.pt"
+        if not weights_only and rng_file.exists():
+            set_rng_state(safe_load(rng_file))
+        return TrainState.from_dict(client or {})
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -126,39 +166,7 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def load(engine, ckpt_dir: str | os.PathLike, tag: str, rank: int, *, weights_only: bool = False) -> dict:
-    """Restore a checkpoint into the engine (and this rank's random state); returns the client state."""
-    ckpt_dir = Path(ckpt_dir)
-    if not is_complete(ckpt_dir, tag):
-        raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} is missing or incomplete (no {COMPLETE} marker)")
-    check_safe(ckpt_dir / tag)
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=not weights_only,
-                                       load_lr_scheduler_states=not weights_only,
-                                       load_module_only=weights_only)
-    rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
-    if not weights_only and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return client or {}
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file holds more than tensors and plain values: it is not unpickled."""
-
-
-def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False):
-    """torch.load with weights_only=True (tensors, numbers, strings, containers: never code), with
-    an error that says why a file is refused."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
-        raise UnsafeCheckpointError(
-            f"{path}: refused, it holds more than tensors and plain values"
-            f"{f' ({found.group(1)})' if found else ''}; torch.load(weights_only=True) will not unpickle it. "
-            "Only load checkpoints written by itself/train.py from a source you trust") from None
+    fsync_dir(folder)
 
 
 def check_safe(folder: Path) -> None:
@@ -187,31 +195,3 @@ def full_state_dict(engine) -> dict:
     if sd is None:  # ZeRO-3 consolidates on rank 0 only
         return {}
     return {k: (v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()) for k, v in sd.items()}
-
-
-def export(path: str | os.PathLike, state_dict: dict, config: dict, num_ids: int, fusion_weight: float,
-           metrics: dict | None = None) -> None:
-    """Write model.pt: everything inference needs, without DeepSpeed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"format": "itself-model/1", "config": config, "num_ids": num_ids, "fusion_weight": fusion_weight,
-                "state_dict": state_dict, "metrics": metrics or {}}, tmp)
-    os.replace(tmp, path)
-
-
-def load_exported(path: str | os.PathLike, map_location="cpu"):
-    """(model in eval mode, config, fusion weight) from an exported model.pt."""
-    import dataclasses
-
-    from .config import Config, apply_dict
-    from .model import ITSELF
-
-    blob = safe_load(path, map_location)
-    if not isinstance(blob, dict) or blob.get("format") != "itself-model/1":
-        raise ValueError(f"{path}: not an exported ITSELF model (expected model.pt written by itself/train.py)")
-    cfg = Config()
-    apply_dict(cfg, blob["config"])
-    # The exported weights replace any pretrained ones: build the backbone without loading them.
-    model = ITSELF(dataclasses.replace(cfg.model, pretrained=""), blob["num_ids"], cfg.data.image_size)
-    model.load_state_dict(blob["state_dict"])
-    return model.eval(), cfg, blob["fusion_weight"]

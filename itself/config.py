@@ -1,5 +1,10 @@
 """Typed configuration. Each field's docstring is its documentation; `validate()` names the field
-at fault. Later parts of the system (model, training) add their own sections here."""
+at fault. The dataclass defaults are the paper's settings (the `synthetic` preset changes what a
+CPU needs); every default lives here once.
+
+This module sits low in the import graph: it knows the names the model and the trainer accept
+(selection strategies, ATS modes, architectures) but imports neither.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,30 @@ import math
 import re
 from pathlib import Path
 
+from .archs import ACTIVATIONS, arch_spec, known_archs, tag_quick_gelu, use_quick_gelu
+from .errors import ConfigError
+from .layout import DataLayout, data_layout
+
+__all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "TrainConfig"]
 
 NONFINITE_POLICIES = ("skip", "stop")
+ATS_MODES = ("step", "epoch", "fixed")
+"""Token schedulers: ATS per step (the paper's best), ATS per epoch, or a fixed keep ratio."""
+SELECTION_STRATEGIES = ("mars", "mean_max", "mean_min", "std_max", "std_min")
+"""Saliency strategies for GRAB's top-k, besides `layer:<i>` (one layer's attention)."""
+EVAL_SELECTIONS = ("both", "train", "last_layer")
+"""GRAB selections at evaluation (see EvalConfig.selection)."""
+T_SMALL = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(steps?|epochs?)?\s*")
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 """Run and job names: they name folders and SLURM jobs, so no path separators or shell syntax."""
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "cluster_configs" / "deepspeed"
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and what to do."""
 
 
 @dataclasses.dataclass
 class DataConfig:
     root: str = "data/synthetic"
     """Dataset directory written by `python -m shards build` (dataset.json, manifest.parquet,
-    train/ val/ test/). The default synthetic set is built there on first use when missing."""
+    train/ val/ test/)."""
     build_synthetic: bool = False
     """Build the embedded synthetic dataset at `root` when it is missing (the synthetic presets)."""
     train_shards: str = ""
@@ -36,7 +49,7 @@ class DataConfig:
     """Tokens per caption, including start and end tokens (CLIP: 77)."""
     num_instance: int = 2
     """(image, caption) pairs of each identity in a batch (paper: 2). Holds for the global batch."""
-    num_workers: int = 2
+    num_workers: int = 8
     """DataLoader worker processes per rank (at most: a worker adds at least one identity to each
     step, so a rank uses no more than micro-batch / num_instance, and a divisor of its data slots).
     Each reads whole shards."""
@@ -73,12 +86,16 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    arch: str = "tiny"
+    arch: str = "ViT-B-16"
     """Backbone: `ViT-B-16` (paper), `ViT-B-32` (supplementary Tab. 2), any open_clip ViT name, or the
     CPU-sized random `tiny` / `tiny-deep`."""
-    pretrained: str = ""
+    pretrained: str = "openai"
     """CLIP weights: "" for random, a local state-dict file, or an open_clip pretrained tag
     (e.g. `openai`; downloaded by open_clip). Position embeddings are interpolated to the image grid."""
+    activation: str = "auto"
+    """Transformer MLP activation: `auto` (what the weights were trained with: QuickGELU for OpenAI's
+    weights, the `openai` tag or a local file in OpenAI's layout; the architecture's own otherwise),
+    `quick_gelu` or `gelu`. A choice that contradicts the weights is refused."""
     global_only: bool = False
     """Baseline: train the global branch only (no GRAB, no attention capture)."""
     grab_dim: int = 4096
@@ -96,8 +113,11 @@ class ModelConfig:
     """ATS keep ratio at the start (paper: 0.65)."""
     p_end: float = 0.5
     """ATS keep ratio from t_small on, and at inference (paper: 0.5)."""
-    t_small: float = 10.0
-    """ATS decay length T in epochs: when the baseline peaks (paper: 10)."""
+    t_small: str = "1450 steps"
+    """ATS decay length T: `<n> epochs` (the paper's rule: the epoch at which the baseline peaks),
+    `<n> steps`, or `from:RUN_DIR` (the best val epoch of a finished baseline run, read from its
+    results.json when the config is resolved). A bare number is epochs. Default: the reference
+    code's 1450 steps, used there for every dataset (10 epochs of RSTPReid at batch 256)."""
     fixed_ratio: float = 0.5
     """Keep ratio when `ats` is `fixed`."""
     tau: float = 0.015
@@ -109,21 +129,59 @@ class ModelConfig:
     id_loss: bool = True
     """Train with the ID loss (identity classification of image and text embeddings)."""
 
+    def _check_pretrained_tag(self) -> None:
+        """An open_clip tag must exist for `arch` and agree with `activation` (files are checked when
+        loaded: that reads them)."""
+        from .archs import TINY_ARCHS
+
+        if not self.pretrained or Path(self.pretrained).is_file():
+            return
+        if "/" in self.pretrained or Path(self.pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+            raise ConfigError(f"model.pretrained: file {self.pretrained} not found (a local weights file must be "
+                              "readable where training runs: on a cluster, a shared file system)")
+        if self.arch in TINY_ARCHS:
+            raise ConfigError(f"model.pretrained: {self.arch} has no pretrained weights; use \"\" (random) or a "
+                              f"local file, got {self.pretrained!r}")
+        try:
+            use_quick_gelu(self.arch, self.activation, tag_quick_gelu(self.arch, self.pretrained))
+        except KeyError:
+            import open_clip
+
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(self.arch)) or "none"
+            raise ConfigError(f"model.pretrained: {self.pretrained!r} is neither a file nor an open_clip tag of "
+                              f"{self.arch} (tags: {tags})") from None
+        except ValueError as e:
+            raise ConfigError(f"model.activation: {e}") from None
+
+    def t_small_parsed(self) -> tuple[float, str]:
+        """(T, `steps` or `epochs`) of `t_small`; a ConfigError if it is not a number with a unit."""
+        m = T_SMALL.fullmatch(str(self.t_small))
+        if not m or float(m.group(1)) <= 0:
+            raise ConfigError(f"model.t_small: expected a positive number of epochs or steps (`10 epochs`, "
+                              f"`1450 steps`) or from:RUN_DIR, got {self.t_small!r}")
+        unit = m.group(2) or "epochs"
+        return float(m.group(1)), unit if unit.endswith("s") else unit + "s"
+
+    def selection_layer(self) -> int | None:
+        """The layer of a `layer:<i>` selection, None for the other strategies."""
+        return int(self.selection.split(":", 1)[1]) if self.selection.startswith("layer:") else None
+
     def validate(self, num_layers: int | None = None) -> None:
         """`num_layers`: of the built model's shallower tower; by default looked up from `arch`."""
-        from .model.ats import MODES
-
         if num_layers is None:
-            num_layers = arch_spec(self.arch)[0]
-        if self.ats not in MODES:
-            raise ConfigError(f"model.ats: must be one of {', '.join(MODES)}, got {self.ats!r}")
+            num_layers = _spec(self.arch).layers
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation: must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        self._check_pretrained_tag()
+        if self.ats not in ATS_MODES:
+            raise ConfigError(f"model.ats: must be one of {', '.join(ATS_MODES)}, got {self.ats!r}")
         if not 0 < self.p_end <= self.p_start <= 1:
             raise ConfigError(f"model.p_start / model.p_end: need 0 < p_end <= p_start <= 1, "
                               f"got p_start={self.p_start}, p_end={self.p_end}")
         if not 0 < self.fixed_ratio <= 1:
             raise ConfigError(f"model.fixed_ratio: must be in (0, 1], got {self.fixed_ratio}")
-        if self.t_small <= 0:
-            raise ConfigError(f"model.t_small: must be > 0 epochs, got {self.t_small}")
+        if not str(self.t_small).startswith("from:"):  # (resolved with resolve_t_small before a run)
+            self.t_small_parsed()
         if not 0 <= self.discard_ratio < 1:
             raise ConfigError(f"model.discard_ratio: must be in [0, 1), got {self.discard_ratio}")
         if self.grab_dim < 2 or self.grab_dim % 2:
@@ -135,17 +193,14 @@ class ModelConfig:
         layers = list(self.mars_layers)
         if not layers or layers != sorted(set(layers)) or layers[0] < 0:
             raise ConfigError(f"model.mars_layers: need ascending distinct layer indices >= 0, got {self.mars_layers}")
-        strategies = ("mars", "mean_max", "mean_min", "std_max", "std_min")
-        if self.selection not in strategies and not self.selection.startswith("layer:"):
-            raise ConfigError(f"model.selection: must be one of {', '.join(strategies)} or layer:<i>, "
+        if self.selection not in SELECTION_STRATEGIES and not self.selection.startswith("layer:"):
+            raise ConfigError(f"model.selection: must be one of {', '.join(SELECTION_STRATEGIES)} or layer:<i>, "
                               f"got {self.selection!r}")
-        if self.selection.startswith("layer:"):
-            try:
-                int(self.selection.split(":", 1)[1])
-            except ValueError:
-                raise ConfigError(f"model.selection: layer:<i> needs an integer, got {self.selection!r}") from None
-        used = layers if self.selection == "mars" else (
-            [int(self.selection.split(":")[1])] if self.selection.startswith("layer:") else [])
+        try:
+            single = self.selection_layer()
+        except ValueError:
+            raise ConfigError(f"model.selection: layer:<i> needs an integer, got {self.selection!r}") from None
+        used = layers if self.selection == "mars" else [single] if single is not None else []
         bad = [i for i in used if not 0 <= i < num_layers]
         if bad:
             field = "model.mars_layers" if self.selection == "mars" else "model.selection"
@@ -153,29 +208,12 @@ class ModelConfig:
                               f"(0..{num_layers - 1})")
 
 
-def arch_spec(arch: str) -> tuple[int, int, int]:
-    """(layers of the shallower tower, text context length, patch size) of `model.arch`; a ConfigError listing
-    what the backbone can build (tiny / tiny-deep, open_clip CLIPs with transformer towers) otherwise."""
-    from .model.backbone import TINY_ARCHS
-
-    if arch in TINY_ARCHS:
-        v, t = TINY_ARCHS[arch]["vision"], TINY_ARCHS[arch]["text"]
-        return min(v["layers"], t["layers"]), 77, v["patch_size"]
-    import open_clip
-
-    def spec(name):  # None for ResNet, timm, Hugging Face or CoCa towers: the backbone reads CLIP's blocks
-        c = open_clip.get_model_config(name) or {}
-        v, t = c.get("vision_cfg", {}), c.get("text_cfg", {})
-        if (not isinstance(v.get("layers"), int) or v.get("timm_model_name") or c.get("custom_text")
-                or t.get("hf_model_name") or "multimodal_cfg" in c):
-            return None
-        return min(v["layers"], t.get("layers", 12)), t.get("context_length", 77), v.get("patch_size", 16)
-
-    found = spec(arch) if arch in open_clip.list_models() else None
-    if found is None:
-        allowed = [*TINY_ARCHS, *(name for name in open_clip.list_models() if spec(name))]
-        raise ConfigError(f"model.arch: must be one of {', '.join(allowed)}, got {arch!r}")
-    return found
+def _spec(arch: str):
+    """The architecture's spec, or a ConfigError listing what the backbone can build."""
+    spec = arch_spec(arch)
+    if spec is None:
+        raise ConfigError(f"model.arch: must be one of {', '.join(known_archs())}, got {arch!r}")
+    return spec
 
 
 @dataclasses.dataclass
@@ -198,11 +236,13 @@ class TrainConfig:
     weight_decay: float = 4e-5
     """Adam (L2) weight decay (paper: 4e-5)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's moment decay rates (reference code: 0.9, 0.999)."""
     adam_eps: float = 1e-3
     """Adam epsilon (reference code: 1e-3)."""
     warmup_epochs: float = 5.0
     """Linear warm-up length (paper: 5 epochs), from `warmup_factor` x lr; cosine decay after."""
     warmup_factor: float = 0.1
+    """Learning rate at the start of the warm-up, as a share of each group's lr (reference code: 0.1)."""
     min_lr_ratio: float = 0.0
     """Learning rate at the end of the cosine decay, as a share of each group's lr."""
     precision: str = "auto"
@@ -235,10 +275,40 @@ class TrainConfig:
     """Seconds a collective (all-reduce, barrier) waits for the other ranks before this rank fails:
     a dead or stalled rank ends the job instead of hanging it."""
 
+    def validate(self) -> None:
+        for field in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"train.{field}: must be >= 1, got {getattr(self, field)}")
+        for field in ("lr", "grab_lr", "head_lr_mult", "bias_lr_mult", "adam_eps"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"train.{field}: must be > 0, got {getattr(self, field)}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}, "
+                              f"got {self.nonfinite!r}")
+        for field in ("weight_decay", "grad_clip", "warmup_epochs", "max_skipped_steps", "checkpoint_every",
+                      "max_steps"):
+            if getattr(self, field) < 0:
+                raise ConfigError(f"train.{field}: must be >= 0, got {getattr(self, field)}")
+        if self.collective_timeout_s < 1:
+            raise ConfigError(f"train.collective_timeout_s: must be >= 1 second, got {self.collective_timeout_s}")
+        if not 0 < self.warmup_factor <= 1:
+            raise ConfigError(f"train.warmup_factor: must be in (0, 1], got {self.warmup_factor}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas: each must be in [0, 1), got {self.adam_betas}")
+        for field, allowed in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):
+            if getattr(self, field) not in allowed:
+                raise ConfigError(f"train.{field}: must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
+        names = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
+        if names and not self.deepspeed.endswith(".json") and self.deepspeed not in names:
+            raise ConfigError(f"train.deepspeed: must be one of {', '.join(names)} or a .json path, "
+                              f"got {self.deepspeed!r}")
+
 
 @dataclasses.dataclass
 class EvalConfig:
-    batch_size: int = 128
+    batch_size: int = 256
     """Images or captions per embedding batch on each rank."""
     fusion_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     """Candidate weights a of the fused similarity a * S_global + (1 - a) * S_grab, chosen on val."""
@@ -246,6 +316,29 @@ class EvalConfig:
     """Evaluate on val every this many epochs (and after the last)."""
     block_mb: int = 256
     """Working memory of the blocked ranking, in MiB."""
+    selection: str = "both"
+    """GRAB tokens at evaluation: `train` (the training strategy at the final ATS keep ratio: MARS at
+    p_end), `last_layer` (the reference code's evaluation: the last layer's attention at `keep_ratio`),
+    or `both` (both evaluated on val, the better kept for test and the exported model; results.json
+    records which)."""
+    keep_ratio: float = 0.4
+    """Keep ratio of the `last_layer` selection (reference code: 0.4, i.e. 76 of 192 patches and 30
+    of 75 text positions)."""
+
+    def validate(self) -> None:
+        if not self.fusion_weights or any(not 0 <= a <= 1 for a in self.fusion_weights):
+            raise ConfigError(f"eval.fusion_weights: need one or more weights, each in [0, 1], "
+                              f"got {self.fusion_weights}")
+        for field in ("batch_size", "every", "block_mb"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"eval.{field}: must be >= 1, got {getattr(self, field)}")
+        if self.selection not in EVAL_SELECTIONS:
+            raise ConfigError(f"eval.selection: must be one of {', '.join(EVAL_SELECTIONS)}, got {self.selection!r}")
+        if not 0 < self.keep_ratio <= 1:
+            raise ConfigError(f"eval.keep_ratio: must be in (0, 1], got {self.keep_ratio}")
+
+
+SECTIONS = ("data", "model", "train", "eval")
 
 
 @dataclasses.dataclass
@@ -261,9 +354,14 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
+    def layout(self, world_size: int) -> DataLayout:
+        """How the global batch splits over `world_size` ranks (a ConfigError if it cannot)."""
+        t, d = self.train, self.data
+        return data_layout(t.batch_size, world_size, t.grad_accum, d.num_instance, d.num_workers, d.num_slots)
+
     def validate(self, world_size: int = 1) -> None:
         """Check every field and the combinations that would fail later; the message names the field."""
-        for section in ("data", "model", "train", "eval"):
+        for section in SECTIONS:
             for f in dataclasses.fields(getattr(self, section)):
                 value = getattr(getattr(self, section), f.name)
                 if isinstance(value, float) and not math.isfinite(value):
@@ -273,60 +371,16 @@ class Config:
                               f"(it names the run folder and jobs), got {self.name!r}")
         self.data.validate()
         self.model.validate()
-        _, context, patch = arch_spec(self.model.arch)
-        if self.data.text_length > context:
-            raise ConfigError(f"data.text_length: must be <= {context}, the text context of model.arch "
+        spec = _spec(self.model.arch)
+        if self.data.text_length > spec.context_length:
+            raise ConfigError(f"data.text_length: must be <= {spec.context_length}, the text context of model.arch "
                               f"{self.model.arch}, got {self.data.text_length}")
-        if min(self.data.image_size) < patch:
-            raise ConfigError(f"data.image_size: must be at least {patch} x {patch}, the patch size of model.arch "
-                              f"{self.model.arch}, got {self.data.image_size}")
-        t = self.train
-        for field in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
-            if getattr(t, field) < 1:
-                raise ConfigError(f"train.{field}: must be >= 1, got {getattr(t, field)}")
-        for field in ("lr", "grab_lr", "head_lr_mult", "bias_lr_mult", "adam_eps"):
-            if getattr(t, field) <= 0:
-                raise ConfigError(f"train.{field}: must be > 0, got {getattr(t, field)}")
-        if t.nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"train.nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}, got {t.nonfinite!r}")
-        for field in ("weight_decay", "grad_clip", "warmup_epochs", "max_skipped_steps", "checkpoint_every",
-                      "max_steps"):
-            if getattr(t, field) < 0:
-                raise ConfigError(f"train.{field}: must be >= 0, got {getattr(t, field)}")
-        if t.collective_timeout_s < 1:
-            raise ConfigError(f"train.collective_timeout_s: must be >= 1 second, got {t.collective_timeout_s}")
-        if not 0 < t.warmup_factor <= 1:
-            raise ConfigError(f"train.warmup_factor: must be in (0, 1], got {t.warmup_factor}")
-        if not 0 <= t.min_lr_ratio <= 1:
-            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
-        if not all(0 <= b < 1 for b in t.adam_betas):
-            raise ConfigError(f"train.adam_betas: each must be in [0, 1), got {t.adam_betas}")
-        for field, allowed in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):
-            if getattr(t, field) not in allowed:
-                raise ConfigError(f"train.{field}: must be one of {', '.join(allowed)}, got {getattr(t, field)!r}")
-        names = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
-        if names and not t.deepspeed.endswith(".json") and t.deepspeed not in names:
-            raise ConfigError(f"train.deepspeed: must be one of {', '.join(names)} or a .json path, "
-                              f"got {t.deepspeed!r}")
-        per_rank = world_size * t.grad_accum * self.data.num_instance
-        if t.batch_size % per_rank:
-            raise ConfigError(
-                f"train.batch_size: {t.batch_size} is not divisible by world_size x train.grad_accum x "
-                f"data.num_instance = {world_size} x {t.grad_accum} x {self.data.num_instance} = {per_rank}; "
-                f"choose a batch size that is a multiple of {per_rank}")
-        from .data.plan import DataError, data_layout
-
-        try:
-            data_layout(self.data.num_workers, self.data.num_slots, world_size,
-                        t.batch_size // (world_size * t.grad_accum), self.data.num_instance)
-        except DataError as e:
-            raise ConfigError(f"train.batch_size / data.num_slots: {e}") from None
-        if not self.eval.fusion_weights or any(not 0 <= a <= 1 for a in self.eval.fusion_weights):
-            raise ConfigError(f"eval.fusion_weights: need one or more weights, each in [0, 1], "
-                              f"got {self.eval.fusion_weights}")
-        for field in ("batch_size", "every", "block_mb"):
-            if getattr(self.eval, field) < 1:
-                raise ConfigError(f"eval.{field}: must be >= 1, got {getattr(self.eval, field)}")
+        if min(self.data.image_size) < spec.patch_size:
+            raise ConfigError(f"data.image_size: must be at least {spec.patch_size} x {spec.patch_size}, the patch "
+                              f"size of model.arch {self.model.arch}, got {self.data.image_size}")
+        self.train.validate()
+        self.layout(world_size)
+        self.eval.validate()
 
 
 # --------------------------------------------------------------------------- dict <-> config
@@ -385,7 +439,7 @@ def set_value(cfg: Config, key: str, value) -> None:
     for part in parts[:-1]:
         sub = getattr(target, part, None)
         if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"unknown config key {key!r} (no section {part!r}; sections: data, model, train, eval)")
+            raise ConfigError(f"unknown config key {key!r} (no section {part!r}; sections: {', '.join(SECTIONS)})")
         target = sub
     hints = typing.get_type_hints(type(target))
     name = parts[-1]
@@ -407,6 +461,13 @@ def apply_dict(cfg: Config, values: dict, prefix: str = "") -> None:
             apply_dict(cfg, v, key + ".")
         else:
             set_value(cfg, key, v)
+
+
+def from_dict(values: dict) -> Config:
+    """A Config from its dict form (config.yaml, a checkpoint's or a job's copy)."""
+    cfg = Config()
+    apply_dict(cfg, values)
+    return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> None:

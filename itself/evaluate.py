@@ -1,13 +1,29 @@
-"""Evaluation: ranks embed disjoint slices of a split, rank 0 ranks (blocked) and reports."""
+"""Evaluation: ranks embed disjoint slices of a split, rank 0 ranks (blocked) and reports.
+
+Every selection of GRAB tokens asked for (`eval.selection`: the training strategy at the final
+keep ratio, the reference code's last-layer attention, or both) is embedded in the same forward
+pass and ranked; `choose` picks the selection and fusion weight on val.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
 
 from .config import Config
 from .data import ensure_dataset, eval_loaders
-from .metrics import fused_metrics
+from .metrics import best_fusion, fused_metrics
+from .model.itself import TRAIN, last_layer_selection
+
+
+def selections_of(cfg: Config) -> tuple[str, ...]:
+    """The GRAB selections `eval.selection` asks for (the training one alone for a global-only model)."""
+    if cfg.model.global_only:
+        return (TRAIN,)
+    last = last_layer_selection(cfg.eval.keep_ratio)
+    return {"train": (TRAIN,), "last_layer": (last,), "both": (TRAIN, last)}[cfg.eval.selection]
 
 
 def _gather_rows(x: torch.Tensor, device) -> torch.Tensor:
@@ -26,58 +42,91 @@ def _gather_rows(x: torch.Tensor, device) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
 
 
+class _Columns:
+    """Per-batch embeddings of one side (gallery or queries), assembled over ranks in a fixed order."""
+
+    def __init__(self, selections, global_dim: int, grab_dim: int | None):
+        self.glob, self.pids, self.order = [], [], []
+        self.grab = {s: [] for s in selections} if grab_dim else {}
+        self.dims = {"global": global_dim, "grab": grab_dim}
+
+    def add(self, glob, grabs: dict, pids, order) -> None:
+        self.glob.append(glob.cpu())
+        for s, g in grabs.items():
+            self.grab[s].append(g.cpu())
+        self.pids.append(pids)
+        self.order.append(order)
+
+    def assemble(self, device) -> dict:
+        """{"global", "grab": {selection: ...}, "pids"} on every rank, sorted by image id (and
+        caption), so results do not depend on how ranks sliced the split."""
+        def cat(parts, dim=None):  # (a rank with an empty slice still joins every gather, in its shape)
+            local = torch.cat(parts) if parts else torch.zeros((0, dim) if dim else (0,), dtype=torch.long if
+                                                                 dim is None else torch.float32)
+            return _gather_rows(local, device)
+
+        order = cat(self.order).argsort(stable=True)
+        return {"global": cat(self.glob, self.dims["global"])[order], "pids": cat(self.pids)[order],
+                "grab": {s: cat(parts, self.dims["grab"])[order] for s, parts in self.grab.items()}}
+
+
 @torch.no_grad()
-def embed_split(model, cfg: Config, split: str, rank: int, world: int, device) -> tuple[dict, dict]:
-    """(queries, gallery) of a split on every rank: {"global", "grab" or None, "pids"} sorted by
-    image id (and caption), so results do not depend on how ranks sliced the split."""
+def embed_split(model, cfg: Config, split: str, rank: int, world: int, device, selections=(TRAIN,)):
+    """(queries, gallery) of a split on every rank (see `_Columns.assemble`)."""
     was_training = model.training
     model.eval()
     images, texts = eval_loaders(cfg.data, split, rank=rank, world_size=world, batch_size=cfg.eval.batch_size)
-    cols = {"global": [], "grab": [], "pids": [], "order": []}
-    gallery = {k: [] for k in cols}
+    dims = model.backbone.embed_dim, None if model.cfg.global_only else model.cfg.grab_dim
+    gallery, queries = _Columns(selections, *dims), _Columns(selections, *dims)
     for img, pid, image_id in images:
-        g, l = model.encode_image(img.to(device, non_blocking=True))
-        gallery["global"].append(g.cpu()), gallery["grab"].append(None if l is None else l.cpu())
-        gallery["pids"].append(pid), gallery["order"].append(image_id)
-    queries = {k: [] for k in cols}
+        gallery.add(*model.encode_images(img.to(device, non_blocking=True), selections), pid, image_id)
     for tok, pid, image_id, cap in texts:
-        g, l = model.encode_text(tok.to(device, non_blocking=True))
-        queries["global"].append(g.cpu()), queries["grab"].append(None if l is None else l.cpu())
-        queries["pids"].append(pid), queries["order"].append(image_id * 1000 + cap)
+        queries.add(*model.encode_texts(tok.to(device, non_blocking=True), selections), pid, image_id * 1000 + cap)
     model.train(was_training)
-    return _assemble(queries, device), _assemble(gallery, device)
+    return queries.assemble(device), gallery.assemble(device)
 
 
-def _assemble(parts: dict, device) -> dict:
-    out = {}
-    for key in ("global", "grab", "pids", "order"):
-        items = [p for p in parts[key] if p is not None]
-        if key == "grab" and not items:
-            out[key] = None
-            continue
-        local = torch.cat(items) if items else torch.zeros(0)
-        out[key] = _gather_rows(local, device)
-    order = out.pop("order").argsort(stable=True)
-    return {k: (v[order] if v is not None else None) for k, v in out.items()}
-
-
-def evaluate(model, cfg: Config, split: str, rank: int, world: int, device) -> dict | None:
-    """All metrics of a split ({"global", "grab", "fused@a" ...}) on rank 0, None elsewhere."""
-    queries, gallery = embed_split(model, cfg, split, rank, world, device)
+def evaluate(model, cfg: Config, split: str, rank: int, world: int, device, selections=None) -> dict | None:
+    """On rank 0 {"counts": {...}, "selections": {selection: {"global", "grab", "fused@a" ...}}};
+    None elsewhere. `selections` default to `selections_of(cfg)`."""
+    selections = tuple(selections or selections_of(cfg))
+    queries, gallery = embed_split(model, cfg, split, rank, world, device, selections)
     if rank != 0:
         return None
-    results = fused_metrics(queries, gallery, cfg.eval.fusion_weights, block_bytes=cfg.eval.block_mb << 20)
+    by_selection = {}
+    for s in selections:
+        q = {"global": queries["global"], "grab": queries["grab"].get(s), "pids": queries["pids"]}
+        g = {"global": gallery["global"], "grab": gallery["grab"].get(s), "pids": gallery["pids"]}
+        by_selection[s] = fused_metrics(q, g, cfg.eval.fusion_weights, block_bytes=cfg.eval.block_mb << 20)
     listed = ensure_dataset(cfg.data.root)["splits"][split]
     # Undecodable gallery images are skipped (and printed); the count says how many, never silently.
-    results["counts"] = {"gallery": len(gallery["pids"]), "queries": len(queries["pids"]),
-                         "gallery_skipped": listed["images"] - len(gallery["pids"])}
-    return results
+    counts = {"gallery": len(gallery["pids"]), "queries": len(queries["pids"]),
+              "gallery_skipped": listed["images"] - len(gallery["pids"])}
+    return {"counts": counts, "selections": by_selection}
 
 
-def best_fusion(results: dict, metric: str = "R1") -> tuple[float, dict]:
-    """(a, metrics) of the fused weight with the highest `metric` (ties: higher mAP, then larger a)."""
-    fused = {float(k.split("@")[1]): v for k, v in results.items() if k.startswith("fused@")}
-    if not fused:
-        return 1.0, results["global"]
-    a = max(fused, key=lambda w: (fused[w][metric], fused[w]["mAP"], w))
-    return a, fused[a]
+@dataclasses.dataclass
+class Choice:
+    selection: str
+    fusion_weight: float
+    metrics: dict
+    """The chosen selection's results ({"global", "grab", "fused@a" ...})."""
+    candidates: dict
+    """Per selection: its best fused R1 / mAP and weight."""
+
+    @property
+    def score(self) -> tuple[float, float]:
+        fused = self.candidates[self.selection]
+        return fused["R1"], fused["mAP"]
+
+
+def choose(results: dict, metric: str = "R1") -> Choice:
+    """The selection and fusion weight with the highest fused `metric` (ties: higher mAP, then the
+    order of `eval.selection`)."""
+    candidates = {}
+    for s, res in results["selections"].items():
+        a, row = best_fusion(res, metric)
+        candidates[s] = {"fusion_weight": a, "R1": row["R1"], "mAP": row["mAP"]}
+    best = max(candidates, key=lambda s: (candidates[s][metric], candidates[s]["mAP"],
+                                          -list(candidates).index(s)))
+    return Choice(best, candidates[best]["fusion_weight"], results["selections"][best], candidates)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 KS = (1, 5, 10)
+BLOCK_BYTES = 256 << 20
+"""Default working memory of the blocked ranking (eval.block_mb sets it for training runs)."""
 
 
 def ranks_of(sim: torch.Tensor, pos: torch.Tensor, npos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,13 +104,13 @@ def rows_per_block(gallery_size: int, block_bytes: int) -> int:
 
 
 def retrieval_metrics(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
-                      block_bytes: int = 256 << 20) -> dict:
+                      block_bytes: int = BLOCK_BYTES) -> dict:
     """R1, R5, R10, mAP, mINP (percent) of a query x gallery similarity matrix."""
     return blocked_metrics(lambda rows: sim[rows], len(query_pids), query_pids, gallery_pids, block_bytes)
 
 
 def blocked_metrics(sim_rows: Callable[[slice], torch.Tensor], num_queries: int, query_pids: torch.Tensor,
-                    gallery_pids: torch.Tensor, block_bytes: int = 256 << 20) -> dict:
+                    gallery_pids: torch.Tensor, block_bytes: int = BLOCK_BYTES) -> dict:
     """Metrics of a similarity matrix produced block by block by `sim_rows(rows)`."""
     acc, positives = _Accumulator(), Positives(query_pids, gallery_pids)
     step = rows_per_block(len(gallery_pids), block_bytes)
@@ -119,7 +121,7 @@ def blocked_metrics(sim_rows: Callable[[slice], torch.Tensor], num_queries: int,
     return acc.result()
 
 
-def fused_metrics(query: dict, gallery: dict, weights: Iterable[float], block_bytes: int = 256 << 20) -> dict:
+def fused_metrics(query: dict, gallery: dict, weights: Iterable[float], block_bytes: int = BLOCK_BYTES) -> dict:
     """Metrics of the global, GRAB and fused similarities a * S_global + (1 - a) * S_grab.
 
     `query` / `gallery`: {"global": [n, E], "grab": [n, G] or None, "pids": [n]}. Returns
@@ -135,7 +137,7 @@ def fused_metrics(query: dict, gallery: dict, weights: Iterable[float], block_by
     weights = sorted({float(a) for a in weights}) if has_grab else []
     mixed = [a for a in weights if a not in (0.0, 1.0)]
     acc = {"global": _Accumulator(), **({"grab": _Accumulator()} if has_grab else {}),
-           **{f"fused@{a:g}": _Accumulator() for a in mixed}}
+           **{fused_key(a): _Accumulator() for a in mixed}}
     step, positives = rows_per_block(len(gp), block_bytes), Positives(qp, gp)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
@@ -146,9 +148,38 @@ def fused_metrics(query: dict, gallery: dict, weights: Iterable[float], block_by
             acc["grab"].add(*ranks_of(sl, *positives.scores(sl, rows)))
             for a in mixed:
                 fused = a * sg + (1 - a) * sl
-                acc[f"fused@{a:g}"].add(*ranks_of(fused, *positives.scores(fused, rows)))
+                acc[fused_key(a)].add(*ranks_of(fused, *positives.scores(fused, rows)))
     out = {k: v.result() for k, v in acc.items()}
     for a, same in ((0.0, "grab"), (1.0, "global")):
         if a in weights:
-            out[f"fused@{a:g}"] = out[same]
+            out[fused_key(a)] = out[same]
     return out
+
+
+# The results of `fused_metrics` name the fused rows `fused@<a>`: these are the only places that
+# build or read that name.
+
+
+def fused_key(a: float) -> str:
+    """The results key of the fused similarity with weight a."""
+    return f"fused@{float(a):g}"
+
+
+def fused_rows(results: dict) -> dict[float, dict]:
+    """{a: metrics} of every fused row of `fused_metrics` results."""
+    return {float(k.split("@", 1)[1]): v for k, v in results.items() if k.startswith("fused@")}
+
+
+def fused_at(results: dict, a: float) -> dict:
+    """The metrics of the fused similarity with weight a (the global ones when there is no GRAB branch)."""
+    return results.get(fused_key(a), results["global"])
+
+
+def best_fusion(results: dict, metric: str = "R1") -> tuple[float, dict]:
+    """(a, metrics) of the fused weight with the highest `metric` (ties: higher mAP, then larger a);
+    (1.0, global) without a GRAB branch."""
+    fused = fused_rows(results)
+    if not fused:
+        return 1.0, results["global"]
+    a = max(fused, key=lambda w: (fused[w][metric], fused[w]["mAP"], w))
+    return a, fused[a]

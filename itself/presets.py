@@ -1,6 +1,7 @@
-"""Named configurations. Each starts from the synthetic default and changes what differs.
+"""Named configurations.
 
-Dataset presets carry the paper's hyper-parameters (DESIGN §5, supplementary §1). The ablation
+The dataset presets are the config's defaults (the paper's settings) with their data; `synthetic`
+(the default) and `baseline` are CPU-sized. The ablation
 presets reproduce the supplementary's tables on RSTPReid (change `data.root` for another set):
 Tab. 1 `ats-none` / `ats-epoch` / `ats-step`; Tab. 2 `vit-b32-baseline` / `vit-b32` /
 `vit-b16-baseline` / `vit-b16`; Tab. 3 `select-a` .. `select-d` / `select-mars`. `baseline` is the
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, apply_dict, apply_overrides
 
 
 def synthetic() -> Config:
@@ -25,7 +26,7 @@ def synthetic() -> Config:
     m = cfg.model
     m.arch, m.pretrained, m.grab_dim = "tiny", "", 256
     m.mars_layers = (1, 3)  # middle + late of 4 layers
-    m.t_small = 6.0
+    m.t_small = "6 epochs"
     t = cfg.train
     t.epochs, t.batch_size = 24, 64
     t.lr, t.grab_lr, t.head_lr_mult, t.adam_eps = 1e-3, 1e-3, 1.0, 1e-6  # trained from scratch
@@ -35,15 +36,9 @@ def synthetic() -> Config:
 
 
 def _paper(name: str, root: str) -> Config:
-    cfg = synthetic()
-    cfg.name = name
-    cfg.data = dataclasses.replace(cfg.data, root=root, build_synthetic=False, image_size=(384, 128), num_workers=8,
-                                   num_slots=0)
-    cfg.model = dataclasses.replace(cfg.model, arch="ViT-B-16", pretrained="openai", grab_dim=4096,
-                                    mars_layers=(4, 11), t_small=10.0)
-    cfg.train = dataclasses.replace(cfg.train, epochs=60, batch_size=256, lr=1e-5, grab_lr=1e-3, head_lr_mult=5.0,
-                                    adam_eps=1e-3, warmup_epochs=5.0, deepspeed="zero1")
-    cfg.eval.batch_size = 256
+    """The paper's settings are the config's defaults; only the data differs between datasets."""
+    cfg = Config(name=name)
+    cfg.data.root = root
     return cfg
 
 
@@ -111,8 +106,6 @@ def resolve_config(preset: str = "synthetic", config_file: str | None = None, ov
     """preset, then a YAML file, then `key=value` overrides (later wins)."""
     import yaml
 
-    from .config import apply_dict, apply_overrides
-
     cfg = get_preset(preset)
     if config_file:
         try:
@@ -128,4 +121,20 @@ def resolve_config(preset: str = "synthetic", config_file: str | None = None, ov
         except ConfigError as e:
             raise ConfigError(f"{config_file}: {e}") from None
     apply_overrides(cfg, list(overrides))
+    resolve_references(cfg)
     return cfg
+
+
+def resolve_references(cfg: Config) -> None:
+    """Values that point at another run: `model.t_small=from:RUN_DIR` becomes that (baseline) run's
+    best val epoch, the paper's rule for ATS's horizon T."""
+    from .rundir import RunDir
+
+    ref = str(cfg.model.t_small)
+    if ref.startswith("from:"):
+        run = RunDir(ref.removeprefix("from:"))
+        try:
+            best = run.results()["best_epoch"]
+        except (ConfigError, KeyError, ValueError) as e:
+            raise ConfigError(f"model.t_small={ref}: {run} is not a finished training run ({e})") from None
+        cfg.model.t_small = f"{best} epochs"

@@ -28,7 +28,8 @@ from PIL import Image, ImageDraw
 
 from shards import schema
 
-from .checkpoint import load_exported
+from .model.export import load_exported
+from .rundir import RunDir
 from .data import transforms as T
 from .data.pipeline import iter_shard, image_member
 
@@ -194,9 +195,9 @@ def training_curves(run_dir: Path, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["type"] == "train"]
-    evals = [r for r in records if r["type"] == "eval"]
+    run = RunDir(run_dir)
+    train = run.records("train")
+    evals = run.evals("val")
     written = []
     if train:
         fig, ax = plt.subplots(figsize=(6, 3.2), constrained_layout=True)
@@ -208,10 +209,9 @@ def training_curves(run_dir: Path, out: Path) -> list[str]:
         written.append("loss.png")
     if evals:
         fig, ax = plt.subplots(figsize=(6, 3.2), constrained_layout=True)
-        epochs = [r["epoch"] + 1 for r in evals]
+        epochs = [r.epoch + 1 for r in evals]
         for key in ("R1", "mAP"):
-            ax.plot(epochs, [r["metrics"].get(f"fused@{r['fusion_weight']:g}", r["metrics"]["global"])[key] for r in evals],
-                    marker="o", label=f"val {key} (fused)")
+            ax.plot(epochs, [r.fused[key] for r in evals], marker="o", label=f"val {key} (fused)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("%")
         ax.legend()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import submitit
 
-from itself.config import Config, apply_dict
+from itself.config import from_dict
+from itself.rundir import RunDir
 
 
 def master_port(job_id: str) -> int:
@@ -51,7 +52,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config, self.job_folder, self.max_requeues = config, job_folder, max_requeues
 
     def __call__(self) -> dict:
-        from itself.checkpoint import latest_tag
         from itself.train import train
 
         env = submitit.JobEnvironment()
@@ -71,10 +71,10 @@ class TrainJob(submitit.helpers.Checkpointable):
             print(f"[launch] rank {env.global_rank}: got {signal.Signals(signum).name}, will checkpoint", flush=True)
 
         signal.signal(signal.SIGUSR2, on_warning)
-        cfg = Config()
-        apply_dict(cfg, self.config)
+        cfg = from_dict(self.config)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        resumed = latest_tag(Path(cfg.run_dir) / "checkpoints")
+        latest = RunDir(cfg.run_dir).latest_checkpoint()
+        resumed = latest.name if latest else None
         cfg.train.resume = "latest" if resumed else ""
         self._record(env, {"event": "start", "attempt": restarts + 1, "resume_from": resumed,
                            "hostnames": env.hostnames, "world_size": env.num_tasks})

@@ -7,25 +7,21 @@ warning and resumes from its latest checkpoint. Training options pass through: `
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:  # run as a script: import the packages, not siblings
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import dataclasses
 import json
 import pickle
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import yaml
 
-from itself.checkpoint import latest_tag
 from itself.config import NAME, ConfigError, to_dict
 from itself.presets import PRESETS, resolve_config
 from launch.job import TrainJob
+from itself.rundir import RunDir
 from launch.profiles import ProfileError, SlurmProfile, load_profile, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,10 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         profile = resolve_profile(args)
         world = args.nodes * profile.ranks_per_node
         cfg.validate(world_size=world)
-        if cfg.run_dir and latest_tag(Path(cfg.run_dir) / "checkpoints") and cfg.train.resume != "latest":
-            # (a job resumes from any checkpoint it finds: continuing must be asked for)
-            raise ConfigError(f"run_dir: {cfg.run_dir} already holds checkpoints; pass train.resume=latest to "
-                              "continue that run, or leave run_dir unset for a new one in the job folder")
+        if cfg.run_dir:  # (a job resumes from any checkpoint it finds: continuing must be asked for)
+            RunDir(cfg.run_dir).check_reuse(cfg.train.resume)
         if args.name is not None and not NAME.fullmatch(args.name):
             raise ConfigError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
     except (ConfigError, ProfileError) as e:

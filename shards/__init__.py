@@ -2,7 +2,9 @@
 of `itself`, `launch` or `tune`). See `shards.schema` for the format."""
 
 from .schema import SCHEMA_VERSION  # noqa: F401
-from .writer import BuildError, DatasetWriter, Record, Reject, summary_table, write_dataset  # noqa: F401
+from .writer import (  # noqa: F401
+    SHARD_BYTES, SHARD_SAMPLES, BuildError, DatasetWriter, Record, Reject, summary_table, write_dataset,
+)
 
 SYNTHETIC_SHARD_SAMPLES = 40
 """Images per synthetic train shard: 10 identities, so the default set has 16 train shards, which
@@ -10,7 +12,7 @@ split evenly over 1, 2, 4 or 8 ranks x workers (nothing dropped by the epoch pla
 
 
 def build_synthetic(out, spec=None, *, max_samples: int = SYNTHETIC_SHARD_SAMPLES,
-                    max_bytes: int = 256 << 20, overwrite: bool = False, progress: bool = True) -> dict:
+                    max_bytes: int = SHARD_BYTES, overwrite: bool = False, progress: bool = True) -> dict:
     """Build the embedded synthetic dataset into `out`; returns its dataset.json dict."""
     import dataclasses
 

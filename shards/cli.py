@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import SYNTHETIC_SHARD_SAMPLES, BuildError, build_synthetic, summary_table
+from . import SHARD_BYTES, SHARD_SAMPLES, SYNTHETIC_SHARD_SAMPLES, BuildError, build_synthetic, summary_table
 from .converters import FORMATS, ConvertError, convert
 from .synthetic import SyntheticSpec
 from .writer import StrictError
@@ -21,8 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output dataset directory")
     b.add_argument("--overwrite", action="store_true", help="rebuild a directory that already holds a dataset")
     b.add_argument("--shard-samples", type=int, default=None,
-                   help=f"max images per shard (default 1000; synthetic {SYNTHETIC_SHARD_SAMPLES})")
-    b.add_argument("--shard-bytes", type=int, default=256 << 20, help="max image bytes per shard (default 256 MiB)")
+                   help=f"max images per shard (default {SHARD_SAMPLES}; synthetic {SYNTHETIC_SHARD_SAMPLES})")
+    b.add_argument("--shard-bytes", type=int, default=SHARD_BYTES,
+                   help=f"max image bytes per shard (default {SHARD_BYTES >> 20} MiB)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = b.add_argument_group("raw datasets (cuhk-pedes, icfg-pedes, rstpreid, jsonl)")
     r.add_argument("--root", help="the raw dataset folder (annotation file + images)")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             info = convert(args.dataset, args.root, args.out, annotations=args.annotations,
                            resize=_hxw(args.resize, "--resize") if args.resize else None, workers=args.workers,
                            val_fraction=args.val_fraction, seed=args.seed, strict=args.strict,
-                           max_samples=args.shard_samples or 1000, max_bytes=args.shard_bytes,
+                           max_samples=args.shard_samples or SHARD_SAMPLES, max_bytes=args.shard_bytes,
                            overwrite=args.overwrite, progress=not args.no_progress)
     except StrictError as e:
         print(summary_table(e.info))

@@ -36,7 +36,7 @@ from typing import Iterator
 from PIL import Image
 
 from .schema import SPLITS
-from .writer import Record, Reject, write_dataset
+from .writer import SHARD_BYTES, SHARD_SAMPLES, Record, Reject, write_dataset
 
 
 @dataclasses.dataclass
@@ -174,7 +174,7 @@ def _extension(pil_format: str | None, path: Path) -> str:
 
 def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, *, annotations: str | None = None,
             resize: tuple[int, int] | None = None, workers: int | None = None, val_fraction: float = 0.05,
-            seed: int = 0, strict: bool = False, max_samples: int = 1000, max_bytes: int = 256 << 20,
+            seed: int = 0, strict: bool = False, max_samples: int = SHARD_SAMPLES, max_bytes: int = SHARD_BYTES,
             overwrite: bool = False, progress: bool = True) -> dict:
     """Convert a raw dataset to shards; returns the dataset.json dict (plus `images_per_s`)."""
     fmt = FORMATS[dataset]

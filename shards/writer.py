@@ -24,6 +24,11 @@ from PIL import Image
 
 from . import schema
 
+SHARD_SAMPLES = 1000
+"""Default most images per shard."""
+SHARD_BYTES = 256 << 20
+"""Default most image bytes per shard."""
+
 
 @dataclasses.dataclass
 class Record:
@@ -138,8 +143,8 @@ class DatasetWriter:
     shard-level splitting keeps ranks identity-disjoint.
     """
 
-    def __init__(self, out: str | os.PathLike, name: str, max_samples: int = 1000,
-                 max_bytes: int = 256 << 20, overwrite: bool = False, extra: dict | None = None):
+    def __init__(self, out: str | os.PathLike, name: str, max_samples: int = SHARD_SAMPLES,
+                 max_bytes: int = SHARD_BYTES, overwrite: bool = False, extra: dict | None = None):
         self.out = Path(out)
         self.name, self.extra = name, dict(extra or {})
         if max_samples < 1 or max_bytes < 1:

@@ -10,6 +10,7 @@ import yaml
 
 from itself.config import Config, ConfigError, apply_overrides, to_dict
 from itself.presets import PRESETS, get_preset, resolve_config
+from runs import REPO, train_env
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -31,6 +32,23 @@ def test_paper_presets_carry_the_paper_hyper_parameters():
     assert get_preset("vit-b32-baseline").model.arch == "ViT-B-32" and get_preset("vit-b32-baseline").model.global_only
 
 
+def test_each_paper_default_is_the_dataclass_default():
+    # The dataset presets change nothing but the data: every other value is the config's default.
+    cfg, default = get_preset("icfg-pedes"), Config()
+    assert cfg.data.root == "data/icfg-pedes" and (cfg.name, cfg.data.root) != (default.name, default.data.root)
+    cfg.name, cfg.data.root = default.name, default.data.root
+    assert cfg == default
+
+
+def test_t_small_from_a_baseline_run_is_its_best_epoch(tmp_path):
+    (tmp_path / "results.json").write_text('{"best_epoch": 7}')
+    cfg = resolve_config("rstpreid", None, [f"model.t_small=from:{tmp_path}"])
+    assert cfg.model.t_small == "7 epochs" and cfg.model.t_small_parsed() == (7.0, "epochs")
+    assert get_preset("rstpreid").model.t_small_parsed() == (1450.0, "steps")  # the reference code's T
+    with pytest.raises(ConfigError, match="is not a finished training run"):
+        resolve_config("rstpreid", None, [f"model.t_small=from:{tmp_path / 'none'}"])
+
+
 def test_overrides_are_typed():
     cfg = Config()
     apply_overrides(cfg, ["train.lr=3e-4", "model.mars_layers=[2, 3]", "data.text_aug=false", "seed=7",
@@ -48,7 +66,7 @@ def test_overrides_are_typed():
     (["train.batch_size=66"], 2, r"train.batch_size: 66 is not divisible by world_size x train.grad_accum x "
                                  r"data.num_instance = 2 x 1 x 2 = 4"),
     (["train.batch_size=64", "train.grad_accum=3"], 1, "train.batch_size: 64 is not divisible"),
-    (["data.num_slots=3"], 2, "data.num_slots = 3 is not a multiple of the world size 2"),
+    (["data.num_slots=3"], 2, "data.num_slots: 3 is not a multiple of the world size 2"),
     (["train.precision=fp16"], 1, "train.precision"),
     (["model.selection=median"], 1, "model.selection"),
     (["eval.fusion_weights=[1.5]"], 1, "eval.fusion_weights"),
@@ -73,9 +91,10 @@ def test_unknown_preset_and_bad_config_file(tmp_path):
 
 def test_cli_fails_before_any_work_with_the_message():
     run = subprocess.run([sys.executable, "itself/train.py", "model.p_start=0.3", "run_dir=/nonexistent/x"],
-                         capture_output=True, text=True, timeout=120)
+                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "error: model.p_start / model.p_end: need 0 < p_end <= p_start <= 1" in run.stderr
     printed = subprocess.run([sys.executable, "itself/train.py", "--preset", "rstpreid", "--print-config",
-                              "train.epochs=3"], capture_output=True, text=True, timeout=120, check=True).stdout
+                              "train.epochs=3"], cwd=REPO, env=train_env(), capture_output=True, text=True,
+                             timeout=120, check=True).stdout
     assert yaml.safe_load(printed)["train"]["epochs"] == 3

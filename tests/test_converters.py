@@ -14,10 +14,10 @@ from PIL import Image
 
 from itself.config import DataConfig
 from itself.data import eval_loaders, train_loader
+from runs import REPO
 from shards import schema
 from shards.converters import convert
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _image(path: Path, colour=(120, 30, 200), size=(20, 60), fmt=None) -> None:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from itself.config import DataConfig
+from itself.config import ConfigError, DataConfig
 from itself.data import DataError, eval_loaders, plan_epoch, train_loader
 from itself.data import transforms as T
 from itself.data.plan import ShardIndex
@@ -142,7 +142,7 @@ def test_plan_keeps_identity_groups_and_drops_remainders():
 def test_fewer_shards_than_ranks_times_workers_is_an_error_naming_both(small_dataset):
     with pytest.raises(DataError, match=r"8 train shards are fewer than the 16 data slots \(ranks x workers = 4 x 4.*--shard-samples"):
         train_loader(_cfg(small_dataset, num_workers=4), rank=0, world_size=4, micro_batch=8)
-    with pytest.raises(DataError, match=r"data.num_slots = 3 is not a multiple of the world size 2"):
+    with pytest.raises(ConfigError, match=r"data.num_slots: 3 is not a multiple of the world size 2"):
         train_loader(_cfg(small_dataset, num_workers=2, num_slots=3), rank=0, world_size=2, micro_batch=MICRO_BATCH)
 
 

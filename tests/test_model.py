@@ -44,38 +44,50 @@ def test_rollout_two_layers_by_hand():
 def test_saliency_strategies_by_hand():
     mean_row0 = torch.tensor([0.275, 0.425, 0.3])
     std_row0 = torch.tensor([0.225, 0.125, 0.1])
-    torch.testing.assert_close(saliency(ATTN, "mean_max", 0)[0], mean_row0)
-    torch.testing.assert_close(saliency(ATTN, "mean_min", 0)[0], -mean_row0)
-    torch.testing.assert_close(saliency(ATTN, "std_max", 0)[0], std_row0)
-    torch.testing.assert_close(saliency(ATTN, "std_min", 0)[0], -std_row0)
-    torch.testing.assert_close(saliency(ATTN, "layer:1", 0)[0], torch.tensor(A1[0]))
-    torch.testing.assert_close(saliency(ATTN, "mars", 0, layers=[0, 1]), rollout(ATTN, [0, 1])[:, 0])
+    torch.testing.assert_close(saliency(ATTN, "mean_max", 0, 0.25)[0], mean_row0)
+    torch.testing.assert_close(saliency(ATTN, "mean_min", 0, 0.25)[0], -mean_row0)
+    torch.testing.assert_close(saliency(ATTN, "std_max", 0, 0.25)[0], std_row0)
+    torch.testing.assert_close(saliency(ATTN, "std_min", 0, 0.25)[0], -std_row0)
+    torch.testing.assert_close(saliency(ATTN, "layer:1", 0, 0.25)[0], torch.tensor(A1[0]))
+    torch.testing.assert_close(saliency(ATTN, "mars", 0, 0.25, layers=[0, 1]), rollout(ATTN, [0, 1], 0.25)[:, 0])
     # Per-sample query rows (text: each caption's EOT position).
     two = torch.cat([ATTN, ATTN], dim=1)
-    torch.testing.assert_close(saliency(two, "layer:0", torch.tensor([0, 2])),
+    torch.testing.assert_close(saliency(two, "layer:0", torch.tensor([0, 2]), 0.25),
                                torch.tensor([A0[0], A0[2]]))
     with pytest.raises(ValueError, match="unknown selection strategy"):
-        saliency(ATTN, "median_max", 0)
+        saliency(ATTN, "median_max", 0, 0.25)
 
 
 def test_num_keep_by_hand():
     # floor(192 * 0.65 * (0.5 / 0.65) ** (t / 100)), t clamped to [1, 100]
-    assert num_keep(192, 0, 100) == 124  # t = 0 counts as 1: 124.47
-    assert num_keep(192, 1, 100) == 124
-    assert num_keep(192, 50, 100) == 109  # 124.8 * 0.8771 = 109.46
-    assert num_keep(192, 100, 100) == 96  # exactly p_end * n
-    assert num_keep(192, 1000, 100) == 96
-    assert num_keep(75, 100, 100) == 37
+    assert num_keep(192, 0, 100, 0.65, 0.5) == 124  # t = 0 counts as 1: 124.47
+    assert num_keep(192, 1, 100, 0.65, 0.5) == 124
+    assert num_keep(192, 50, 100, 0.65, 0.5) == 109  # 124.8 * 0.8771 = 109.46
+    assert num_keep(192, 100, 100, 0.65, 0.5) == 96  # exactly p_end * n
+    assert num_keep(192, 1000, 100, 0.65, 0.5) == 96
+    assert num_keep(75, 100, 100, 0.65, 0.5) == 37
+
+
+def test_reference_code_schedule_1450_steps():
+    # The reference code: T = 1450 steps for every dataset, its step counter starting at 1;
+    # k = int(n * 0.65 * (0.5 / 0.65) ** (t / 1450)): 124 / 48 tokens at the first step, then
+    # 121 at step 145, 109 at step 725 and 96 / 37 from T on (hand-computed with the formula).
+    sched = KeepSchedule.from_config(ModelConfig(), steps_per_epoch=145)
+    assert sched.horizon() == 1450
+    assert [sched.num_keep(192, t) for t in (1, 145, 725, 1450, 5000)] == [124, 121, 109, 96, 96]
+    assert [sched.num_keep(75, t) for t in (1, 1450)] == [48, 37]
 
 
 def test_keep_schedule_modes():
-    step = KeepSchedule("step", 0.65, 0.5, t_small_epochs=10, fixed_ratio=0.5, steps_per_epoch=10)
-    assert step.num_keep(192, 50) == num_keep(192, 50, 100) and step.num_keep(192, None) == 96
-    epoch = KeepSchedule("epoch", 0.65, 0.5, t_small_epochs=10, fixed_ratio=0.5, steps_per_epoch=10)
-    assert epoch.num_keep(192, 0) == num_keep(192, 1, 10)  # first epoch
-    assert epoch.num_keep(192, 49) == num_keep(192, 5, 10) and epoch.num_keep(192, 95) == 96
-    fixed = KeepSchedule("fixed", 0.65, 0.5, t_small_epochs=10, fixed_ratio=0.4)
-    assert fixed.num_keep(192, 0) == fixed.num_keep(192, None) == 76
+    step = KeepSchedule("step", 0.65, 0.5, 10, "epochs", fixed_ratio=0.5, steps_per_epoch=10)
+    assert step.num_keep(192, 50) == num_keep(192, 50, 100, 0.65, 0.5) and step.num_keep(192, None) == 96
+    epoch = KeepSchedule("epoch", 0.65, 0.5, 10, "epochs", fixed_ratio=0.5, steps_per_epoch=10)
+    assert epoch.num_keep(192, 1) == epoch.num_keep(192, 10) == num_keep(192, 1, 10, 0.65, 0.5)  # first epoch
+    assert epoch.num_keep(192, 50) == num_keep(192, 5, 10, 0.65, 0.5) and epoch.num_keep(192, 95) == 96
+    in_steps = KeepSchedule("epoch", 0.65, 0.5, 100, "steps", fixed_ratio=0.5, steps_per_epoch=10)
+    assert in_steps.horizon() == 10  # 100 steps of 10 per epoch: T = 10 epochs
+    fixed = KeepSchedule("fixed", 0.65, 0.5, 10, "epochs", fixed_ratio=0.4)
+    assert fixed.num_keep(192, 1) == fixed.num_keep(192, None) == 76
 
 
 def test_tal_two_pairs_by_hand():
@@ -108,7 +120,7 @@ def test_select_tokens_never_picks_excluded_tokens():
 
 
 def _tiny(**kw) -> ModelConfig:
-    return ModelConfig(**{"arch": "tiny", "grab_dim": 32, "mars_layers": (1, 3), **kw})
+    return ModelConfig(**{"arch": "tiny", "pretrained": "", "grab_dim": 32, "mars_layers": (1, 3), **kw})
 
 
 def _batch(n: int = 8, seed: int = 0, image_size=(32, 16)) -> dict:
@@ -132,8 +144,8 @@ def test_grab_text_embedding_ignores_padding_and_special_tokens():
     for mode in ("eval", "train"):
         getattr(model, mode)()
         with torch.no_grad():
-            clean = model._text(batch["tokens"], step=None)[1]
-            dirty = model._text(noisy, step=None)[1]
+            clean = model._text(batch["tokens"], step=None)[1]["train"]
+            dirty = model._text(noisy, step=None)[1]["train"]
         torch.testing.assert_close(clean, dirty)
     # k (37 of 75) exceeds every caption's length (< 20 tokens): pooling saw only real tokens.
     assert model.schedule.num_keep(75, None) == 37
@@ -144,7 +156,7 @@ def test_image_selection_excludes_cls():
     model = ITSELF(_tiny(selection="layer:0"), num_ids=4, image_size=(32, 16)).eval()
     images = torch.randn(2, 3, 32, 16)
     tokens, attn = model.backbone.encode_image(images, (0,))
-    scores = model._saliency(attn, 0)
+    scores, _ = model._scores(attn, (0,), "train", 0, tokens.shape[1] - 1, None)
     scores[:, 0] = 1e9  # even when CLS is the most salient token it is not kept
     cand = torch.ones_like(scores, dtype=torch.bool)
     cand[:, 0] = False
@@ -173,7 +185,7 @@ def test_baseline_is_global_only():
     out = model(_batch(), step=0)
     assert {k for k in out if k.endswith("_loss")} == {"tal_global_loss", "cid_global_loss", "id_global_loss"}
     assert model.encode_image(torch.randn(2, 3, 32, 16))[1] is None
-    assert model.capture_layers(4) == ()
+    assert model.capture_layers(4) == () and model.capture_layers(4, ("last_layer@0.4",)) == ()
 
 
 def test_world_size_invariance_two_gloo_processes(tmp_path):
@@ -192,7 +204,7 @@ def test_world_size_invariance_two_gloo_processes(tmp_path):
 
 
 def test_vit_b16_builds_with_the_384x128_grid():
-    model = ITSELF(ModelConfig(arch="ViT-B-16"), num_ids=10, image_size=(384, 128)).eval()
+    model = ITSELF(ModelConfig(arch="ViT-B-16", pretrained=""), num_ids=10, image_size=(384, 128)).eval()
     visual = model.backbone.clip.visual
     assert tuple(visual.grid_size) == (24, 8) and visual.positional_embedding.shape == (193, 768)
     assert model.backbone.num_patches == 192
@@ -200,6 +212,10 @@ def test_vit_b16_builds_with_the_384x128_grid():
     glob, grab = model.encode_image(torch.randn(1, 3, 384, 128))
     assert glob.shape == (1, 512) and grab.shape == (1, 4096)
     assert model.schedule.num_keep(192, None) == 96
+    _, grabs = model.encode_images(torch.randn(1, 3, 384, 128), ("train", "last_layer@0.4"))
+    assert set(grabs) == {"train", "last_layer@0.4"} and not torch.equal(grabs["train"], grabs["last_layer@0.4"])
+    _, keep = model.patch_selection(torch.randn(1, 3, 384, 128), "last_layer@0.4")
+    assert keep.shape == (1, 76)  # the reference code's k = int(192 * 0.4)
 
 
 def test_local_weights_are_loaded_with_position_embedding_interpolated(tmp_path):

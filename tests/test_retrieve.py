@@ -17,12 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from itself import checkpoint as ckpt
-from itself.config import Config, apply_dict
+from itself.config import from_dict, to_dict
 from itself.model import ITSELF
+from itself.model.export import export
 from itself.retrieve import Index
-
-REPO = Path(__file__).resolve().parents[1]
+from runs import REPO
 
 
 def _cli(*args, timeout=600) -> subprocess.CompletedProcess:
@@ -98,13 +97,11 @@ def test_folder_gallery_and_errors(trained_run, index_dir, tmp_path):
     assert res.returncode == 2 and "holds no readable image" in res.stderr
     # A model with another embedding size cannot query this index.
     blob = torch.load(run / "model.pt", weights_only=True)
-    cfg = Config()
-    apply_dict(cfg, blob["config"])
+    cfg = from_dict(blob["config"])
     cfg.model.grab_dim = 32
     other = ITSELF(cfg.model, blob["num_ids"], cfg.data.image_size)
-    from itself.config import to_dict
 
-    ckpt.export(tmp_path / "other.pt", other.state_dict(), to_dict(cfg), blob["num_ids"], 0.5)
+    export(tmp_path / "other.pt", other.state_dict(), to_dict(cfg), blob["num_ids"], 0.5)
     res = _cli("query", "--index", str(index_dir), "--model", str(tmp_path / "other.pt"), "--text", "a man")
     assert res.returncode == 2 and "model/index mismatch" in res.stderr and "32 (GRAB)" in res.stderr and "64 / 256" in res.stderr
 

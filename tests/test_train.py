@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from itself.checkpoint import latest_tag, load_exported
+from itself.checkpoint import latest_tag, tag_for
+from itself.config import to_dict
 from itself.dist import free_port
 from itself.evaluate import evaluate
+from itself.metrics import fused_at, fused_key
+from itself.model.export import load_exported
 from itself.presets import resolve_config
 from runs import REPO, STEPS_PER_EPOCH, run_train, small_run_args, train_env
 
@@ -32,7 +35,8 @@ def straight_run(small_dataset, tmp_path_factory):
 
 def test_run_writes_results_logs_and_checkpoints(straight_run):
     results = json.loads((straight_run / "results.json").read_text())
-    assert set(results["test"]) == {"global", "grab", "fused"} and results["test_chance_R1"] == 100 / 8
+    assert set(results["test"]) == set(results["val"]) == {"global", "grab", "fused"}
+    assert results["test_chance_R1"] == 100 / 8 and results["test_counts"]["queries"] == 32
     assert 0 <= results["fusion_weight"] <= 1 and results["best_epoch"] in (1, 2)
     records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["type"] for r in records]
@@ -43,7 +47,7 @@ def test_run_writes_results_logs_and_checkpoints(straight_run):
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["train_batch_size"] == 16
     assert "val R@1" in (straight_run / "train.log").read_text()
     tags = sorted(p.name for p in (straight_run / "checkpoints").glob("step*"))
-    assert tags == ["step00000008", "step00000016"]
+    assert tags == [tag_for(STEPS_PER_EPOCH), tag_for(2 * STEPS_PER_EPOCH)]
     assert all((straight_run / "checkpoints" / t / "COMPLETE").exists() for t in tags)
 
 
@@ -51,7 +55,7 @@ def test_one_epoch_then_resume_equals_two_epochs_straight(straight_run, small_da
     run_dir = tmp_path / "resumed"
     args = small_run_args(small_dataset) + [f"run_dir={run_dir}"]
     run_train(args + [f"train.max_steps={STEPS_PER_EPOCH}"])
-    assert latest_tag(run_dir / "checkpoints") == "step00000008"
+    assert latest_tag(run_dir / "checkpoints") == tag_for(STEPS_PER_EPOCH)
     run_train(args + ["train.resume=latest"])
     a, b = final_weights(straight_run), final_weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -69,9 +73,10 @@ def test_mid_epoch_resume_continues_exactly(straight_run, small_dataset, tmp_pat
 def test_exported_model_reproduces_the_test_metrics_without_deepspeed(straight_run):
     results = json.loads((straight_run / "results.json").read_text())
     model, cfg, a = load_exported(straight_run / "model.pt")
-    assert a == results["fusion_weight"]
-    metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"))
-    for branch, key in (("global", "global"), ("grab", "grab"), ("fused", f"fused@{a:g}")):
+    assert a == results["fusion_weight"] and model.selection == results["selection"]
+    metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"),
+                       selections=(model.selection,))["selections"][model.selection]
+    for branch, key in (("global", "global"), ("grab", "grab"), ("fused", fused_key(a))):
         for name, value in results["test"][branch].items():
             assert metrics[key][name] == pytest.approx(value, abs=1e-4), (branch, name)
 
@@ -102,9 +107,17 @@ def test_existing_run_needs_resume(straight_run, small_dataset):
     assert run.returncode == 2 and "already holds checkpoints; pass train.resume=latest" in run.stderr
 
 
-def test_train_function_config_matches_the_cli(small_dataset):
-    cfg = resolve_config("synthetic", None, small_run_args(small_dataset))
-    assert cfg.train.batch_size == 16 and cfg.data.num_slots == 4
+def test_the_cli_resolves_the_same_config_as_the_python_api(small_dataset, tmp_path):
+    # What `itself/train.py ... --print-config` shows is what train(resolve_config(...)) runs, and
+    # what a run writes to config.yaml runs again as --config.
+    import yaml
+
+    args = small_run_args(small_dataset, "model.selection=std_max", "train.lr=3e-4")
+    printed = run_train(["--preset", "rstpreid", *args, "--print-config"]).stdout
+    expected = to_dict(resolve_config("rstpreid", None, args))
+    assert yaml.safe_load(printed) == expected
+    (tmp_path / "c.yaml").write_text(printed)
+    assert to_dict(resolve_config("synthetic", str(tmp_path / "c.yaml"))) == expected
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero3"])
@@ -114,5 +127,6 @@ def test_zero_stages_train_and_export(small_dataset, tmp_path, stage):
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == int(stage[-1])
     results = json.loads((run_dir / "results.json").read_text())
     model, cfg, a = load_exported(run_dir / "model.pt")  # ZeRO-3 partitions are gathered for the export
-    metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"))
-    assert metrics[f"fused@{a:g}"]["mAP"] == pytest.approx(results["test"]["fused"]["mAP"], abs=1e-4)
+    metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"),
+                       selections=(model.selection,))["selections"][model.selection]
+    assert fused_at(metrics, a)["mAP"] == pytest.approx(results["test"]["fused"]["mAP"], abs=1e-4)

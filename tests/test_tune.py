@@ -14,16 +14,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from runs import SECRETS, assert_no_secrets, train_env
+from runs import REPO, SECRETS, assert_no_secrets, small_run_args, train_env
 
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
 
 
 def _args(root) -> list[str]:
-    return [f"data.root={root}", "data.image_size=[48,16]", "data.num_workers=0", "data.num_slots=4",
-            "model.grab_dim=32", "train.batch_size=16", "eval.batch_size=32", f"train.epochs={EPOCHS}",
-            "train.warmup_epochs=1"]
+    return small_run_args(root, f"train.epochs={EPOCHS}")
 
 
 def _env(tmp_path) -> dict:

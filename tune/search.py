@@ -13,29 +13,25 @@ about 10 minutes on 2 CPU cores).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:  # run as a script: import the packages, not siblings
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import copy
 import ctypes
-import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import yaml
 
-from itself.config import Config, ConfigError, apply_dict, to_dict
+from itself.checkpoint import COMPLETE, tag_for
+from itself.config import Config, ConfigError, ModelConfig, from_dict, to_dict
 from itself.presets import PRESETS, resolve_config
+from itself.rundir import EvalRecord, RunDir
 
-REPO = Path(__file__).resolve().parents[1]
-PAPER = {"p_start": 0.65, "p_end": 0.5, "discard_ratio": 0.25}
+PAPER = {k: getattr(ModelConfig(), k) for k in ("p_start", "p_end", "discard_ratio")}  # the defaults
 RANGES = {"p_start": (0.5, 0.8), "p_end": (0.35, None), "discard_ratio": (0.1, 0.4)}  # p_end's top is p_start
 SMALL_SEARCH = ["train.epochs=8", "train.warmup_epochs=1", "model.t_small=3"]
 
@@ -43,19 +39,11 @@ SMALL_SEARCH = ["train.epochs=8", "train.warmup_epochs=1", "model.t_small=3"]
 # ----------------------------------------------------------------------------------- space
 
 
-def num_layers(arch: str) -> int:
-    from itself.model.backbone import TINY_ARCHS
-
-    if arch in TINY_ARCHS:
-        return TINY_ARCHS[arch]["vision"]["layers"]
-    import open_clip
-
-    return open_clip.get_model_config(arch)["vision_cfg"]["layers"]
-
-
 def layer_choices(arch: str) -> list[str]:
     """MARS layer pairs to try: each middle layer with the last one ("4,11" for ViT-B)."""
-    last = num_layers(arch) - 1
+    from itself.archs import arch_spec
+
+    last = arch_spec(arch).layers - 1
     return [f"{m},{last}" for m in range(1, last)]
 
 
@@ -90,41 +78,26 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _new_lines(path: Path, offset: int) -> tuple[list[dict], int]:
-    if not path.exists():
-        return [], offset
-    with open(path) as f:
-        f.seek(offset)
-        chunk = f.read()
-    complete = chunk[: chunk.rfind("\n") + 1]
-    return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
-
-
-def val_metrics(record: dict) -> dict:
+def val_metrics(record: EvalRecord) -> dict:
     """Tune's view of one val evaluation: the fused metrics at the weight chosen that epoch."""
-    a = record["fusion_weight"]
-    results = record["metrics"]
-    fused = results.get(f"fused@{a:g}", results["global"])
-    return {"val_R1": fused["R1"], "val_mAP": fused["mAP"], "fusion_weight": a, "epoch": record["epoch"] + 1,
-            "global_R1": results["global"]["R1"], "grab_R1": results.get("grab", {}).get("R1", float("nan"))}
+    return {"val_R1": record.fused["R1"], "val_mAP": record.fused["mAP"], "fusion_weight": record.fusion_weight,
+            "selection": record.selection, "epoch": record.epoch + 1, "global_R1": record.metrics["global"]["R1"],
+            "grab_R1": record.metrics.get("grab", {}).get("R1", float("nan"))}
 
 
 def run_trial(config: dict, base: dict, gpus_per_trial: int = 0, cpus_per_trial: int = 1) -> None:
     """The Tune trainable: one training run of itself/train.py with this trial's parameters."""
     from ray import tune
 
-    from itself.checkpoint import COMPLETE, tag_for
-
     trial_dir = Path(tune.get_context().get_trial_dir())
-    cfg = Config()
-    apply_dict(cfg, base)
-    apply_params(cfg, config)
-    run_dir = trial_dir / "run"
+    cfg = apply_params(from_dict(base), config)
+    run = RunDir(trial_dir / "run")
+    run_dir = run.path
     cfg.run_dir, cfg.train.keep_last, cfg.train.resume = str(run_dir), 3, ""
     restored = tune.get_checkpoint()
     if restored is not None:  # a retried or resumed trial continues from its last report
         with restored.as_directory() as d:
-            dest = run_dir / "checkpoints" / Path(d).name
+            dest = run.checkpoints / Path(d).name
             if not dest.exists():
                 shutil.copytree(d, dest)
         cfg.train.resume = str(dest)
@@ -136,15 +109,16 @@ def run_trial(config: dict, base: dict, gpus_per_trial: int = 0, cpus_per_trial:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # the trial is its own job
     with open(trial_dir / "train_stdout.log", "a") as out:
-        proc = subprocess.Popen([*launcher, str(REPO / "itself" / "train.py"), "--config", str(cfg_file)],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    metrics_file, offset, pending = run_dir / "metrics.jsonl", 0, []
+        proc = subprocess.Popen([*launcher, "-m", "itself.train", "--config", str(cfg_file)],
+                                cwd=trial_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
+    offset, pending = 0, []
     while True:
         done = proc.poll() is not None
-        records, offset = _new_lines(metrics_file, offset)
-        pending += [r for r in records if r["type"] == "eval"]
+        records, offset = run.read_records(offset)
+        pending += [EvalRecord.from_record(r) for r in records if r["type"] == "eval"]
         while pending:  # report each evaluation once its epoch's checkpoint is complete
-            tag_dir = run_dir / "checkpoints" / tag_for(pending[0]["step"])
+            tag_dir = run.checkpoints / tag_for(pending[0].step)
             if not (tag_dir / COMPLETE).exists() and not done:
                 break
             record = pending.pop(0)

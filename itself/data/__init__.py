@@ -4,4 +4,5 @@ from .pipeline import (  # noqa: F401
     EvalImages, EvalTexts, TrainDataset, TrainLoader, ensure_dataset, eval_loaders, load_train_index,
     split_urls, train_loader,
 )
-from .plan import DataError, EpochPlan, ShardIndex, plan_epoch  # noqa: F401
+from ..errors import DataError  # noqa: F401
+from .plan import EpochPlan, ShardIndex, plan_epoch  # noqa: F401

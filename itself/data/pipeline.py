@@ -26,7 +26,9 @@ from shards import schema
 
 from ..config import DataConfig
 from . import transforms as T
-from .plan import DataError, EpochPlan, Pair, ShardIndex, check_slots, data_layout, derive_seed, plan_epoch
+from ..errors import DataError
+from ..layout import data_layout
+from .plan import EpochPlan, Pair, ShardIndex, check_slots, derive_seed, plan_epoch
 
 # ----------------------------------------------------------------------------------- dataset
 
@@ -159,7 +161,7 @@ class TrainDataset(IterableDataset):
         self.shards, self.cfg = shards, cfg
         self.rank, self.world_size = rank, world_size
         self.micro_batch, self.seed = micro_batch, seed
-        layout = data_layout(cfg.num_workers, cfg.num_slots, world_size, micro_batch, cfg.num_instance)
+        layout = data_layout(micro_batch * world_size, world_size, 1, cfg.num_instance, cfg.num_workers, cfg.num_slots)
         self.num_slots, self.workers_per_rank, self.slot_batch = layout.num_slots, layout.workers_per_rank, layout.slot_batch
         self.loader_workers = self.workers_per_rank if cfg.num_workers else 0
         check_slots(len(shards), self.num_slots, world_size, self.workers_per_rank)

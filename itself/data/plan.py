@@ -26,12 +26,10 @@ import dataclasses
 import hashlib
 import random
 
+from ..errors import DataError
+
 # A pair to load: (shard index in the shard list, sample key, caption index, person id).
 Pair = tuple[int, str, int, int]
-
-
-class DataError(RuntimeError):
-    """The data cannot be read as configured; the message names the file, field or flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,43 +70,6 @@ def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts (seed, epoch, slot, ...), stable across processes and runs."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-@dataclasses.dataclass(frozen=True)
-class DataLayout:
-    num_slots: int
-    """Data slots of the job (each a disjoint set of whole train shards)."""
-    workers_per_rank: int
-    """Slot readers per rank: DataLoader workers (or 1, the rank itself, without workers)."""
-    slot_batch: int
-    """Pairs each slot adds to every global micro-batch."""
-
-
-def data_layout(num_workers: int, num_slots: int, world_size: int, micro_batch: int, num_instance: int) -> DataLayout:
-    """How the train data splits over slots, ranks and workers.
-
-    A worker must add at least one identity (num_instance pairs) to each step, so a rank uses at
-    most micro_batch / num_instance workers, and a number that divides its slots. Slots default
-    (num_slots = 0) to ranks x workers; a fixed count makes batches independent of the world size.
-    """
-    if micro_batch < num_instance or micro_batch % num_instance:
-        raise DataError(f"the per-rank micro-batch {micro_batch} is not a positive multiple of data.num_instance "
-                        f"= {num_instance}: change train.batch_size (or the number of ranks / grad_accum)")
-    cap = max(1, min(num_workers, micro_batch // num_instance))
-    if num_slots == 0:
-        num_slots, workers = world_size * cap, cap
-    else:
-        if num_slots % world_size:
-            raise DataError(f"data.num_slots = {num_slots} is not a multiple of the world size {world_size}: "
-                            "every rank must own as many data slots (0 = ranks x workers)")
-        per_rank = num_slots // world_size
-        workers = max(d for d in range(1, cap + 1) if per_rank % d == 0)
-    step_pairs = micro_batch * world_size
-    if step_pairs % num_slots or (step_pairs // num_slots) % num_instance:
-        raise DataError(f"each of the {num_slots} data slots needs an equal share of the {step_pairs} pairs of a "
-                        f"step, a multiple of data.num_instance = {num_instance}: change train.batch_size or "
-                        "data.num_slots")
-    return DataLayout(num_slots, workers, step_pairs // num_slots)
 
 
 def check_slots(num_shards: int, num_slots: int, world_size: int, workers_per_rank: int) -> None:
@@ -179,10 +140,6 @@ def plan_slot(shards: list[ShardIndex], order: list[int], slot_batch: int, num_i
 def plan_epoch(shards: list[ShardIndex], *, num_slots: int, slot_batch: int, num_instance: int,
                window_shards: int, seed: int, epoch: int) -> EpochPlan:
     """The plan of one epoch for every slot (see the module docstring)."""
-    if slot_batch < num_instance or slot_batch % num_instance:
-        raise DataError(f"each data slot's share of a step, {slot_batch} pairs, is not a positive multiple of "
-                        f"data.num_instance = {num_instance}: choose batch_size, data.num_slots and the world size "
-                        f"so that batch_size / (accumulation x num_slots) is a multiple of num_instance")
     if len(shards) < num_slots:
         check_slots(len(shards), num_slots, 1, 1)
     slot_shards = assign_shards(shards, num_slots, random.Random(derive_seed(seed, epoch, "assign")))

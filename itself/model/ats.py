@@ -5,7 +5,8 @@ units (steps at step level, the paper's best; epochs at epoch level), then stays
 
     k = floor(n * p_start * (p_end / p_start) ** (t / T)),  t clamped to [1, T]
 
-Without ATS (`fixed`), a constant ratio is used. Inference uses the final ratio.
+t counts from 1: the first optimizer step (or epoch) is t = 1, as in the reference code. Without
+ATS (`fixed`), a constant ratio is used. Inference uses the final ratio.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-MODES = ("step", "epoch", "fixed")
+from ..config import ATS_MODES, ModelConfig
 
 
-def num_keep(num_tokens: int, step: int, total_steps: int, p_start: float = 0.65, p_end: float = 0.5) -> int:
+def num_keep(num_tokens: int, step: int, total_steps: int, p_start: float, p_end: float) -> int:
     """Tokens to keep out of `num_tokens` at `step` of a `total_steps` = T schedule (at least 1)."""
     if total_steps < 1:
         raise ValueError(f"total_steps (T) must be >= 1, got {total_steps}")
@@ -33,24 +34,42 @@ class KeepSchedule:
     """step, epoch or fixed (the values come from ModelConfig: ats, p_start, p_end, t_small, fixed_ratio)."""
     p_start: float
     p_end: float
-    t_small_epochs: float
-    """T in epochs; converted to steps at step level."""
+    t_small: float
+    """T, in `t_small_unit`."""
+    t_small_unit: str
+    """`steps` or `epochs`."""
     fixed_ratio: float
     steps_per_epoch: int = 1
-    """Optimizer steps per epoch; the trainer sets it once the data plan is known."""
+    """Optimizer steps per epoch (of the data plan): converts T between steps and epochs."""
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"ATS mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in ATS_MODES:
+            raise ValueError(f"ATS mode must be one of {ATS_MODES}, got {self.mode!r}")
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, steps_per_epoch: int = 1) -> "KeepSchedule":
+        value, unit = cfg.t_small_parsed()
+        return cls(cfg.ats, cfg.p_start, cfg.p_end, value, unit, cfg.fixed_ratio, steps_per_epoch)
+
+    def horizon(self) -> int:
+        """T in this schedule's units: steps at step level, epochs at epoch level (at least 1)."""
+        spe = max(1, self.steps_per_epoch)
+        if self.mode == "step":
+            steps = self.t_small if self.t_small_unit == "steps" else self.t_small * spe
+        else:
+            steps = self.t_small / spe if self.t_small_unit == "steps" else self.t_small
+        return max(1, round(steps))
 
     def num_keep(self, num_tokens: int, step: int | None) -> int:
-        """Tokens to keep at global step `step` (0-based), or the final count when `step` is None."""
+        """Tokens to keep at optimizer step `step` (1-based: the first step is 1), or the final count
+        when `step` is None (inference)."""
         if self.mode == "fixed":
             return max(1, math.floor(num_tokens * self.fixed_ratio + 1e-9))
-        if self.mode == "step":
-            total = max(1, round(self.t_small_epochs * self.steps_per_epoch))
-            t = total if step is None else step
+        total = self.horizon()
+        if step is None:
+            t = total
+        elif self.mode == "step":
+            t = step
         else:  # epoch level: the current epoch, counted from 1
-            total = max(1, round(self.t_small_epochs))
-            t = total if step is None else step // max(1, self.steps_per_epoch) + 1
+            t = (max(step, 1) - 1) // max(1, self.steps_per_epoch) + 1
         return num_keep(num_tokens, t, total, self.p_start, self.p_end)

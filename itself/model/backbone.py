@@ -18,28 +18,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# CPU-sized configurations (random weights only), beside open_clip's named architectures.
-TINY_ARCHS = {
-    "tiny": dict(embed_dim=64, vision=dict(layers=4, width=64, head_width=32, patch_size=8),
-                 text=dict(layers=4, width=64, heads=2)),
-    "tiny-deep": dict(embed_dim=128, vision=dict(layers=6, width=128, head_width=32, patch_size=8),
-                      text=dict(layers=6, width=128, heads=4)),
-}
-OPEN_CLIP_ARCHS = ("ViT-B-16", "ViT-B-32", "ViT-B-16-quickgelu", "ViT-B-32-quickgelu", "ViT-L-14")
+from ..archs import TINY_ARCHS, known_archs, tag_quick_gelu, use_quick_gelu
+from ..errors import ConfigError
+from ..safeio import read_weights
 
 
-def _tiny_clip(arch: str, image_size: tuple[int, int]) -> nn.Module:
+def _tiny_clip(arch: str, image_size: tuple[int, int], quick_gelu: bool) -> nn.Module:
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     spec = TINY_ARCHS[arch]
-    return CLIP(embed_dim=spec["embed_dim"],
+    return CLIP(embed_dim=spec["embed_dim"], quick_gelu=quick_gelu,
                 vision_cfg=CLIPVisionCfg(image_size=image_size, **spec["vision"]),
                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, **spec["text"]))
 
 
 def interpolate_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
-    """Resize a [1 + h*w, D] ViT position embedding (square source grid) to `new_grid` (bicubic);
-    the class-token embedding is kept as is."""
+    """Resize a [1 + h*w, D] ViT position embedding (square source grid) to `new_grid` (rows,
+    columns) bilinearly, as the reference code does (align_corners=False, no antialiasing); the
+    class-token embedding is kept as is. Interpolated in fp32 whatever the stored dtype."""
     cls, patches = pos[:1], pos[1:]
     side = math.isqrt(patches.shape[0])
     if side * side != patches.shape[0]:
@@ -48,55 +44,87 @@ def interpolate_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch
     if (side, side) == tuple(new_grid):
         return pos
     grid = patches.reshape(side, side, -1).permute(2, 0, 1)[None].float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bilinear", align_corners=False)
     return torch.cat([cls, grid[0].permute(1, 2, 0).reshape(-1, pos.shape[1]).to(pos.dtype)])
 
 
-def read_weights(path: str) -> dict:
-    """A state dict from a local file, never by unpickling code: a TorchScript archive (OpenAI's
-    released CLIP files) through torch.jit, anything else with torch.load(weights_only=True)."""
-    import zipfile
-
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-        return torch.jit.load(path, map_location="cpu").state_dict()
-    from ..checkpoint import safe_load
-
-    return safe_load(path)
+# Keys of OpenAI's CLIP state dicts that every layout has; OpenAI's released files are TorchScript
+# archives whose state dicts also hold these three plain values.
+OPENAI_KEYS = ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj",
+               "token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight")
+OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 
 
-def load_clip_weights(clip: nn.Module, path: str) -> None:
-    """Load an open_clip / OpenAI-format state dict from a local file, interpolating the image
-    position embedding to this model's grid."""
+def read_clip_state_dict(path: str) -> tuple[dict, bool]:
+    """(state dict, whether it is in OpenAI's layout) of a local weights file: OpenAI's TorchScript
+    archive, a plain state dict with OpenAI CLIP's key names, or an open_clip checkpoint
+    ({"state_dict": {"module.visual..."}}, not OpenAI's layout)."""
     sd = read_weights(path)
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    wrapped = isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict)
+    if wrapped:
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: not a state dict of CLIP weights")
+    prefixed = any(k.startswith("module.") for k in sd)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    openai = not wrapped and not prefixed and all(k in sd for k in OPENAI_KEYS)
+    return sd, openai
+
+
+def load_clip_weights(clip: nn.Module, sd: dict, source: str) -> None:
+    """Load a CLIP state dict, interpolating the image position embedding to this model's grid."""
+    sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRAS}
     key = "visual.positional_embedding"
     if key in sd:
         sd[key] = interpolate_pos_embed(sd[key], clip.visual.grid_size)
     missing, unexpected = clip.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k not in ("logit_scale", "logit_bias")]
-    if missing:
-        raise ValueError(f"{path}: not a checkpoint of this architecture; missing {missing[:5]} ...")
+    unexpected = [k for k in unexpected if k not in ("logit_scale", "logit_bias")]
+    if missing or unexpected:
+        raise ValueError(f"{source}: not weights of this architecture; missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
 
 
-def build_clip(arch: str, image_size: tuple[int, int], pretrained: str = "") -> nn.Module:
-    """An open_clip CLIP for `image_size` (H, W): weights random (`pretrained=""`), from a local
-    file, or from an open_clip pretrained tag (which open_clip downloads and resizes)."""
+def pretrained_file(arch: str, tag: str) -> str:
+    """The local file of open_clip's pretrained weights `tag` of `arch` (its cache, or a download)."""
+    import open_clip
+
+    try:
+        return open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(arch, tag))
+    except Exception as e:  # noqa: BLE001 - no network on a compute node, most often
+        raise ConfigError(f"model.pretrained={tag}: cannot get open_clip's {arch} weights ({type(e).__name__}: {e}). "
+                          "On a machine without internet, fill the Hugging Face cache (HF_HOME) from one with "
+                          "internet, or point model.pretrained at a local weights file") from None
+
+
+def build_clip(arch: str, image_size: tuple[int, int], pretrained: str = "", activation: str = "auto") -> nn.Module:
+    """An open_clip CLIP for `image_size` (H, W) with the activation its weights were trained with:
+    weights random (`pretrained=""`), from a local file (OpenAI's TorchScript archive, a state dict
+    in OpenAI's layout, or an open_clip checkpoint), or an open_clip pretrained tag (its cached or
+    downloaded file). The image position embedding is resized bilinearly to the image grid."""
+    sd, weights_quick = None, None
+    if pretrained and os.path.isfile(pretrained):
+        sd, openai = read_clip_state_dict(pretrained)
+        weights_quick = True if openai else None  # (OpenAI trained with QuickGELU; others: unknown)
+    elif pretrained:
+        if arch in TINY_ARCHS:
+            raise ConfigError(f"model.pretrained: {arch} has no pretrained weights, got {pretrained!r}")
+        weights_quick = tag_quick_gelu(arch, pretrained)
+        sd, _ = read_clip_state_dict(pretrained_file(arch, pretrained))
+    try:
+        quick = use_quick_gelu(arch, activation, weights_quick)
+    except ValueError as e:
+        raise ConfigError(f"model.activation: {e}") from None
     if arch in TINY_ARCHS:
-        clip = _tiny_clip(arch, image_size)
-        if pretrained:
-            load_clip_weights(clip, pretrained)
+        clip = _tiny_clip(arch, image_size, quick)
     else:
         import open_clip
 
         if arch not in open_clip.list_models():
-            raise ValueError(f"model.arch: unknown architecture {arch!r}; use one of "
-                             f"{', '.join((*TINY_ARCHS, *OPEN_CLIP_ARCHS))}")
-        is_file = bool(pretrained) and os.path.isfile(pretrained)
-        clip = open_clip.create_model(arch, pretrained=(pretrained or None) if not is_file else None,
-                                      force_image_size=image_size)
-        if is_file:
-            load_clip_weights(clip, pretrained)
+            raise ConfigError(f"model.arch: unknown architecture {arch!r}; use one of {', '.join(known_archs())}")
+        clip = open_clip.create_model(arch, pretrained=None, force_image_size=image_size, force_quick_gelu=quick)
+    if sd is not None:
+        load_clip_weights(clip, sd, pretrained)
     # DeepSpeed crashes broadcasting 0-dim parameters; ITSELF uses a fixed temperature instead.
     clip.logit_scale = None
     if getattr(clip, "logit_bias", None) is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -11,6 +13,21 @@ from . import mars
 from .ats import KeepSchedule
 from .backbone import ClipBackbone, build_clip
 from .grab import GrabEmbedding, select_tokens
+
+TRAIN = "train"
+"""The selection that trains: the model's strategy at the ATS keep ratio."""
+
+
+def last_layer_selection(keep_ratio: float) -> str:
+    """The reference code's evaluation selection: the last layer's attention at `keep_ratio`."""
+    return f"last_layer@{keep_ratio:g}"
+
+
+def last_layer_ratio(selection: str) -> float:
+    name, _, ratio = selection.partition("@")
+    if name != "last_layer" or not ratio:
+        raise ValueError(f"unknown selection {selection!r}: expected {TRAIN!r} or last_layer@<keep ratio>")
+    return float(ratio)
 
 
 class CidHead(nn.Module):
@@ -38,16 +55,27 @@ class ITSELF(nn.Module):
     """`forward(batch, step)` -> dict of this rank's loss shares (`*_loss`) and report values;
     `encode_image` / `encode_text` -> (global, GRAB or None) embeddings for retrieval."""
 
-    # Top-level modules that are new (not CLIP); the trainer gives them their own learning rates.
-    GRAB_MODULES = ("grab_image", "grab_text")
-    HEAD_MODULES = ("cid_heads", "id_heads")
+    def param_role(self, name: str) -> str:
+        """What a parameter is, for its learning rate: `grab` (the new GRAB embedding layers),
+        `classifier` (the CID and ID classifier layers) or `backbone` (CLIP, and the CID MLP, which
+        the reference code trains at the backbone's rate)."""
+        top = name.split(".")[0]
+        if top in ("grab_image", "grab_text"):
+            return "grab"
+        if top == "id_heads" or (top == "cid_heads" and name.split(".")[2] == "classifier"):
+            return "classifier"
+        return "backbone"
 
-    def __init__(self, cfg: ModelConfig, num_ids: int, image_size: tuple[int, int] = (384, 128), clip=None):
+    def __init__(self, cfg: ModelConfig, num_ids: int, image_size: tuple[int, int], steps_per_epoch: int = 1,
+                 clip=None):
+        """`steps_per_epoch`: optimizer steps per epoch of the data plan (ATS's T is given in epochs)."""
         super().__init__()
         self.cfg, self.num_ids = cfg, num_ids
-        self.backbone = ClipBackbone(clip if clip is not None else build_clip(cfg.arch, image_size, cfg.pretrained))
+        self.backbone = ClipBackbone(clip if clip is not None else build_clip(cfg.arch, image_size, cfg.pretrained, cfg.activation))
         cfg.validate(num_layers=min(self.backbone.image_layers, self.backbone.text_layers))
-        self.schedule = KeepSchedule(cfg.ats, cfg.p_start, cfg.p_end, cfg.t_small, cfg.fixed_ratio)
+        self.schedule = KeepSchedule.from_config(cfg, steps_per_epoch)
+        self.selection = TRAIN
+        """The selection `encode_image` / `encode_text` use by default (an exported model: the one chosen on val)."""
         dim = self.backbone.embed_dim
         branches = {"global": dim} if cfg.global_only else {"global": dim, "grab": cfg.grab_dim}
         if not cfg.global_only:
@@ -57,73 +85,118 @@ class ITSELF(nn.Module):
         self.id_heads = nn.ModuleDict({b: _id_classifier(d, num_ids) for b, d in branches.items()}) if cfg.id_loss else None
 
     # -- selection ----------------------------------------------------------------------------
+    # A selection names which tokens GRAB embeds: `train` is the training strategy at the current
+    # (or, at inference, the final) ATS ratio; `last_layer@<r>` is the reference code's evaluation,
+    # the last layer's attention at keep ratio r.
 
-    def capture_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Layers whose attention the selection strategy reads (none for the baseline)."""
-        s = self.cfg.selection
+    def capture_layers(self, num_layers: int, selections=(TRAIN,)) -> tuple[int, ...]:
+        """Layers (ascending) whose attention the selections read (none for the baseline)."""
         if self.cfg.global_only:
             return ()
-        if s == "mars":
-            return tuple(self.cfg.mars_layers)
-        if s.startswith("layer:"):
-            return (int(s.split(":", 1)[1]),)
-        return tuple(range(num_layers))
+        layers = set()
+        for selection in selections:
+            if selection != TRAIN:
+                layers.add(num_layers - 1)
+            elif self.cfg.selection == "mars":
+                layers.update(self.cfg.mars_layers)
+            elif self.cfg.selection_layer() is not None:
+                layers.add(self.cfg.selection_layer())
+            else:
+                layers.update(range(num_layers))
+        return tuple(sorted(layers))
 
-    def _saliency(self, attn: torch.Tensor, query_index) -> torch.Tensor:
-        s = self.cfg.selection
-        if s.startswith("layer:"):
-            s = "layer:0"  # only that layer was captured
-        return mars.saliency(attn, s, query_index, discard_ratio=self.cfg.discard_ratio)
+    def _scores(self, attn: torch.Tensor, captured: tuple[int, ...], selection: str, query_index,
+                num_tokens: int, step: int | None) -> tuple[torch.Tensor, int]:
+        """(saliency [B, N] for the query token, tokens to keep) of one selection."""
+        at = {layer: i for i, layer in enumerate(captured)}
+        if selection != TRAIN:
+            last = attn[at[captured[-1]]][None]
+            return mars.saliency(last, "layer:0", query_index, self.cfg.discard_ratio), \
+                max(1, math.floor(num_tokens * last_layer_ratio(selection) + 1e-9))
+        s, single = self.cfg.selection, self.cfg.selection_layer()
+        if s == "mars":
+            used = attn[[at[layer] for layer in self.cfg.mars_layers]]
+        elif single is not None:
+            used, s = attn[[at[single]]], "layer:0"
+        else:
+            used = attn
+        return mars.saliency(used, s, query_index, self.cfg.discard_ratio), self.schedule.num_keep(num_tokens, step)
 
     # -- towers ---------------------------------------------------------------------------------
 
-    def _image(self, images: torch.Tensor, step: int | None):
-        tokens, attn = self.backbone.encode_image(images, self.capture_layers(self.backbone.image_layers))
+    def _image(self, images: torch.Tensor, step: int | None, selections=(TRAIN,)):
+        """(global [B, E], {selection: GRAB [B, G]}, k of the first selection)."""
+        captured = self.capture_layers(self.backbone.image_layers, selections)
+        tokens, attn = self.backbone.encode_image(images, captured)
         glob = tokens[:, 0]
         if self.cfg.global_only:
-            return glob, None, 0
-        k = self.schedule.num_keep(tokens.shape[1] - 1, step)
-        with torch.no_grad():
-            scores = self._saliency(attn, 0)
-            candidates = torch.ones_like(scores, dtype=torch.bool)
-            candidates[:, 0] = False  # never the CLS token
-        picked, valid = select_tokens(tokens, scores, candidates, k)
-        return glob, self.grab_image(picked, valid), k
+            return glob, {}, 0
+        grabs, ks = {}, []
+        candidates = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        candidates[:, 0] = False  # never the CLS token
+        for selection in selections:
+            with torch.no_grad():
+                scores, k = self._scores(attn, captured, selection, 0, tokens.shape[1] - 1, step)
+            picked, valid = select_tokens(tokens, scores, candidates, k)
+            grabs[selection] = self.grab_image(picked, valid)
+            ks.append(k)
+        return glob, grabs, ks[0]
 
-    def _text(self, text: torch.Tensor, step: int | None):
-        tokens, attn = self.backbone.encode_text(text, self.capture_layers(self.backbone.text_layers))
+    def _text(self, text: torch.Tensor, step: int | None, selections=(TRAIN,)):
+        captured = self.capture_layers(self.backbone.text_layers, selections)
+        tokens, attn = self.backbone.encode_text(text, captured)
         eot = text.argmax(dim=-1)  # the end token has the highest id
         glob = tokens[torch.arange(text.shape[0], device=text.device), eot]
         if self.cfg.global_only:
-            return glob, None, 0
-        k = self.schedule.num_keep(text.shape[1] - 2, step)
-        with torch.no_grad():
-            scores = self._saliency(attn, eot)
-            pos = torch.arange(text.shape[1], device=text.device)[None]
-            candidates = (pos > 0) & (pos < eot[:, None]) & (text != 0)  # no SOS, EOT or padding
-        picked, valid = select_tokens(tokens, scores, candidates, k)
-        return glob, self.grab_text(picked, valid), k
+            return glob, {}, 0
+        pos = torch.arange(text.shape[1], device=text.device)[None]
+        candidates = (pos > 0) & (pos < eot[:, None]) & (text != 0)  # no SOS, EOT or padding
+        grabs, ks = {}, []
+        for selection in selections:
+            with torch.no_grad():
+                scores, k = self._scores(attn, captured, selection, eot, text.shape[1] - 2, step)
+            picked, valid = select_tokens(tokens, scores, candidates, k)
+            grabs[selection] = self.grab_text(picked, valid)
+            ks.append(k)
+        return glob, grabs, ks[0]
 
     @torch.no_grad()
-    def patch_selection(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(saliency [B, patches], indices [B, k] of the patches GRAB keeps at the final ratio), patches
-        numbered row-major over the backbone's grid (for visualisation)."""
+    def patch_selection(self, images: torch.Tensor, selection: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(saliency [B, patches], indices [B, k] of the patches GRAB keeps), patches numbered
+        row-major over the backbone's grid (for visualisation); `selection` as in `encode_image`."""
         if self.cfg.global_only:
             raise ValueError("a global-only (baseline) model selects no patches")
-        _, attn = self.backbone.encode_image(images, self.capture_layers(self.backbone.image_layers))
-        scores = self._saliency(attn, 0)[:, 1:]  # drop the CLS column
-        return scores, scores.topk(self.schedule.num_keep(scores.shape[1], None), dim=1).indices
+        selection = selection or self.selection
+        captured = self.capture_layers(self.backbone.image_layers, (selection,))
+        _, attn = self.backbone.encode_image(images, captured)
+        scores, k = self._scores(attn, captured, selection, 0, self.backbone.num_patches, None)
+        scores = scores[:, 1:]  # drop the CLS column
+        return scores, scores.topk(k, dim=1).indices
 
     @torch.no_grad()
-    def encode_image(self, images: torch.Tensor):
-        """(global [B, E], GRAB [B, G] or None), with the final keep ratio."""
-        glob, grab, _ = self._image(images, None)
-        return glob.float(), None if grab is None else grab.float()
+    def encode_images(self, images: torch.Tensor, selections=(TRAIN,)) -> tuple[torch.Tensor, dict]:
+        """(global [B, E], {selection: GRAB [B, G]}) in one pass, at the final keep ratio."""
+        glob, grabs, _ = self._image(images, None, tuple(selections))
+        return glob.float(), {s: g.float() for s, g in grabs.items()}
 
     @torch.no_grad()
-    def encode_text(self, tokens: torch.Tensor):
-        glob, grab, _ = self._text(tokens, None)
-        return glob.float(), None if grab is None else grab.float()
+    def encode_texts(self, tokens: torch.Tensor, selections=(TRAIN,)) -> tuple[torch.Tensor, dict]:
+        glob, grabs, _ = self._text(tokens, None, tuple(selections))
+        return glob.float(), {s: g.float() for s, g in grabs.items()}
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor, selection: str | None = None):
+        """(global [B, E], GRAB [B, G] or None) with `selection` (default: `self.selection`, the one
+        chosen on val for an exported model)."""
+        selection = selection or self.selection
+        glob, grabs = self.encode_images(images, (selection,))
+        return glob, grabs.get(selection)
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor, selection: str | None = None):
+        selection = selection or self.selection
+        glob, grabs = self.encode_texts(tokens, (selection,))
+        return glob, grabs.get(selection)
 
     # -- training --------------------------------------------------------------------------------
 
@@ -133,7 +206,9 @@ class ITSELF(nn.Module):
         txt_g, txt_l, k_txt = self._text(batch["tokens"], step)
         pids = batch["pids"]
         out = {}
-        branches = {"global": (img_g, txt_g)} if img_l is None else {"global": (img_g, txt_g), "grab": (img_l, txt_l)}
+        branches = {"global": (img_g, txt_g)}
+        if not self.cfg.global_only:
+            branches["grab"] = (img_l[TRAIN], txt_l[TRAIN])
         for name, (v, t) in branches.items():
             out.update(losses.branch_losses(
                 name, v, t, pids, tau=self.cfg.tau, margin=self.cfg.margin,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-STRATEGIES = ("mars", "mean_max", "mean_min", "std_max", "std_min", "layer:<i>")
+from ..config import SELECTION_STRATEGIES
 
 
 def _head_mean(attn: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ def _head_mean(attn: torch.Tensor) -> torch.Tensor:
     return attn
 
 
-def rollout(attn: torch.Tensor, layers, discard_ratio: float = 0.25) -> torch.Tensor:
+def rollout(attn: torch.Tensor, layers, discard_ratio: float) -> torch.Tensor:
     """Attention rollout over `layers` (indices into attn's first dim, ascending) -> [B, N, N].
 
     Per used layer: average heads; zero the lowest `discard_ratio` fraction of the N*N entries
@@ -58,7 +58,7 @@ def _query_rows(m: torch.Tensor, query_index) -> torch.Tensor:
     return m[torch.arange(b, device=m.device), query_index.to(m.device)]
 
 
-def saliency(attn: torch.Tensor, strategy: str, query_index, layers=None, discard_ratio: float = 0.25) -> torch.Tensor:
+def saliency(attn: torch.Tensor, strategy: str, query_index, discard_ratio: float, layers=None) -> torch.Tensor:
     """One score per token [B, N] for the query token; top-k keeps the highest scores.
 
     `attn` [L, B, (H,) N, N] holds the captured layers. Strategies: `mars` (the rollout row over
@@ -73,7 +73,7 @@ def saliency(attn: torch.Tensor, strategy: str, query_index, layers=None, discar
         return _query_rows(a[int(strategy.split(":", 1)[1])], query_index)
     stat, _, order = strategy.partition("_")
     if stat not in ("mean", "std") or order not in ("max", "min"):
-        raise ValueError(f"unknown selection strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown selection strategy {strategy!r}; expected one of {', '.join(SELECTION_STRATEGIES)} or layer:<i>")
     reduced = a.mean(dim=0) if stat == "mean" else a.std(dim=0, unbiased=False)
     rows = _query_rows(reduced, query_index)
     return rows if order == "max" else -rows

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from itself.checkpoint import UnsafeCheckpointError, check_safe, latest_tag, load_exported
+from itself.checkpoint import check_safe, latest_tag, tag_for
+from itself.model.export import load_exported
+from itself.safeio import UnsafeCheckpointError
 from itself.model.backbone import build_clip
 from runs import REPO, run_train, small_run_args, train_env
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from itself.checkpoint import tag_for
 from itself.dist import free_port
 from runs import REPO, small_run_args, train_env
 
@@ -22,6 +23,7 @@ import os, sys, torch
 from itself.model import ITSELF
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # (the DeepSpeed launcher adds it)
+# steps: the optimizer steps (counted from 1, as the model's `step` argument) that go non-finite
 steps, kind, real = {int(s) for s in args[0].split(",")}, args[1], ITSELF.forward
 only_rank = int(args[2]) if args[2] != "all" else None  # inject on this rank only
 
@@ -60,7 +62,7 @@ def run_with_nan(steps: str, kind: str, args: list[str], rank: str = "all", laun
 
 
 def weights(run_dir, step: int) -> dict:
-    path = run_dir / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt"
+    path = run_dir / "checkpoints" / tag_for(step) / "mp_rank_00_model_states.pt"
     return torch.load(path, weights_only=True)["module"]
 
 
@@ -79,7 +81,7 @@ def args_for(dataset, run_dir, *extra) -> list[str]:
                                                   ("zero0", "loss", "fp32"), ("zero2", "grad", "bf16")])
 def test_skip_policy_drops_the_update_counts_it_and_training_goes_on(small_dataset, tmp_path, stage, kind, precision):
     run_dir = tmp_path / "run"
-    run = run_with_nan("3", kind, args_for(small_dataset, run_dir, f"train.deepspeed={stage}",
+    run = run_with_nan("4", kind, args_for(small_dataset, run_dir, f"train.deepspeed={stage}",
                                            f"train.precision={precision}"))
     assert run.returncode == 0, run.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
@@ -97,7 +99,7 @@ def test_skip_policy_drops_the_update_counts_it_and_training_goes_on(small_datas
 
 def test_stop_policy_saves_the_last_finite_state_and_exits_with_a_message(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    run = run_with_nan("3", "loss", args_for(small_dataset, run_dir, "train.nonfinite=stop"))
+    run = run_with_nan("4", "loss", args_for(small_dataset, run_dir, "train.nonfinite=stop"))
     assert run.returncode != 0
     assert ("NonFiniteError: non-finite loss at step 4 (epoch 1); stopping (train.nonfinite=stop). "
             "Checkpoint step00000004 holds the last finite weights") in run.stderr
@@ -109,7 +111,7 @@ def test_stop_policy_saves_the_last_finite_state_and_exits_with_a_message(small_
 
 def test_too_many_skips_in_a_row_stop_a_diverged_run(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    run = run_with_nan("2,3,4", "loss", args_for(small_dataset, run_dir, "train.max_skipped_steps=3"))
+    run = run_with_nan("3,4,5", "loss", args_for(small_dataset, run_dir, "train.max_skipped_steps=3"))
     assert run.returncode != 0
     assert "3 skipped steps in a row reach train.max_skipped_steps=3" in run.stderr
     assert_same_weights(weights(run_dir, 2), weights(run_dir, 5))
@@ -119,7 +121,7 @@ def test_too_many_skips_in_a_row_stop_a_diverged_run(small_dataset, tmp_path):
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(small_dataset, tmp_path, stage):
     run_dir = tmp_path / "run"
     launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
-    run = run_with_nan("3", "loss", args_for(small_dataset, run_dir, f"train.deepspeed={stage}"), rank="1",
+    run = run_with_nan("4", "loss", args_for(small_dataset, run_dir, f"train.deepspeed={stage}"), rank="1",
                        launcher=launcher, tmp_path=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "2 rank(s) on cpu" in run.stdout

@@ -1,0 +1,20 @@
+"""The project's error types, at the bottom of the import graph so that every layer can raise them.
+
+A `UserError` is a mistake the user can fix (a config value, a missing dataset, a bad flag):
+commands print it as `error: ...` and exit 2, without a traceback. Anything else is a runtime
+failure (exit 1).
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for; the message names the field, file or flag and what to do."""
+
+
+class ConfigError(UserError):
+    """A configuration value is invalid; the message names the field and what to do."""
+
+
+class DataError(UserError, RuntimeError):
+    """The data cannot be read as configured; the message names the file, field or flag."""

@@ -1,0 +1,261 @@
+"""The run directory: every file a training run writes, and the one place that knows their names
+and formats. The trainer writes through it; SLURM jobs, Tune trials and the retrieval tools read
+through it.
+
+    config.yaml            the resolved config (runs again as --config)
+    deepspeed_config.json  the resolved DeepSpeed dict
+    train.log              the text log
+    metrics.jsonl          one JSON record per line: train (losses, lr, samples/s), data, eval, test, ...
+    tensorboard/           TensorBoard events
+    checkpoints/           stepNNNNNNNN/ (COMPLETE-marked), latest, best   (see itself.checkpoint)
+    model.pt               the exported model (see itself.model.export)
+    results.json           the final summary: val (best epoch) and test metrics
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .errors import ConfigError
+from .metrics import fused_at
+
+
+@dataclasses.dataclass
+class EvalRecord:
+    """One evaluation as metrics.jsonl holds it."""
+
+    split: str
+    epoch: int
+    """0-based epoch after which it ran."""
+    step: int
+    """Optimizer steps taken when it ran (the checkpoint of that step holds the evaluated weights)."""
+    fusion_weight: float
+    """The weight a chosen on this evaluation (on val) or carried from val (on test)."""
+    metrics: dict
+    """{"global", "grab", "fused@a" ...} of the chosen selection (`itself.metrics.fused_metrics`)."""
+    selection: str = "train"
+    """Which tokens GRAB embedded (`train` or `last_layer@<ratio>`), chosen on val."""
+    candidates: dict = dataclasses.field(default_factory=dict)
+    """Per selection evaluated: its best fused R1 / mAP and weight (how the choice was made)."""
+    counts: dict = dataclasses.field(default_factory=dict)
+    """Gallery and query sizes, and gallery images skipped as undecodable."""
+
+    @property
+    def fused(self) -> dict:
+        """The metrics at the chosen fusion weight (the global ones for a global-only model)."""
+        return fused_at(self.metrics, self.fusion_weight)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "EvalRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+    def to_record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RunDir:
+    """The files of one training run (see the module docstring)."""
+
+    CONFIG = "config.yaml"
+    DEEPSPEED_CONFIG = "deepspeed_config.json"
+    LOG = "train.log"
+    METRICS = "metrics.jsonl"
+    TENSORBOARD = "tensorboard"
+    CHECKPOINTS = "checkpoints"
+    MODEL = "model.pt"
+    RESULTS = "results.json"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @staticmethod
+    def default_path(name: str) -> str:
+        return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint folder, or None."""
+        tag = ckpt.latest_tag(self.checkpoints)
+        return self.checkpoints / tag if tag else None
+
+    def best_checkpoint(self) -> Path | None:
+        """The checkpoint chosen on val (the newest complete one when none was chosen yet)."""
+        tag = ckpt.read_pointer(self.checkpoints, "best")
+        return self.checkpoints / tag if tag else self.latest_checkpoint()
+
+    def check_reuse(self, resume: str) -> None:
+        """A ConfigError when this folder already holds checkpoints and the run does not continue
+        them: a new run must never silently mix with (or continue) an old one."""
+        if not resume and self.latest_checkpoint() is not None:
+            raise ConfigError(f"run_dir: {self.path} already holds checkpoints; pass train.resume=latest to "
+                              "continue that run, or choose another run_dir")
+
+    def resume_source(self, resume: str) -> Path:
+        """The checkpoint folder `train.resume` names: `latest` of this run, or a folder."""
+        if resume == "latest":
+            found = self.latest_checkpoint()
+            if found is None:
+                raise ConfigError(f"train.resume=latest: no complete checkpoint in {self.checkpoints}")
+            return found
+        path = Path(resume)
+        if not ckpt.is_complete(path.parent, path.name):
+            raise ConfigError(f"train.resume: {path} is not a complete checkpoint directory")
+        return path
+
+    def remove_incomplete(self) -> list[str]:
+        """Delete checkpoint folders a stopped run left half-written; returns their names."""
+        names = ckpt.incomplete_tags(self.checkpoints)
+        for name in names:
+            shutil.rmtree(self.checkpoints / name, ignore_errors=True)
+        return names
+
+    # -- preflight -------------------------------------------------------------------------------
+
+    def unwritable(self) -> str | None:
+        """Why files cannot be written here (a read-only or full file system, a file in the way, no
+        permission), or None: found now rather than at the first checkpoint."""
+        probe = self.path / f".write-test-{os.getpid()}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            return f"run_dir: cannot write to {self.path}: {e.strerror or e}; choose a writable run_dir"
+        finally:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:  # (no folder to remove it from)
+                pass
+        return None
+
+    def lacks_room(self, checkpoint_bytes: int, model_bytes: int, keep_last: int) -> str | None:
+        """Why this folder cannot hold the run's checkpoints (the last `keep_last`, the best, the one
+        being written) and the exported model, or None."""
+        need = checkpoint_bytes * (keep_last + 2) + model_bytes
+        # A resumed run's checkpoints are already there, and give their room to the new ones.
+        held = sum(f.stat().st_size for f in self.checkpoints.rglob("*") if f.is_file())
+        free = shutil.disk_usage(self.path).free
+        if free + held >= need:
+            return None
+        mib = 2 ** 20
+        return (f"run_dir: {self.path} has {free / mib:.1f} MiB free"
+                f"{f' (+{held / mib:.1f} MiB of checkpoints)' if held else ''}, but this run needs about "
+                f"{need / mib:.1f} MiB ({keep_last + 2} checkpoints of {checkpoint_bytes / mib:.1f} MiB: "
+                f"train.keep_last={keep_last}, the best, the one being written; and {self.MODEL}). Free space, "
+                "lower train.keep_last, or choose another run_dir")
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def read_records(self, offset: int = 0) -> tuple[list[dict], int]:
+        """The complete metrics.jsonl records from byte `offset` on, and the offset after them (a
+        line still being written is left for the next call)."""
+        path = self.file(self.METRICS)
+        if not path.exists():
+            return [], offset
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
+
+    def records(self, kind: str | None = None) -> list[dict]:
+        return [r for r in self.read_records()[0] if kind is None or r["type"] == kind]
+
+    def evals(self, split: str = "val") -> list[EvalRecord]:
+        return [EvalRecord.from_record(r) for r in self.records("eval") if r["split"] == split]
+
+    def results(self) -> dict:
+        path = self.file(self.RESULTS)
+        if not path.exists():
+            raise ConfigError(f"{path} not found: the run {self.path} has not finished")
+        return json.loads(path.read_text())
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.file(name)
+        path.write_text(text)
+        return path
+
+    def open_log(self, rank: int) -> "RunLog":
+        return RunLog(self, rank)
+
+
+class RunLog:
+    """Rank 0's text log (train.log), metrics.jsonl and TensorBoard events; silent elsewhere."""
+
+    def __init__(self, run: RunDir, rank: int):
+        self.active = rank == 0
+        self.tb = None
+        if not self.active:
+            return
+        run.path.mkdir(parents=True, exist_ok=True)
+        self.text = open(run.file(RunDir.LOG), "a")
+        self.jsonl = open(run.file(RunDir.METRICS), "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(run.file(RunDir.TENSORBOARD)))
+        except ImportError:  # optional: TensorBoard events need tensorboardX
+            pass
+
+    def info(self, msg: str) -> None:
+        if self.active:
+            line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+            print(line, flush=True)
+            self.text.write(line + "\n")
+            self.text.flush()
+
+    def record(self, kind: str, step: int, values: dict) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps({"type": kind, "step": step, "time": time.time(), **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in _flatten(values).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def record_eval(self, record: EvalRecord, kind: str = "eval") -> None:
+        values = record.to_record()
+        self.record(kind, values.pop("step"), values)
+
+    def close(self) -> None:
+        if self.active:
+            self.text.close()
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

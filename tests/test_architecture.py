@@ -1,0 +1,124 @@
+"""The shape of the code: imports only go down (shards <- itself <- launch, tune), with no cycle
+inside a package, not even through function-level imports, and every module imports first."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from runs import REPO, train_env
+
+PACKAGES = ("shards", "itself", "launch", "tune")
+LAYER = {"shards": 0, "itself": 1, "launch": 2, "tune": 2}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imports_of(name: str, path: Path, known: dict) -> set[str]:
+    """The project modules `name` imports anywhere in its file (function-level imports included)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            # `from . import x` imports the module x when there is one, else names of the package
+            candidates = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known] or [base]
+        else:
+            continue
+        for target in candidates:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                targets.add(target)
+    return targets
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports_of(name, path, known) for name, path in known.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_anywhere():
+    # A package's __init__ re-exporting its own modules is how a package works, not a cycle: its
+    # modules must simply not import the package back.
+    edges = graph()
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_the_cycle_check_finds_a_function_level_cycle(tmp_path):
+    # The check itself: the cycle this project once had (config -> model -> checkpoint -> config),
+    # hidden in function-level imports, is found.
+    known = {"p.config": tmp_path / "config.py", "p.model": tmp_path / "model.py", "p.checkpoint": tmp_path / "ck.py"}
+    known["p.config"].write_text("def f():\n    from .model import M\n")
+    known["p.model"].write_text("from .checkpoint import safe_load\n")
+    known["p.checkpoint"].write_text("def g():\n    from . import config\n")
+    edges = {n: imports_of(n, p, known) for n, p in known.items()}
+    assert find_cycle(edges) == ["p.checkpoint", "p.config", "p.model", "p.checkpoint"]
+
+
+def test_imports_only_go_down_the_layers():
+    for name, targets in graph().items():
+        for target in targets:
+            a, b = name.split(".")[0], target.split(".")[0]
+            assert LAYER[b] <= LAYER[a] and (LAYER[b] < LAYER[a] or a == b), f"{name} imports {target}"
+    for path in (REPO / "itself").rglob("*.py"):  # the library never needs the launchers' stacks
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+        assert not names & {"ray", "submitit", "launch", "tune"}, path
+
+
+IMPORT_EACH_FIRST = """
+import importlib, sys
+names = sys.argv[1:]
+ours = lambda m: m.split(".")[0] in ("shards", "itself", "launch", "tune")
+for order in (names, names[::-1]):
+    for name in order:
+        for loaded in [m for m in sys.modules if ours(m)]:
+            del sys.modules[loaded]
+        importlib.import_module(name)
+print("imported", len(names), "modules, each first, in two orders")
+"""
+
+
+def test_every_module_imports_first_in_any_order():
+    names = sorted(m for m in modules() if not m.endswith(".__main__"))  # (those run a command)
+    run = subprocess.run([sys.executable, "-c", IMPORT_EACH_FIRST, *names], cwd=REPO, env=train_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"imported {len(names)} modules" in run.stdout
