@@ -187,11 +187,40 @@ def _deepspeed_safe_globals() -> list:
 
 
 def full_state_dict(engine) -> dict:
-    """The model's weights as fp32 tensors on CPU (gathered from ZeRO-3 partitions if needed)."""
-    if engine.zero_optimization_stage() == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()
+    """The model's weights as fp32 tensors on CPU, on every rank (a collective under ZeRO-3).
+
+    Under bf16 these are the optimizer's fp32 master weights, assembled by DeepSpeed's public
+    `safe_get_full_fp32_param` (ZeRO 1-3) or read from the optimizer's fp32 groups (no ZeRO):
+    never the bf16 weights cast back to fp32, which would lose what the last updates added.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    if engine.bfloat16_enabled():
+        masters = _unpartitioned_masters(engine.optimizer) if engine.zero_optimization_stage() == 0 else {}
+        params = {name: (masters[id(p)] if masters else safe_get_full_fp32_param(p))
+                  for name, p in module.named_parameters()}
+        missing = [name for name, v in params.items() if v is None]
+        if missing:
+            raise RuntimeError(f"no fp32 master weights for {missing[:3]} (DeepSpeed optimizer "
+                               f"{type(engine.optimizer).__name__}); export them with train.precision=fp32")
+        sd = {**module.state_dict(), **params}  # (buffers as the module holds them)
+    elif engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict() or {}  # (fp32 training: the weights themselves)
     else:
-        sd = engine.module.state_dict()
-    if sd is None:  # ZeRO-3 consolidates on rank 0 only
-        return {}
+        sd = module.state_dict()
     return {k: (v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()) for k, v in sd.items()}
+
+
+def _unpartitioned_masters(optimizer) -> dict[int, torch.Tensor]:
+    """{id(low-precision param): its fp32 master} of DeepSpeed's optimizer without ZeRO."""
+    from torch._utils import _unflatten_dense_tensors
+
+    groups = getattr(optimizer, "fp16_groups", None) or getattr(optimizer, "bf16_groups", None)
+    if groups is None:
+        return {}
+    if hasattr(optimizer, "fp32_groups"):  # one fp32 tensor per parameter
+        masters = [m for group in optimizer.fp32_groups for m in group]
+    else:  # one flat fp32 tensor per group
+        masters = [m for g, flat in zip(groups, optimizer.fp32_groups_flat) for m in _unflatten_dense_tensors(flat, g)]
+    return {id(p): m for p, m in zip((p for g in groups for p in g), masters)}

@@ -329,7 +329,7 @@ class Trainer:
     def _finish(self) -> dict:
         s, run = self.state, self.run
         best = run.best_checkpoint()
-        self.ckpt.load(best, weights_only=True)
+        self.ckpt.load(best)  # optimizer state too: under bf16 it holds the fp32 master weights that model.pt gets
         results = evaluate(self.engine.module, self.cfg, "test", self.rank, self.world, self.device,
                            selections=(s.selection,))
         weights = full_state_dict(self.engine)

@@ -139,6 +139,19 @@ def test_plan_keeps_identity_groups_and_drops_remainders():
     assert plan.used_pairs == 4 * plan.steps and plan.dropped_pairs == 13 - plan.used_pairs
 
 
+def test_single_pair_identities_train_with_their_pair_drawn_twice():
+    # As the reference sampler: an identity with fewer pairs than num_instance fills its group by
+    # drawing its pairs with replacement, so every identity of the shards is in the epoch.
+    shards_ = [ShardIndex("s0", ((1, (("a", 1),)), (2, (("b", 2),)), (3, (("c", 1),)), (4, (("d", 1), ("e", 1))))),
+               ShardIndex("s1", ((5, (("f", 1),)), (6, (("g", 2),)), (7, (("h", 1),)), (8, (("i", 2),))))]
+    plan = plan_epoch(shards_, num_slots=1, slot_batch=4, num_instance=2, window_shards=2, seed=0, epoch=0)
+    pairs = [p for batch in plan.slot_batches[0] for p in batch]
+    assert sorted({p[3] for p in pairs}) == list(range(1, 9))
+    for pid, key in ((1, "a"), (3, "c"), (5, "f"), (7, "h")):
+        assert [p[1:3] for p in pairs if p[3] == pid] == [(key, 0), (key, 0)]
+    assert plan.used_pairs == plan.total_pairs == 12 and plan.dropped_pairs == 0
+
+
 def test_fewer_shards_than_ranks_times_workers_is_an_error_naming_both(small_dataset):
     with pytest.raises(DataError, match=r"8 train shards are fewer than the 16 data slots \(ranks x workers = 4 x 4.*--shard-samples"):
         train_loader(_cfg(small_dataset, num_workers=4), rank=0, world_size=4, micro_batch=8)
@@ -261,6 +274,17 @@ def test_train_image_augmentation_shapes_and_determinism():
     assert a.shape == c.shape == (3, 48, 16) and torch.equal(a, b)
     plain = T.train_image(img, (48, 16), torch.Generator().manual_seed(1), augment=False)
     assert torch.equal(plain, c)
+
+
+def test_random_erasing_fills_with_the_raw_clip_mean_as_the_reference_code():
+    # torchvision's RandomErasing(value=mean) after Normalize: the box holds the un-normalised
+    # mean (0.4815, 0.4578, 0.4082), not 0 (the mean colour) nor noise.
+    x = torch.full((3, 48, 16), 7.0)
+    T._erase(x, torch.Generator().manual_seed(0))
+    erased = x != 7.0
+    assert erased.any() and erased[0].equal(erased[1]) and erased[0].equal(erased[2])
+    for c, mean in enumerate((0.48145466, 0.4578275, 0.40821073)):
+        assert torch.allclose(x[c][erased[c]], torch.tensor(mean))
 
 
 def test_missing_dataset_is_an_error_naming_how_to_build(tmp_path):

@@ -19,6 +19,7 @@ from itself.evaluate import evaluate
 from itself.metrics import fused_at, fused_key
 from itself.model.export import load_exported
 from itself.presets import resolve_config
+from itself.rundir import RunDir
 from runs import REPO, STEPS_PER_EPOCH, run_train, small_run_args, train_env
 
 def final_weights(run_dir: Path) -> dict:
@@ -37,6 +38,14 @@ def test_run_writes_results_logs_and_checkpoints(straight_run):
     results = json.loads((straight_run / "results.json").read_text())
     assert set(results["test"]) == set(results["val"]) == {"global", "grab", "fused"}
     assert results["test_chance_R1"] == 100 / 8 and results["test_counts"]["queries"] == 32
+    # Both GRAB selections were evaluated on val (MARS at p_end, the reference code's last layer at
+    # 0.4): they rank differently, and the better one on val is the one used for test and model.pt.
+    candidates = results["selection_candidates"]
+    assert set(candidates) == {"train", "last_layer@0.4"} and candidates["train"] != candidates["last_layer@0.4"]
+    best = max(candidates, key=lambda s: (candidates[s]["R1"], candidates[s]["mAP"]))
+    assert results["selection"] == best and results["fusion_weight"] == candidates[best]["fusion_weight"]
+    assert torch.load(straight_run / "model.pt", weights_only=True)["selection"] == best
+    assert all(set(e.candidates) == set(candidates) for e in RunDir(straight_run).evals("val"))
     assert 0 <= results["fusion_weight"] <= 1 and results["best_epoch"] in (1, 2)
     records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["type"] for r in records]

@@ -59,7 +59,8 @@ class EpochPlan:
 
     @property
     def used_pairs(self) -> int:
-        return sum(len(b) for batches in self.slot_batches for b in batches)
+        """Distinct pairs in the epoch's batches (a single-pair identity's pair counts once)."""
+        return len({p[:3] for batches in self.slot_batches for b in batches for p in b})
 
     @property
     def dropped_pairs(self) -> int:
@@ -97,9 +98,13 @@ def assign_shards(shards: list[ShardIndex], num_slots: int, rng: random.Random) 
 
 
 def _identity_groups(shard_idx: int, shard: ShardIndex, k: int, rng: random.Random):
-    """(pid, groups of k pairs) per identity of a shard, pairs shuffled; remainders dropped."""
+    """(pid, groups of k pairs) per identity of a shard, pairs shuffled; remainders dropped. An
+    identity with fewer than k pairs is filled up by drawing its pairs with replacement (as the
+    reference code's sampler): it still trains, once per epoch."""
     for pid, images in shard.identities:
         pairs = [(shard_idx, key, c, pid) for key, n in images for c in range(n)]
+        if 0 < len(pairs) < k:
+            pairs = [rng.choice(pairs) for _ in range(k)]
         rng.shuffle(pairs)
         usable = len(pairs) - len(pairs) % k
         yield pid, [pairs[i:i + k] for i in range(0, usable, k)]

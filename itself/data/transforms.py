@@ -103,8 +103,13 @@ def train_image(img: torch.Tensor, size: tuple[int, int], gen: torch.Generator, 
     return x
 
 
+ERASE_VALUE = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+"""What an erased box is filled with, as the reference code: torchvision's RandomErasing(value=mean)
+after normalisation, so the raw CLIP mean (0.48, 0.46, 0.41) lands in the normalised tensor."""
+
+
 def _erase(x: torch.Tensor, gen: torch.Generator) -> None:
-    """Random erasing in place; the erased box takes the mean colour (0 after normalisation)."""
+    """Random erasing in place (torchvision's sampling of the box); the box takes ERASE_VALUE."""
     _, h, w = x.shape
     area = h * w
     log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
@@ -116,7 +121,7 @@ def _erase(x: torch.Tensor, gen: torch.Generator) -> None:
         if eh < h and ew < w:
             i = int(torch.randint(0, h - eh + 1, (), generator=gen))
             j = int(torch.randint(0, w - ew + 1, (), generator=gen))
-            x[:, i:i + eh, j:j + ew] = 0.0
+            x[:, i:i + eh, j:j + ew] = ERASE_VALUE
             return
 
 

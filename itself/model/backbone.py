@@ -77,12 +77,17 @@ def load_clip_weights(clip: nn.Module, sd: dict, source: str) -> None:
     key = "visual.positional_embedding"
     if key in sd:
         sd[key] = interpolate_pos_embed(sd[key], clip.visual.grid_size)
-    missing, unexpected = clip.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k not in ("logit_scale", "logit_bias")]
-    unexpected = [k for k in unexpected if k not in ("logit_scale", "logit_bias")]
-    if missing or unexpected:
-        raise ValueError(f"{source}: not weights of this architecture; missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
+    own = clip.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the model's: {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in sd and k not in ("logit_scale", "logit_bias")]
+    unexpected = [k for k in sd if k not in own and k not in ("logit_scale", "logit_bias")]
+    if wrong or missing or unexpected:
+        raise ConfigError(f"model.pretrained: {source} holds weights of another architecture than model.arch "
+                          f"({'shapes ' + ', '.join(wrong[:2]) if wrong else ''}"
+                          f"{'; missing ' + ', '.join(missing[:3]) if missing else ''}"
+                          f"{'; unexpected ' + ', '.join(unexpected[:3]) if unexpected else ''})")
+    clip.load_state_dict(sd, strict=False)
 
 
 def pretrained_file(arch: str, tag: str) -> str:
