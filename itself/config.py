@@ -35,8 +35,15 @@ DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "cluster_configs" / "d
 @dataclasses.dataclass
 class DataConfig:
     root: str = "data/synthetic"
-    """Dataset directory written by `python -m shards build` (dataset.json, manifest.parquet,
-    train/ val/ test/)."""
+    """Dataset written by `python -m shards build` (dataset.json, manifest.parquet, train/ val/
+    test/): a local folder or a URL (`https://`, `s3://`, `gs://`: anything fsspec opens)."""
+    mix: tuple[str, ...] = ()
+    """Further built datasets (folders or URLs) whose train splits are trained on with `root`'s
+    (joint training). Their identities stay apart (labels offset); val and test are `root`'s."""
+    mix_weights: tuple[float, ...] = ()
+    """Per dataset, `root` first, then each of `mix`: how many times its train pairs are used per
+    epoch on average (1: once; 0.5: half of its identities, drawn anew each epoch; 2: twice).
+    Empty: 1 for every dataset."""
     build_synthetic: bool = False
     """Build the embedded synthetic dataset at `root` when it is missing (the synthetic presets)."""
     train_shards: str = ""
@@ -82,6 +89,13 @@ class DataConfig:
             raise ConfigError(f"data.num_slots: must be >= 0 (0 = ranks x workers), got {self.num_slots}")
         if self.window_shards < 1:
             raise ConfigError(f"data.window_shards: must be >= 1, got {self.window_shards}")
+        if self.mix_weights and len(self.mix_weights) != 1 + len(self.mix):
+            raise ConfigError(f"data.mix_weights: need one weight per dataset (data.root, then each of data.mix: "
+                              f"{1 + len(self.mix)}), got {len(self.mix_weights)}")
+        if any(w < 0 for w in self.mix_weights) or (self.mix_weights and not any(self.mix_weights)):
+            raise ConfigError(f"data.mix_weights: each must be >= 0 and one > 0, got {self.mix_weights}")
+        if not all(self.mix):
+            raise ConfigError(f"data.mix: every entry must be a dataset folder or URL, got {self.mix}")
 
 
 @dataclasses.dataclass
@@ -316,6 +330,9 @@ class EvalConfig:
     """Evaluate on val every this many epochs (and after the last)."""
     block_mb: int = 256
     """Working memory of the blocked ranking, in MiB."""
+    test_roots: tuple[str, ...] = ()
+    """Further built datasets (folders or URLs) whose test splits the final model is evaluated on,
+    each reported separately in results.json (`test_datasets`): cross-dataset evaluation."""
     selection: str = "both"
     """GRAB tokens at evaluation: `train` (the training strategy at the final ATS keep ratio: MARS at
     p_end), `last_layer` (the reference code's evaluation: the last layer's attention at `keep_ratio`),

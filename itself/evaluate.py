@@ -71,11 +71,12 @@ class _Columns:
 
 
 @torch.no_grad()
-def embed_split(model, cfg: Config, split: str, rank: int, world: int, device, selections=(TRAIN,)):
-    """(queries, gallery) of a split on every rank (see `_Columns.assemble`)."""
+def embed_split(model, cfg: Config, split: str, rank: int, world: int, device, selections=(TRAIN,), root=None):
+    """(queries, gallery) of a split of `root` (default: data.root) on every rank (see `_Columns.assemble`)."""
     was_training = model.training
     model.eval()
-    images, texts = eval_loaders(cfg.data, split, rank=rank, world_size=world, batch_size=cfg.eval.batch_size)
+    data = dataclasses.replace(cfg.data, root=root or cfg.data.root)
+    images, texts = eval_loaders(data, split, rank=rank, world_size=world, batch_size=cfg.eval.batch_size)
     dims = model.backbone.embed_dim, None if model.cfg.global_only else model.cfg.grab_dim
     gallery, queries = _Columns(selections, *dims), _Columns(selections, *dims)
     for img, pid, image_id in images:
@@ -86,11 +87,13 @@ def embed_split(model, cfg: Config, split: str, rank: int, world: int, device, s
     return queries.assemble(device), gallery.assemble(device)
 
 
-def evaluate(model, cfg: Config, split: str, rank: int, world: int, device, selections=None) -> dict | None:
+def evaluate(model, cfg: Config, split: str, rank: int, world: int, device, selections=None,
+             root: str | None = None) -> dict | None:
     """On rank 0 {"counts": {...}, "selections": {selection: {"global", "grab", "fused@a" ...}}};
-    None elsewhere. `selections` default to `selections_of(cfg)`."""
+    None elsewhere. `selections` default to `selections_of(cfg)`; `root` to data.root."""
     selections = tuple(selections or selections_of(cfg))
-    queries, gallery = embed_split(model, cfg, split, rank, world, device, selections)
+    root = root or cfg.data.root
+    queries, gallery = embed_split(model, cfg, split, rank, world, device, selections, root)
     if rank != 0:
         return None
     by_selection = {}
@@ -98,7 +101,7 @@ def evaluate(model, cfg: Config, split: str, rank: int, world: int, device, sele
         q = {"global": queries["global"], "grab": queries["grab"].get(s), "pids": queries["pids"]}
         g = {"global": gallery["global"], "grab": gallery["grab"].get(s), "pids": gallery["pids"]}
         by_selection[s] = fused_metrics(q, g, cfg.eval.fusion_weights, block_bytes=cfg.eval.block_mb << 20)
-    listed = ensure_dataset(cfg.data.root)["splits"][split]
+    listed = ensure_dataset(root)["splits"][split]
     # Undecodable gallery images are skipped (and printed); the count says how many, never silently.
     counts = {"gallery": len(gallery["pids"]), "queries": len(queries["pids"]),
               "gallery_skipped": listed["images"] - len(gallery["pids"])}

@@ -31,7 +31,7 @@ from shards import schema
 from .model.export import load_exported
 from .rundir import RunDir
 from .data import transforms as T
-from .data.pipeline import iter_shard, image_member
+from .data.catalog import image_member, iter_shard
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INDEX_FILE = "index.json"

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -122,7 +123,8 @@ class Trainer:
         self.loader.set_epoch(0)
         self.steps_per_epoch = len(self.loader) // t.grad_accum
         torch.manual_seed(cfg.seed)
-        model = ITSELF(cfg.model, self.info["train_identities"], cfg.data.image_size, self.steps_per_epoch)
+        self.num_ids = self.loader.num_ids  # (a mixture: every dataset's train identities)
+        model = ITSELF(cfg.model, self.num_ids, cfg.data.image_size, self.steps_per_epoch)
         n_params = sum(p.numel() for p in model.parameters())
         problem = self.run.lacks_room(checkpoint_bytes(model, self.precision), n_params * 4, t.keep_last) \
             if self.rank == 0 else None
@@ -330,32 +332,31 @@ class Trainer:
         s, run = self.state, self.run
         best = run.best_checkpoint()
         self.ckpt.load(best)  # optimizer state too: under bf16 it holds the fp32 master weights that model.pt gets
-        results = evaluate(self.engine.module, self.cfg, "test", self.rank, self.world, self.device,
-                           selections=(s.selection,))
+        tests = {root: evaluate(self.engine.module, self.cfg, "test", self.rank, self.world, self.device,
+                                selections=(s.selection,), root=root)
+                 for root in (self.cfg.data.root, *self.cfg.eval.test_roots)}
         weights = full_state_dict(self.engine)
         summary = None
         if self.rank == 0:
+            results, a = tests.pop(self.cfg.data.root), s.fusion_weight
             metrics = results["selections"][s.selection]
-            a = s.fusion_weight
-            test = {"global": metrics["global"], **({"grab": metrics["grab"], "fused": fused_at(metrics, a)}
-                                                    if "grab" in metrics else {})}
-            val = EvalRecord.from_record(s.best_val)
-            val_rows = {"global": val.metrics["global"], **({"grab": val.metrics["grab"], "fused": val.fused}
-                                                            if "grab" in val.metrics else {})}
+            test, val = _branches(metrics, a), EvalRecord.from_record(s.best_val)
+            others = {root: {"metrics": _branches(r["selections"][s.selection], a), "counts": r["counts"]}
+                      for root, r in tests.items()}
             self.log.record_eval(EvalRecord("test", val.epoch, s.global_step, a, metrics, s.selection,
                                             counts=results["counts"]), kind="test")
             model_path = run.file(RunDir.MODEL)
-            export(model_path, weights, to_dict(self.cfg), self.info["train_identities"], a, metrics=test,
-                   selection=s.selection)
+            export(model_path, weights, to_dict(self.cfg), self.num_ids, a, metrics=test, selection=s.selection)
             summary = {"run_dir": str(run), "best_epoch": s.best_epoch, "checkpoint": best.name,
                        "fusion_weight": a, "selection": s.selection, "selection_candidates": val.candidates,
-                       "val": val_rows, "test": test, "test_counts": results["counts"],
-                       "test_chance_R1": chance_r1(self.info, "test"), "model": str(model_path)}
+                       "val": _branches(val.metrics, a), "test": test, "test_counts": results["counts"],
+                       "test_chance_R1": chance_r1(self.info, "test"), "test_datasets": others,
+                       "model": str(model_path)}
             run.write_text(RunDir.RESULTS, json.dumps(summary, indent=2) + "\n")
-            self.log.info("results (best val epoch {}, checkpoint {}, fusion weight a={:g} and selection {} chosen "
-                          "on val):\n{}".format(s.best_epoch, best.name, a, s.selection, results_table(
-                              {**{f"val {k}": v for k, v in val_rows.items()},
-                               **{f"test {k}": v for k, v in test.items()}})))
+            rows = {**{f"val {k}": v for k, v in summary["val"].items()}, **{f"test {k}": v for k, v in test.items()},
+                    **{f"{Path(root).name} test {k}": v for root, o in others.items() for k, v in o["metrics"].items()}}
+            self.log.info(f"results (best val epoch {s.best_epoch}, checkpoint {best.name}, fusion weight a={a:g} and "
+                          f"selection {s.selection} chosen on val):\n{results_table(rows)}")
             self.log.info(f"test R@1 chance level: {summary['test_chance_R1']:.2f}")
             self.log.info(f"written: {run}/ (model.pt, results.json, metrics.jsonl, train.log, config.yaml, "
                           f"deepspeed_config.json, tensorboard/, checkpoints/)")
@@ -465,6 +466,12 @@ def _drop_nonfinite_grads(engine, device) -> bool:
     for p in engine.module.parameters():
         p.grad = None
     return True
+
+
+def _branches(metrics: dict, a: float) -> dict:
+    """{"global", "grab", "fused"} rows of a selection's results at fusion weight a."""
+    return {"global": metrics["global"], **({"grab": metrics["grab"], "fused": fused_at(metrics, a)}
+                                           if "grab" in metrics else {})}
 
 
 def results_table(rows: dict[str, dict]) -> str:

@@ -9,7 +9,7 @@ Layout of a built dataset directory::
     <out>/train/train-000000.tar      one sample per image: <key>.<image ext> + <key>.json
     <out>/val/val-000000.tar
     <out>/test/test-000000.tar
-    <out>/manifest.parquet            one row per written image (MANIFEST_COLUMNS)
+    <out>/manifest.parquet            one row per written image (MANIFEST_COLUMNS), in tar order
     <out>/dataset.json                name, schema version, counts, per-shard sample counts
     <out>/rejects.jsonl               one line per input record not written, with its reason
 
@@ -18,8 +18,10 @@ Layout of a built dataset directory::
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
-READABLE_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# 2: the manifest also holds each sample's caption count and byte range in its shard (readers
+# plan from a few small columns and read parts of shards); 1 lacks those columns.
 # Key of the schema version in manifest.parquet's metadata (dataset.json has "schema_version").
 MANIFEST_VERSION_KEY = b"itself.schema_version"
 
@@ -50,7 +52,11 @@ MANIFEST_COLUMNS = (
     "height",
     "sha256",  # hash of the encoded image bytes
     "source",  # original path relative to the raw dataset root
+    "num_captions",  # len(captions) (v2)
+    "offset",  # byte offset of the sample's first tar header in its shard (v2)
+    "size",  # bytes from there to the end of the sample's last member, padding included (v2)
 )
+V2_COLUMNS = ("num_captions", "offset", "size")
 
 
 def shard_name(split: str, index: int) -> str:

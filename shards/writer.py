@@ -102,9 +102,11 @@ class _ShardSink:
             return True
         return self._count + samples <= self.max_samples and self._bytes + nbytes <= self.max_bytes
 
-    def write(self, key: str, image_ext: str, image_bytes: bytes, meta: dict) -> str:
+    def write(self, key: str, image_ext: str, image_bytes: bytes, meta: dict) -> tuple[str, int, int]:
+        """Add one sample; returns (shard name, byte offset of the sample, its size in the tar)."""
         if self._tar is None:
             self._open()
+        start = self._tar.offset
         for name, data in ((f"{key}.{image_ext}", image_bytes),
                            (f"{key}.{schema.META_EXT}", json.dumps(meta, sort_keys=True).encode())):
             info = tarfile.TarInfo(name)  # fixed mtime/owner: same input -> same bytes
@@ -113,7 +115,7 @@ class _ShardSink:
         self._count += 1
         self._captions += len(meta["captions"])
         self._bytes += len(image_bytes)
-        return self._path.name
+        return self._path.name, start, self._tar.offset - start
 
 
 def check_captions(captions) -> str | None:
@@ -242,11 +244,12 @@ class DatasetWriter:
             sink.close_shard()
         key = schema.sample_key(rec.image_id)
         meta = {"pid": pid, "image_id": rec.image_id, "captions": list(rec.captions), "source": rec.source}
-        shard = sink.write(key, rec.image_ext, rec.image_bytes, meta)
+        shard, offset, size = sink.write(key, rec.image_ext, rec.image_bytes, meta)
         self.rows.append({
             "split": rec.split, "shard": shard, "key": key, "pid": pid, "orig_pid": str(rec.pid),
             "image_id": rec.image_id, "captions": list(rec.captions), "width": width, "height": height,
             "sha256": hashlib.sha256(rec.image_bytes).hexdigest(), "source": rec.source,
+            "num_captions": len(rec.captions), "offset": offset, "size": size,
         })
 
     # -- output -----------------------------------------------------------------------------
@@ -261,10 +264,12 @@ class DatasetWriter:
             ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("pid", pa.int64()),
             ("orig_pid", pa.string()), ("image_id", pa.int64()), ("captions", pa.list_(pa.string())),
             ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("source", pa.string()),
+            ("num_captions", pa.int32()), ("offset", pa.int64()), ("size", pa.int64()),
         ]))
         assert tuple(table.column_names) == schema.MANIFEST_COLUMNS
         table = table.replace_schema_metadata({schema.MANIFEST_VERSION_KEY: str(schema.SCHEMA_VERSION).encode()})
-        self._write_atomic(schema.MANIFEST_FILE, lambda p: pq.write_table(table, p))
+        # (row groups of 16k rows in shard order: a reader of a few shards reads a few groups)
+        self._write_atomic(schema.MANIFEST_FILE, lambda p: pq.write_table(table, p, row_group_size=16384))
         self._write_atomic(schema.REJECTS_FILE, lambda p: Path(p).write_text(
             "".join(json.dumps(dataclasses.asdict(r), default=str) + "\n" for r in self.rejects)))
         info = self.summary()

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import json
 import random
 import shutil
 import tarfile
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from itself.config import ConfigError, DataConfig
-from itself.data import DataError, eval_loaders, plan_epoch, train_loader
+from itself.data import DataError, IdentityTable, epoch_layout, eval_loaders, plan_slot, train_loader
 from itself.data import transforms as T
-from itself.data.plan import ShardIndex
 from shards import schema
 
 MICRO_BATCH = 4  # 2 identities x 2 pairs
@@ -60,6 +59,9 @@ def test_every_caption_once_disjoint_ranks_equal_batches(small_dataset, world, w
         for b in range(a + 1, world):
             assert not set(seen[a]) & set(seen[b]), f"ranks {a} and {b} share pairs"
     assert sum(seen, collections.Counter()) == _all_pairs(small_dataset)  # each caption exactly once
+    layout = train_loader(_cfg(small_dataset, num_workers=workers), rank=0, world_size=world,
+                          micro_batch=MICRO_BATCH).dataset.epoch_layout()
+    assert layout.stats["pairs_unused"] == layout.stats["pairs_repeated"] == 0  # (identities of 4 pairs: balanced)
     for batches in ranks:
         for b in batches:
             assert b["images"].shape == (MICRO_BATCH, 3, 48, 16) and b["tokens"].shape == (MICRO_BATCH, 77)
@@ -111,6 +113,24 @@ def test_resuming_mid_epoch_serves_exactly_the_remaining_steps(small_dataset, wo
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_workers_persist_across_epochs_and_serve_the_epoch_they_are_handed(small_dataset):
+    loader = train_loader(_cfg(small_dataset, num_workers=2, text_aug=True), rank=0, world_size=1,
+                          micro_batch=MICRO_BATCH)
+    served, workers = {}, []
+    for epoch, start in ((0, 0), (1, 0), (3, 6), (1, 0)):
+        loader.set_epoch(epoch, start)
+        served[(epoch, start)] = list(loader)
+        workers.append([w.pid for w in loader.loader._iterator._workers])
+    assert all(w == workers[0] for w in workers) and len(set(workers[0])) == 2  # the same two processes
+    for (epoch, start), batches in served.items():  # ... serving exactly what fresh loaders serve
+        fresh = train_loader(_cfg(small_dataset, num_workers=0, text_aug=True, num_slots=2), rank=0, world_size=1,
+                             micro_batch=MICRO_BATCH)
+        fresh.set_epoch(epoch, start)
+        expected = list(fresh)
+        assert len(batches) == len(expected) == len(loader) - start
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(batches, expected) for k in a)
+
+
 def test_workers_and_no_workers_see_the_same_data_per_rank(small_dataset):
     # Different slot layouts shuffle differently, but both cover the rank's identities exactly.
     for workers in (0, 2):
@@ -118,51 +138,107 @@ def test_workers_and_no_workers_see_the_same_data_per_rank(small_dataset):
         assert pids[0] == sorted(list(range(32)) * 4)
 
 
-def test_uneven_shards_drop_whole_groups_and_report_it(tmp_path):
-    # 3 slots over 8 shards: slots get 3, 3 and 2 shards; every slot runs the smallest count.
-    shards_ = [ShardIndex(f"s{i}", tuple((i * 10 + j, (("k%d_%d" % (i, j), 4),)) for j in range(4))) for i in range(8)]
-    plan = plan_epoch(shards_, num_slots=3, slot_batch=4, num_instance=2, window_shards=16, seed=0, epoch=0)
-    assert [len(s) for s in plan.slot_shards] == [3, 3, 2]
-    assert plan.steps == 8  # 2 shards x 4 identities x 2 groups / 2 groups per batch
-    assert plan.total_pairs == 128 and plan.used_pairs == 3 * 8 * 4 and plan.dropped_pairs == 32
+def _table(shards: list[list[tuple[int, list[int]]]], copies_of_shard=None) -> tuple[IdentityTable, dict]:
+    """An identity table from shards given as [(pid, [captions of each image]), ...], and the
+    caption count of each (shard, row)."""
+    shard, pid, captions, caps = [], [], [], {}
+    for s, identities in enumerate(shards):
+        row = 0
+        for p, images in identities:
+            for n in images:
+                shard.append(s), pid.append(p), captions.append(n)
+                caps[(s, row)] = n
+                row += 1
+    return IdentityTable.from_rows(np.array(shard), np.array(pid), np.array(captions), len(shards),
+                                   copies_of_shard), caps
 
 
-def test_plan_keeps_identity_groups_and_drops_remainders():
-    # One identity with 3 pairs: one group of 2, one pair dropped; identities are never repeated in a batch.
-    shards_ = [ShardIndex("s0", ((1, (("a", 3),)), (2, (("b", 2),)), (3, (("c", 4),)))),
-               ShardIndex("s1", ((4, (("d", 2), ("e", 2))),))]
-    plan = plan_epoch(shards_, num_slots=1, slot_batch=4, num_instance=2, window_shards=1, seed=1, epoch=0)
-    assert plan.total_pairs == 13
-    for batch in plan.slot_batches[0]:
-        pids = [p[3] for p in batch]
-        assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
-    assert plan.used_pairs == 4 * plan.steps and plan.dropped_pairs == 13 - plan.used_pairs
+def _plan(table, caps, num_slots, slot_batch, window_shards=16, epoch=0, k=2):
+    layout = epoch_layout(table, num_slots=num_slots, slot_batch=slot_batch, num_instance=k,
+                          window_shards=window_shards, seed=0, epoch=epoch)
+    slots = [[b for w in plan_slot(table, layout, s, lambda sh, r: caps[(sh, r)], seed=0, epoch=epoch)
+              for b in w.batches] for s in range(num_slots)]
+    return layout, slots
+
+
+def _all_table_pairs(caps, table):
+    pid_of = {}
+    for i in range(len(table)):
+        for r in range(table.first_row[i], table.first_row[i] + table.images[i]):
+            pid_of[(int(table.shard[i]), int(r))] = int(table.pid[i])
+    return {(s, r, c, pid_of[(s, r)]) for (s, r), n in caps.items() for c in range(n)}
+
+
+def test_unbalanced_identities_use_every_pair_and_pad_slots_to_equal_steps():
+    # Identities of 1 to 9 pairs over 5 shards, 3 slots: every slot yields the epoch's step count,
+    # every pair is used, short groups and short slots are completed with repeats (counted).
+    rng = random.Random(0)
+    shards = [[(s * 10 + j, [rng.randint(1, 3) for _ in range(rng.randint(1, 3))]) for j in range(6)] for s in range(5)]
+    table, caps = _table(shards)
+    layout, slots = _plan(table, caps, num_slots=3, slot_batch=4)
+    assert [len(b) for b in slots] == [layout.steps] * 3
+    used = [p for batches in slots for b in batches for p in b]
+    assert set(used) == _all_table_pairs(caps, table)
+    assert layout.stats["pairs_unused"] == 0 and layout.stats["pairs_used"] == table.num_pairs
+    assert layout.stats["pairs_repeated"] == len(used) - table.num_pairs > 0
+    for batches in slots:  # sub-batches of 2 identities x 2 pairs, slots identity-disjoint
+        for b in batches:
+            assert len(b) == 4 and b[0][3] == b[1][3] and b[2][3] == b[3][3] and b[0][3] != b[2][3]
+    owners = [{p[3] for b in batches for p in b} for batches in slots]
+    assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
 
 
 def test_single_pair_identities_train_with_their_pair_drawn_twice():
     # As the reference sampler: an identity with fewer pairs than num_instance fills its group by
     # drawing its pairs with replacement, so every identity of the shards is in the epoch.
-    shards_ = [ShardIndex("s0", ((1, (("a", 1),)), (2, (("b", 2),)), (3, (("c", 1),)), (4, (("d", 1), ("e", 1))))),
-               ShardIndex("s1", ((5, (("f", 1),)), (6, (("g", 2),)), (7, (("h", 1),)), (8, (("i", 2),))))]
-    plan = plan_epoch(shards_, num_slots=1, slot_batch=4, num_instance=2, window_shards=2, seed=0, epoch=0)
-    pairs = [p for batch in plan.slot_batches[0] for p in batch]
+    table, caps = _table([[(1, [1]), (2, [2]), (3, [1]), (4, [1, 1])], [(5, [1]), (6, [2]), (7, [1]), (8, [2])]])
+    layout, (batches,) = _plan(table, caps, num_slots=1, slot_batch=4, window_shards=2)
+    pairs = [p for batch in batches for p in batch]
     assert sorted({p[3] for p in pairs}) == list(range(1, 9))
-    for pid, key in ((1, "a"), (3, "c"), (5, "f"), (7, "h")):
-        assert [p[1:3] for p in pairs if p[3] == pid] == [(key, 0), (key, 0)]
-    assert plan.used_pairs == plan.total_pairs == 12 and plan.dropped_pairs == 0
+    for pid in (1, 3, 5, 7):
+        ((shard, row, cap, _),) = {p for p in pairs if p[3] == pid}
+        assert [p for p in pairs if p[3] == pid] == [(shard, row, cap, pid)] * 2
+    assert layout.stats["pairs_used"] == layout.stats["pairs_total"] == 12 and layout.stats["pairs_unused"] == 0
 
 
-def test_fewer_shards_than_ranks_times_workers_is_an_error_naming_both(small_dataset):
-    with pytest.raises(DataError, match=r"8 train shards are fewer than the 16 data slots \(ranks x workers = 4 x 4.*--shard-samples"):
-        train_loader(_cfg(small_dataset, num_workers=4), rank=0, world_size=4, micro_batch=8)
-    with pytest.raises(ConfigError, match=r"data.num_slots: 3 is not a multiple of the world size 2"):
-        train_loader(_cfg(small_dataset, num_workers=2, num_slots=3), rank=0, world_size=2, micro_batch=MICRO_BATCH)
+def test_more_slots_than_shards_split_shards_at_identity_boundaries():
+    # 2 shards of 8 identities, 8 slots: each slot reads a part of a shard.
+    table, caps = _table([[(s * 8 + j, [2, 2]) for j in range(8)] for s in range(2)])
+    layout, slots = _plan(table, caps, num_slots=8, slot_batch=2)
+    assert layout.steps == 4 and layout.stats["pairs_repeated"] == 0  # 2 identities x 2 groups of 2 pairs per slot
+    assert {len({p[3] for b in batches for p in b}) for batches in slots} == {2}
+
+
+def test_mixture_weights_repeat_or_subsample_identities():
+    # Two datasets (one shard each): weight 2 uses the first's pairs twice, weight 0.5 half of the
+    # second's identities, drawn anew each epoch.
+    table, caps = _table([[(j, [2]) for j in range(8)], [(100 + j, [2]) for j in range(8)]], np.array([2.0, 0.5]))
+    drawn = []
+    for epoch in range(2):
+        layout, (batches,) = _plan(table, caps, num_slots=1, slot_batch=4, epoch=epoch)
+        count = collections.Counter(p[3] for b in batches for p in b)
+        assert all(count[j] >= 4 for j in range(8))  # 2 pairs, twice (a short batch may repeat one more)
+        drawn.append({p for p in count if p >= 100})
+        assert 0 < len(drawn[-1]) < 8 and sum(count.values()) == 4 * layout.steps
+        assert layout.stats["pairs_used"] == 16 + 2 * len(drawn[-1])
+    assert drawn[0] != drawn[1]
+
+
+def test_fewer_identities_than_slots_is_an_error_naming_what_to_change():
+    table, caps = _table([[(j, [2]) for j in range(3)]])
+    with pytest.raises(DataError, match="fewer than the 4 data slots: use fewer slots"):
+        _plan(table, caps, num_slots=4, slot_batch=2)
+
+
+def test_identity_split_across_a_shard_is_an_error():
+    with pytest.raises(DataError, match="not consecutive in its shard"):
+        _table([[(1, [2]), (2, [2]), (1, [2])]])
 
 
 def test_workers_never_outnumber_the_identities_a_rank_adds_per_step(small_dataset):
-    # micro-batch 4 = 2 identities: of 4 requested workers only 2 are used (each adds 1 identity).
-    loader = train_loader(_cfg(small_dataset, num_workers=4), rank=0, world_size=1, micro_batch=MICRO_BATCH)
-    assert (loader.dataset.workers_per_rank, loader.dataset.num_slots, loader.dataset.slot_batch) == (2, 2, 2)
+    loader = train_loader(_cfg(small_dataset, num_workers=8), rank=0, world_size=2, micro_batch=MICRO_BATCH)
+    assert (loader.dataset.layout.workers_per_rank, loader.dataset.layout.num_slots,
+            loader.dataset.layout.slot_batch) == (2, 4, 2)
     loader.set_epoch(0)
     assert all(set(collections.Counter(b["pids"].tolist()).values()) == {2} for b in loader)
 
@@ -192,18 +268,15 @@ def test_brace_pattern_shards_are_matched_to_the_manifest(small_dataset):
 
 
 def _plant_corrupt_image(root, shard_name: str, index: int) -> int:
-    """Replace the image of the index-th sample of a shard by garbage; returns its image_id."""
+    """Overwrite the image bytes of the index-th sample of a shard with garbage of the same length
+    (the shard's layout, and so the manifest's byte ranges, stay valid); returns its image_id."""
     path = root / "train" / shard_name
     with tarfile.open(path) as t:
-        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
-    victim = members[2 * index][0].name.split(".")[0]
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
-        for m, data in members:
-            if m.name == f"{victim}.jpg":
-                data = b"\xff\xd8\xff\xe0 not really a jpeg" + bytes(200)
-                m.size = len(data)
-            t.addfile(m, io.BytesIO(data))
-    return int(victim)
+        member = [m for m in t.getmembers() if m.name.endswith(".jpg")][index]
+    data = bytearray(path.read_bytes())
+    data[member.offset_data:member.offset_data + member.size] = b"\xff\xd8\xff\xe0" + bytes(member.size - 4)
+    path.write_bytes(bytes(data))
+    return int(member.name.split(".")[0])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -298,4 +371,4 @@ def test_default_synthetic_dataset_is_built_on_first_use(tmp_path):
     info = json.loads((tmp_path / "syn" / schema.DATASET_FILE).read_text())
     assert info["name"] == "synthetic" and len(info["splits"]["train"]["shards"]) == 16
     loader.set_epoch(0)
-    assert len(loader) == 1280 // 8 and loader.dataset.plan().dropped_pairs == 0
+    assert len(loader) == 1280 // 8 and loader.dataset.epoch_layout().stats["pairs_repeated"] == 0

