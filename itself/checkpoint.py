@@ -114,8 +114,8 @@ class Checkpointer:
     Every rank calls `save` at the same step: each writes its part, then rank 0 marks the folder
     COMPLETE, moves `latest` (and `best`) and prunes all but the last `keep_last` and the best."""
 
-    def __init__(self, engine, ckpt_dir: str | os.PathLike, keep_last: int, rank: int):
-        self.engine, self.dir, self.keep_last, self.rank = engine, Path(ckpt_dir), keep_last, rank
+    def __init__(self, engine, ckpt_dir: str | os.PathLike, keep_last: int, rank: int, world: int):
+        self.engine, self.dir, self.keep_last, self.rank, self.world = engine, Path(ckpt_dir), keep_last, rank, world
 
     def save(self, state: TrainState, is_best: bool = False) -> str:
         tag = tag_for(state.global_step)
@@ -146,19 +146,40 @@ class Checkpointer:
 
     def load(self, folder: str | os.PathLike, *, weights_only: bool = False) -> TrainState:
         """Restore the checkpoint `folder` (a complete one, of this run or another) into the engine and
-        this rank's random state; returns the training state it holds."""
+        this rank's random state; returns the training state it holds. A ZeRO 1-3 checkpoint written
+        by another number of ranks is loaded through its universal copy (rank 0 makes it)."""
         folder = Path(folder)
         if not is_complete(folder.parent, folder.name):
             raise FileNotFoundError(f"checkpoint {folder} is missing or incomplete (no {COMPLETE} marker)")
         check_safe(folder)
+        universal = self.engine.zero_optimization_stage() > 0 and saved_world_size(folder) != self.world
+        if universal:
+            made = [str(to_universal(folder)) if self.rank == 0 else None]
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast_object_list(made, src=0)
+            folder = Path(made[0])
+        # (DeepSpeed reads this flag when loading only: set it for this checkpoint's kind)
+        self.engine._config.load_universal_checkpoint = universal
         _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
                                                 load_optimizer_states=not weights_only,
                                                 load_lr_scheduler_states=not weights_only,
                                                 load_module_only=weights_only)
+        if universal:  # DeepSpeed restores the parameters from the universal files, not the buffers
+            self._restore_buffers(folder)
         rng_file = folder / f"rng_rank{self.rank}.pt"
         if not weights_only and rng_file.exists():
             set_rng_state(safe_load(rng_file))
         return TrainState.from_dict(client or {})
+
+
+    def _restore_buffers(self, folder: Path) -> None:
+        """The module's buffers (BatchNorm statistics) as the checkpoint's model states hold them."""
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            saved = safe_load(sorted(folder.glob("*model_states.pt"))[0])["module"]
+        with torch.no_grad():
+            for name, buf in self.engine.module.named_buffers():
+                if name in saved:
+                    buf.copy_(saved[name])
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -167,6 +188,44 @@ def _fsync_tree(folder: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     fsync_dir(folder)
+
+
+def saved_world_size(folder: str | os.PathLike) -> int:
+    """The number of data-parallel ranks that wrote a checkpoint."""
+    found = sorted(Path(folder).glob("*model_states.pt"))
+    if not found:
+        raise FileNotFoundError(f"checkpoint {folder} holds no model states file")
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return int(safe_load(found[0], mmap=True).get("dp_world_size") or 1)
+
+
+UNIVERSAL = "universal-"
+"""Prefix of the universal copy of a checkpoint (not a `step*` folder: never taken as `latest`)."""
+
+
+def to_universal(folder: str | os.PathLike) -> Path:
+    """DeepSpeed's universal checkpoint of `folder` (ZeRO 1-3), loadable on any number of ranks,
+    written once beside it (marked COMPLETE when whole). The optimizer state of ZeRO 1-3 is
+    partitioned by rank: this is how a run continues on more or fewer ranks."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    folder = Path(folder)
+    out = folder.parent / f"{UNIVERSAL}{folder.name}"
+    if is_complete(out.parent, out.name):
+        return out
+    check_safe(folder)  # (the converter unpickles without restriction)
+    shutil.rmtree(out, ignore_errors=True)
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=str(folder), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True))
+    (folder.parent / "latest_universal").unlink(missing_ok=True)  # (the converter's pointer: unused here)
+    for rng in folder.glob("rng_rank*.pt"):
+        shutil.copy2(rng, out / rng.name)
+    _fsync_tree(out)
+    write_atomic(out / COMPLETE, "")
+    return out
 
 
 def check_safe(folder: Path) -> None:

@@ -104,13 +104,12 @@ def skip_shm_all_reduce(deepspeed) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_engine(model, cfg: Config, world_size: int, precision: str, device: torch.device, steps_per_epoch: int):
-    """(DeepSpeed engine, the DeepSpeed config it was built with)."""
+def build_engine(model, cfg: Config, ds_config: dict, steps_per_epoch: int):
+    """The DeepSpeed engine of `model` with `ds_config` (see `deepspeed_config`)."""
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, world_size, precision, device)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, steps_per_epoch, cfg)))
-    return engine, ds_config
+    return engine

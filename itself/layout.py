@@ -1,7 +1,8 @@
 """How a global batch splits over ranks, gradient accumulation, data slots and loader workers.
 
 The one place that derives the per-rank micro-batch and checks that everything divides: the
-config's validation, the trainer, the DeepSpeed config and the data pipeline all ask here.
+config's validation, the trainer, the DeepSpeed config and the data pipeline all ask here. A
+layout that does not divide is a ConfigError that names the values that would.
 """
 
 from __future__ import annotations
@@ -29,31 +30,55 @@ class DataLayout:
 
 def data_layout(batch_size: int, world_size: int, grad_accum: int, num_instance: int, num_workers: int,
                 num_slots: int) -> DataLayout:
-    """The layout of a job, or a ConfigError naming the fields to change.
+    """The layout of a job, or a ConfigError naming the fields to change and values that work.
 
     A worker must add at least one identity (num_instance pairs) to each step, so a rank uses at
     most micro_batch / num_instance workers, and a number that divides its slots. Slots default
     (num_slots = 0) to ranks x workers; a fixed count makes batches independent of the world size.
     """
-    step_pairs, rem = divmod(batch_size, grad_accum)
-    micro, rem2 = divmod(step_pairs, world_size)
-    if rem or rem2 or micro < num_instance or micro % num_instance:
-        unit = world_size * grad_accum * num_instance
+    unit = world_size * grad_accum * num_instance
+    if batch_size % unit:
         raise ConfigError(
             f"train.batch_size: {batch_size} is not divisible by world_size x train.grad_accum x data.num_instance "
             f"= {world_size} x {grad_accum} x {num_instance} = {unit}; choose a batch size that is a multiple of "
-            f"{unit}")
+            f"{unit}: " + " or ".join(_fixes(b, world_size, grad_accum, num_instance, num_slots)
+                                      for b in _batch_sizes(batch_size, unit)))
+    step_pairs = batch_size // grad_accum
+    micro = step_pairs // world_size
     cap = max(1, min(num_workers, micro // num_instance))
     if num_slots == 0:
-        num_slots, workers = world_size * cap, cap
-    else:
-        if num_slots % world_size:
-            raise ConfigError(f"data.num_slots: {num_slots} is not a multiple of the world size {world_size}: every "
-                              "rank must own as many data slots (0 = ranks x workers)")
-        workers = max(d for d in range(1, cap + 1) if (num_slots // world_size) % d == 0)
-    slot_batch, rem = divmod(step_pairs, num_slots)
-    if rem or slot_batch % num_instance or slot_batch == 0:
-        raise ConfigError(f"data.num_slots: each of the {num_slots} data slots needs an equal share of the "
-                          f"{step_pairs} pairs of a step, a multiple of data.num_instance = {num_instance}: change "
-                          "train.batch_size or data.num_slots")
-    return DataLayout(micro, num_slots, workers, slot_batch)
+        return DataLayout(micro, world_size * cap, cap, step_pairs // (world_size * cap))
+    fits = _slot_counts(step_pairs, world_size, num_instance)
+    if num_slots not in fits:
+        why = (f"is not a multiple of the world size {world_size}: every rank must own as many data slots"
+               if num_slots % world_size else
+               f"does not split the {step_pairs} pairs of a step into equal shares of whole identity groups "
+               f"(multiples of data.num_instance = {num_instance})")
+        raise ConfigError(f"data.num_slots: {num_slots} {why}; use data.num_slots={_nearest(fits, num_slots)} (with "
+                          f"{world_size} ranks: {', '.join(map(str, fits))}), or 0 (ranks x workers; batches then "
+                          "depend on the world size)")
+    per_rank = num_slots // world_size
+    workers = max(d for d in range(1, cap + 1) if per_rank % d == 0)
+    return DataLayout(micro, num_slots, workers, step_pairs // num_slots)
+
+
+def _slot_counts(step_pairs: int, world_size: int, num_instance: int) -> list[int]:
+    """Slot counts that work: multiples of the world size giving each slot whole identity groups."""
+    return [s for s in range(world_size, step_pairs // num_instance + 1, world_size)
+            if step_pairs % s == 0 and (step_pairs // s) % num_instance == 0]
+
+
+def _nearest(counts: list[int], wanted: int) -> int:
+    return min(counts, key=lambda s: (abs(s - wanted), s))
+
+
+def _batch_sizes(batch_size: int, unit: int) -> list[int]:
+    """The multiples of `unit` nearest to `batch_size` (one or two)."""
+    return [b for b in (batch_size // unit * unit, (batch_size // unit + 1) * unit) if b > 0]
+
+
+def _fixes(batch_size: int, world_size: int, grad_accum: int, num_instance: int, num_slots: int) -> str:
+    """Overrides that make a layout with this batch size work (with a slot count when one is set)."""
+    fits = _slot_counts(batch_size // grad_accum, world_size, num_instance)
+    slots = f" data.num_slots={_nearest(fits, num_slots)}" if num_slots and num_slots not in fits else ""
+    return f"train.batch_size={batch_size}{slots}"

@@ -22,12 +22,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from itself.checkpoint import COMPLETE, Checkpointer, TrainState, full_state_dict, incomplete_tags
+from itself.checkpoint import (COMPLETE, Checkpointer, TrainState, full_state_dict, incomplete_tags,
+                               saved_world_size)
 from itself.config import Config, ConfigError, to_dict
 from itself.data import ensure_dataset, train_loader
 from itself.dist import ensure_process_env
-from itself.engine import (build_engine, checkpoint_bytes, resolve_device, resolve_precision, share_cpu_threads,
-                           skip_shm_all_reduce)
+from itself.engine import (build_engine, checkpoint_bytes, deepspeed_config, resolve_device, resolve_precision,
+                           share_cpu_threads, skip_shm_all_reduce)
 from itself.errors import UserError
 from itself.evaluate import choose, evaluate
 from itself.losses import total_loss
@@ -130,19 +131,23 @@ class Trainer:
             if self.rank == 0 else None
         if _broadcast(problem, self.rank):
             raise ConfigError(problem)
-        self.engine, ds_config = build_engine(model, cfg, self.world, self.precision, self.device,
-                                              self.steps_per_epoch)
+        ds_config = deepspeed_config(cfg, self.world, self.precision, self.device)
+        self.engine = build_engine(model, cfg, ds_config, self.steps_per_epoch)
         if self.rank == 0:
             self.run.write_text(RunDir.CONFIG, _yaml(to_dict(cfg)))
             self.run.write_text(RunDir.DEEPSPEED_CONFIG, json.dumps(ds_config, indent=2) + "\n")
-        self.ckpt = Checkpointer(self.engine, self.run.checkpoints, t.keep_last, self.rank)
+        self.ckpt = Checkpointer(self.engine, self.run.checkpoints, t.keep_last, self.rank, self.world)
         self.meter = StepMeter(self.world, self.device, self.layout.micro_batch * self.world)
         self.bn = BatchNormStats(self.engine.module)
         # Without ZeRO and bf16, DeepSpeed would apply non-finite gradients: the trainer drops them.
         self.check_grads = self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
         self.skips_in_a_row = 0
         if t.resume:
-            self._resume()
+            source = self._resume_source()
+            saved = saved_world_size(source)
+            self.state = self.ckpt.load(source)
+            self.log.info(f"resumed from {source}: epoch {self.state.epoch + 1}, step {self.state.global_step}"
+                          + (f" (written by {saved} rank(s), now {self.world})" if saved != self.world else ""))
         self.log.info(
             f"run {self.run} | {self.world} rank(s) on {self.device.type}, {self.precision} | {cfg.model.arch} "
             f"{n_params / 1e6:.1f}M params | {self.info['splits']['train']['captions']} train pairs, "
@@ -159,7 +164,8 @@ class Trainer:
         run.check_reuse(self.cfg.train.resume)
         return run
 
-    def _resume(self) -> None:
+    def _resume_source(self) -> Path:
+        """The checkpoint to resume from (half-written ones of this run reported and removed)."""
         source = self.run.resume_source(self.cfg.train.resume)
         ours = source.parent == self.run.checkpoints
         for partial in incomplete_tags(source.parent):
@@ -167,8 +173,7 @@ class Trainer:
                           "the run stopped while writing it)" + ("; removing it" if ours else ""))
         if ours and self.rank == 0:
             self.run.remove_incomplete()
-        self.state = self.ckpt.load(source)
-        self.log.info(f"resumed from {source}: epoch {self.state.epoch + 1}, step {self.state.global_step}")
+        return source
 
     # -- the loop ---------------------------------------------------------------------------------
 

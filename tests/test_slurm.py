@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from itself.checkpoint import tag_for
+from itself.rundir import RunDir
 from runs import REPO, SECRETS, assert_no_secrets, small_run_args, wait_until
 from slurm_cluster import SlurmCluster, missing_binaries
 
@@ -41,21 +42,24 @@ def _events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_four_nodes_train_with_world_size_four(slurm, small_dataset, tmp_path):
-    run = _submit({**slurm, **SECRETS}, tmp_path, "--nodes", "4", "--profile", "local-test", "--wait",
-                  *small_run_args(small_dataset), "train.epochs=1")
+def test_four_nodes_train_with_world_size_four(slurm, tmp_path):
+    # The command as typed (the default synthetic preset) on the 4-node test cluster; one epoch, and
+    # the data built by the job itself in a folder of this test.
+    run = _submit({**slurm, **SECRETS}, tmp_path / "jobs", "--nodes", "4", "--profile", "local-test", "--wait",
+                  f"data.root={tmp_path / 'synthetic'}", "train.epochs=1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    folder = _job_folder(tmp_path)
+    folder = _job_folder(tmp_path / "jobs")
     assert_no_secrets(folder)  # the job had them in its environment (sbatch exports it)
     submission = json.loads((folder / "submission.json").read_text())
     job_id = submission["job_ids"][0]
     assert f"submitted job {job_id}: 4 node(s) x 1 rank(s)" in run.stdout
     assert submission["ranks"] == 4 and len(submission["git_commit"]) >= 40 and "launch/slurm.py" in submission["command"][1]
     assert "4 rank(s) on cpu" in (folder / "run" / "train.log").read_text()
-    kinds = [r["type"] for r in _events(folder / "run" / "metrics.jsonl")]
-    assert "train" in kinds and "eval" in kinds and "test" in kinds
-    results = json.loads((folder / "run" / "results.json").read_text())
-    assert results["test_counts"] == {"gallery": 16, "queries": 32, "gallery_skipped": 0}
+    run_dir = RunDir(folder / "run")
+    assert len(run_dir.records("train")) == 2 and len(run_dir.evals("val")) == 1  # 20 steps, logged every 10
+    assert run_dir.records("data")[0]["steps"] == 20  # 32 data slots over 4 ranks: the 1-rank batches
+    results = run_dir.results()
+    assert results["test_counts"] == {"gallery": 160, "queries": 320, "gallery_skipped": 0}
     assert set(results["test"]) == {"global", "grab", "fused"}
     for rank in range(4):  # per-rank logs
         assert (folder / f"{job_id}_{rank}_log.out").exists() and (folder / f"{job_id}_{rank}_log.err").exists()

@@ -17,7 +17,7 @@ import numpy as np
 from shards import schema
 
 from ..errors import DataError
-from .plan import IdentityTable
+from .plan import IdentityTable, join_runs
 
 # -------------------------------------------------------------------------------- locations
 
@@ -177,32 +177,108 @@ def shard_name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _manifest(root: str, columns: list[str], filters: list) -> dict[str, np.ndarray | list]:
-    """Columns of the manifest's rows that pass `filters` (pyarrow reads only what it needs)."""
+def _identity_runs(root: str, index_of: dict[str, int], pid_offset: int, batch_rows: int = 1 << 17) -> tuple:
+    """(shard index, pid, images, pairs) of every train identity of a manifest, read in batches of
+    rows (dictionary-encoded shard names: no Python string per row) and folded into runs as they
+    come, so memory follows the identities. Rows of shards not in `index_of` are left out."""
     import pyarrow.parquet as pq
 
     path = join(root, schema.MANIFEST_FILE)
     if not exists(path):
         raise DataError(f"{path} not found: the train pipeline plans batches from the manifest")
-    fs, where = _fs(path) if is_url(path) else (None, path)
     try:
-        meta = pq.read_schema(where, filesystem=fs)
-        v2 = all(c in meta.names for c in schema.V2_COLUMNS)
-        table = pq.read_table(where, filesystem=fs, columns=_available(columns, v2), filters=filters)
+        with _open(path) as f:
+            pf = pq.ParquetFile(f, read_dictionary=["split", "shard"])
+            _check_manifest_version(pf.schema_arrow.metadata, path)
+            v2 = all(c in pf.schema_arrow.names for c in schema.V2_COLUMNS)
+            columns = ["split", "shard", "pid", "num_captions" if v2 else "captions"]
+            listed: set[str] = set()
+
+            def batches():
+                for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                    split, shard = batch.column(0), batch.column(1)
+                    names = shard.dictionary.to_pylist()
+                    listed.update(names)
+                    index = np.array([index_of.get(n, -1) for n in names] + [-1], np.int64)[
+                        shard.indices.to_numpy(zero_copy_only=False)]
+                    train = split.dictionary.to_pylist().index("train") if "train" in split.dictionary.to_pylist() \
+                        else -1
+                    keep = (split.indices.to_numpy(zero_copy_only=False) == train) & (index >= 0)
+                    captions = _caption_counts(batch.column(3))
+                    yield index[keep], batch.column(2).to_numpy()[keep] + pid_offset, captions[keep]
+
+            runs = join_runs(batches())
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file
         raise DataError(f"cannot read {path}: {e}") from None
-    version = (meta.metadata or {}).get(schema.MANIFEST_VERSION_KEY)
+    missing = sorted(set(index_of) - listed)
+    if missing:
+        raise DataError(f"train shard {missing[0]} is not in {path}: shards and manifest must come from one build")
+    return runs
+
+
+def _caption_counts(column) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):  # schema 1: the captions
+        return pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    return column.to_numpy()
+
+
+def _check_manifest_version(metadata, path: str) -> None:
+    version = (metadata or {}).get(schema.MANIFEST_VERSION_KEY)
     if version is not None:  # (manifests written before versioning carry none: dataset.json's applies)
         check_schema_version(int(version) if version.isdigit() else version.decode(errors="replace"), path)
-    out = {name: table.column(name) for name in table.column_names}
-    if "num_captions" in columns and "num_captions" not in out:  # a v1 manifest: count them
-        import pyarrow.compute as pc
 
-        out["num_captions"] = pc.list_value_length(out.pop("captions"))
-    return {name: (col.to_pylist() if name == "key" else col.to_numpy()) for name, col in out.items()
-            if name in columns}
+
+def _shard_rows(root: str, names: list[str]) -> dict[str, dict]:
+    """{shard name: its train rows' key, num_captions, offset, size} for `names`, reading only the
+    manifest's row groups whose shard range (Parquet statistics; rows are in shard order) holds one."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = join(root, schema.MANIFEST_FILE)
+    try:
+        with _open(path) as f:
+            pf = pq.ParquetFile(f)
+            _check_manifest_version(pf.schema_arrow.metadata, path)
+            column = pf.schema_arrow.get_field_index("shard")
+            groups = [g for g in range(pf.metadata.num_row_groups)
+                      if _may_hold(pf.metadata.row_group(g).column(column).statistics, names)]
+            v2 = all(c in pf.schema_arrow.names for c in schema.V2_COLUMNS)
+            table = pf.read_row_groups(groups, columns=["split", "shard", *_available(["key", "num_captions", "offset",
+                                                                                       "size"], v2)])
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise DataError(f"cannot read {path}: {e}") from None
+    table = table.filter(pc.and_(pc.equal(table["split"], "train"), pc.is_in(table["shard"], value_set=pa_strings(names))))
+    shard = table.column("shard").to_pylist()
+    out = {}
+    bounds = [i for i in range(1, len(shard)) if shard[i] != shard[i - 1]]
+    for lo, hi in zip([0, *bounds], [*bounds, len(shard)]):
+        part = table.slice(lo, hi - lo)
+        cols = {"key": part.column("key").to_pylist()}
+        if "captions" in part.column_names:
+            cols["num_captions"] = pc.list_value_length(part.column("captions")).to_numpy()
+        else:
+            cols.update({c: part.column(c).to_numpy() for c in ("num_captions", "offset", "size")})
+        out[shard[lo]] = cols
+    return out
+
+
+def _may_hold(stats, names: list[str]) -> bool:
+    if stats is None or not stats.has_min_max:
+        return True
+    return any(stats.min <= n <= stats.max for n in names)
+
+
+def pa_strings(values: list[str]):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
 
 
 def _available(columns: list[str], v2: bool) -> list[str]:
@@ -234,22 +310,11 @@ class TrainData:
     def __init__(self, sources: list[tuple[str, list[str], float]]):
         """`sources`: (dataset root, its train shard URLs, weight) per dataset."""
         self.roots, self.urls, self.pid_offset, self._rows = [], [], [], {}
-        self.dataset_of_shard = []
-        shards, pids, captions, copies, offset = [], [], [], [], 0
+        self.dataset_of_shard, runs, copies, offset = [], [], [], 0
         for d, (root, urls, weight) in enumerate(sources):
             info = dataset_info(root)
             first = len(self.urls)
-            names = {shard_name(u): first + i for i, u in enumerate(urls)}
-            cols = _manifest(root, ["shard", "pid", "num_captions"], [("split", "=", "train")])
-            idx = np.array([names.get(n, -1) for n in np.asarray(cols["shard"], dtype=object)], np.int64)
-            missing = sorted(set(names) - set(np.asarray(cols["shard"], dtype=object)))
-            if missing:
-                raise DataError(f"train shard {missing[0]} is not in {join(root, schema.MANIFEST_FILE)}: shards and "
-                                "manifest must come from one build")
-            keep = idx >= 0  # (data.train_shards may list a subset)
-            shards.append(idx[keep])
-            pids.append(np.asarray(cols["pid"], np.int64)[keep] + offset)
-            captions.append(np.asarray(cols["num_captions"], np.int64)[keep])
+            runs.append(_identity_runs(root, {shard_name(u): first + i for i, u in enumerate(urls)}, offset))
             self.roots.append(root)
             self.urls += list(urls)
             self.dataset_of_shard += [d] * len(urls)
@@ -257,17 +322,24 @@ class TrainData:
             copies.append(np.full(len(urls), weight, np.float32))
             offset += int(info["train_identities"])
         self.num_ids = offset
-        shard = np.concatenate(shards)
-        order = np.argsort(shard, kind="stable")  # shard-list order; tar order within a shard
-        self.table = IdentityTable.from_rows(shard[order], np.concatenate(pids)[order],
-                                             np.concatenate(captions)[order], len(self.urls), np.concatenate(copies))
+        self.table = IdentityTable.from_runs(*(np.concatenate([r[i] for r in runs]) for i in range(4)),
+                                             len(self.urls), np.concatenate(copies))
+
+    def load_rows(self, shards) -> None:
+        """Read the rows of these shards (one read per dataset, of the manifest's row groups that
+        hold them: a reader's cost grows with what it reads, not with the dataset)."""
+        wanted = [s for s in dict.fromkeys(int(s) for s in shards) if s not in self._rows]
+        for d in sorted({self.dataset_of_shard[s] for s in wanted}):
+            mine = {shard_name(self.urls[s]): s for s in wanted if self.dataset_of_shard[s] == d}
+            for name, cols in _shard_rows(self.roots[d], sorted(mine)).items():
+                self._rows[mine[name]] = ShardRows(self.urls[mine[name]], cols)
+        for s in wanted:
+            if s not in self._rows:
+                raise DataError(f"train shard {self.urls[s]} has no rows in the manifest of "
+                                f"{self.roots[self.dataset_of_shard[s]]}: shards and manifest must come from one build")
 
     def rows(self, shard: int) -> ShardRows:
-        if shard not in self._rows:
-            d, url = self.dataset_of_shard[shard], self.urls[shard]
-            cols = _manifest(self.roots[d], ["key", "num_captions", "offset", "size"],
-                             [("split", "=", "train"), ("shard", "=", shard_name(url))])
-            self._rows[shard] = ShardRows(url, cols)
+        self.load_rows([shard])
         return self._rows[shard]
 
     def captions_of(self, shard: int, row: int) -> int:

@@ -152,6 +152,7 @@ class _SlotReader:
 
     def __init__(self, ds: TrainDataset, layout: EpochLayout, slot: int, start_step: int):
         self.ds, self.slot, self.start_step = ds, slot, start_step
+        ds.data.load_rows(ds.data.table.shard[layout.order[layout.entries(slot)]])
         self.windows: list[Window] = plan_slot(ds.data.table, layout, slot, ds.data.captions_of, seed=ds.seed,
                                                epoch=ds.epoch)
         self.seed = derive_seed(ds.seed, ds.epoch, "augment", slot)

@@ -11,8 +11,8 @@ Two levels, so that a process plans only what it reads:
 1. `epoch_layout` (every process, vectorised over the compact `IdentityTable`, a few bytes per
    identity): the epoch's shard order is a seeded permutation; identities follow it (tar order
    within a shard); the sequence is cut into `num_slots` contiguous runs of equal pair counts
-   (an identity belongs to the slot where its first pair falls, so slots are identity-disjoint
-   and balanced to within one identity); each slot's run is cut into windows of `window_shards`
+   (identities are never split, so slots are identity-disjoint; the cuts make the largest run as
+   small as possible); each slot's run is cut into windows of `window_shards`
    shards. It also counts, per slot, the sub-batches its windows form, and sets the epoch's step
    count to the largest: every slot runs the same number of steps (uneven ranks hang
    collectives), slots with fewer fill the difference with repeated groups of their identities.
@@ -69,26 +69,31 @@ class IdentityTable:
     @classmethod
     def from_rows(cls, shard: np.ndarray, pid: np.ndarray, captions: np.ndarray, num_shards: int,
                   copies_of_shard: np.ndarray | None = None) -> "IdentityTable":
-        """From one entry per image in shard-list then tar order: identities are the runs of equal
-        (shard, pid); a pid that reappears later in its shard is an error (shards are written
-        grouped by identity)."""
-        shard, pid = np.asarray(shard, np.int64), np.asarray(pid, np.int64)
+        """From one entry per image, in tar order within each shard."""
+        return cls.from_runs(*row_runs(shard, pid, captions), num_shards, copies_of_shard)
+
+    @classmethod
+    def from_runs(cls, shard: np.ndarray, pid: np.ndarray, images: np.ndarray, pairs: np.ndarray, num_shards: int,
+                  copies_of_shard: np.ndarray | None = None) -> "IdentityTable":
+        """From the runs of equal (shard, pid) in the manifest's row order (see `row_runs`): each is an
+        identity; a pid that reappears in its shard after another identity is an error (shards are
+        written grouped by identity)."""
         if len(shard) == 0:
             raise DataError("the train split holds no images")
-        if np.any(np.diff(shard) < 0):
-            raise DataError("manifest rows are not in shard order: rebuild the dataset with `python -m shards build`")
-        starts = np.flatnonzero(np.r_[True, (np.diff(shard) != 0) | (np.diff(pid) != 0)])
-        runs_shard, runs_pid = shard[starts], pid[starts]
-        seen = np.unique(np.stack([runs_shard, runs_pid]), axis=1).shape[1]
-        if seen != len(starts):
+        if np.any(shard[1:] < shard[:-1]):  # shard-list order, tar order within a shard
+            order = np.argsort(shard, kind="stable")
+            shard, pid, images, pairs = shard[order], pid[order], images[order], pairs[order]
+        key = np.sort(shard.astype(np.int64) * (int(pid.max()) - int(pid.min()) + 1) + (pid - pid.min()))
+        duplicate = bool(np.any(key[1:] == key[:-1]))
+        del key
+        if duplicate:
             raise DataError("an identity's images are not consecutive in its shard: rebuild the dataset with "
                             "`python -m shards build` (train shards are written grouped by identity)")
-        shard_start = np.searchsorted(shard, runs_shard)
-        images = np.diff(np.r_[starts, len(shard)])
-        pairs = np.add.reduceat(np.asarray(captions, np.int64), starts)
-        copies = np.ones(len(starts), np.float32) if copies_of_shard is None else \
-            np.asarray(copies_of_shard, np.float32)[runs_shard]
-        return cls(runs_shard.astype(np.int32), runs_pid, (starts - shard_start).astype(np.int32),
+        start = np.cumsum(images, dtype=np.int64) - images
+        first_row = start - np.maximum.accumulate(np.where(np.r_[True, shard[1:] != shard[:-1]], start, 0))
+        copies = np.ones(len(shard), np.float32) if copies_of_shard is None else \
+            np.asarray(copies_of_shard, np.float32)[shard]
+        return cls(shard.astype(np.int32), pid.astype(np.int64), first_row.astype(np.int32),
                    images.astype(np.int32), pairs.astype(np.int32), copies, num_shards)
 
     def __len__(self) -> int:
@@ -97,6 +102,40 @@ class IdentityTable:
     @property
     def num_pairs(self) -> int:
         return int(self.pairs.sum())
+
+
+def row_runs(shard: np.ndarray, pid: np.ndarray, captions: np.ndarray):
+    """(shard, pid, images, pairs) of the runs of equal (shard, pid) in rows given in order."""
+    shard, pid = np.asarray(shard), np.asarray(pid)
+    if len(shard) == 0:
+        return shard, pid, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, (shard[1:] != shard[:-1]) | (pid[1:] != pid[:-1])])
+    return (shard[starts], pid[starts], np.diff(np.r_[starts, len(shard)]),
+            np.add.reduceat(np.asarray(captions, np.int64), starts))
+
+
+def join_runs(batches) -> tuple:
+    """`row_runs` over consecutive batches of rows ((shard, pid, captions) arrays each): the run
+    cut at a batch boundary is joined, so memory follows the runs, not the rows."""
+    done, carry = [], None
+    for shard, pid, captions in batches:
+        runs = [np.asarray(c, t) for c, t in zip(row_runs(shard, pid, captions), RUN_TYPES)]
+        if not len(runs[0]):
+            continue
+        if carry is not None and (runs[0][0], runs[1][0]) == (carry[0][0], carry[1][0]):
+            runs[2][0] += carry[2][0]
+            runs[3][0] += carry[3][0]
+        elif carry is not None:
+            done.append(carry)
+        done.append([c[:-1] for c in runs])
+        carry = [c[-1:] for c in runs]
+    if carry is not None:
+        done.append(carry)
+    return tuple(np.concatenate([d[i] for d in done]) if done else np.zeros(0, t) for i, t in enumerate(RUN_TYPES))
+
+
+RUN_TYPES = (np.int32, np.int64, np.int32, np.int32)
+"""dtypes of (shard, pid, images, pairs): a few bytes per identity at millions of identities."""
 
 
 @dataclasses.dataclass
@@ -133,20 +172,12 @@ def epoch_layout(table: IdentityTable, *, num_slots: int, slot_batch: int, num_i
     copies = whole + (rng.random(len(table)) < table.copies - whole)  # a weight of 0.5: half, drawn anew
     rank_of_shard = np.empty(table.num_shards, np.int64)
     rank_of_shard[rng.permutation(table.num_shards)] = np.arange(table.num_shards)
-    order = np.argsort(rank_of_shard[table.shard], kind="stable")  # shards permuted, tar order within
+    order = np.argsort(rank_of_shard[table.shard], kind="stable").astype(np.int32)  # shards permuted, tar order within
     order = order[copies[order] > 0]
-    copies = copies[order]
-    if len(order) < num_slots:
-        raise DataError(f"this epoch holds {len(order)} identities, fewer than the {num_slots} data slots: use fewer "
-                        "slots (data.num_slots, ranks x data.num_workers) or more data")
-    pairs = table.pairs[order].astype(np.int64) * copies
-    start = np.cumsum(pairs) - pairs
-    slot = start * num_slots // int(pairs.sum())
-    if len(np.unique(slot)) < num_slots:
-        raise DataError(f"some of the {num_slots} data slots get no identity (a few identities hold most pairs): use "
-                        "fewer slots (data.num_slots, ranks x data.num_workers)")
-    window = _windows(table.shard[order], slot, window_shards)
+    copies = copies[order].astype(np.int32)
     groups = copies * -(-table.pairs[order].astype(np.int64) // num_instance)  # a short last group is completed
+    slot = _balanced_cuts(groups, num_slots)
+    window = _windows(table.shard[order], slot, window_shards)
     per_slot = _slot_batches(slot, window, groups, slot_batch // num_instance, num_slots)
     steps = int(per_slot.max())
     used = table.pairs[order].astype(np.int64).sum()
@@ -155,14 +186,39 @@ def epoch_layout(table: IdentityTable, *, num_slots: int, slot_batch: int, num_i
     return EpochLayout(order, copies, slot, window, per_slot, steps, slot_batch, num_instance, stats)
 
 
+def _balanced_cuts(groups: np.ndarray, parts: int) -> np.ndarray:
+    """Per entry, its slot: the sequence cut into `parts` contiguous runs whose largest holds as few
+    groups as possible (the epoch's step count follows the largest: the others are padded)."""
+    cum, n = np.cumsum(groups), len(groups)
+    if n < parts:
+        raise DataError(f"this epoch holds {n} identities, fewer than the {parts} data slots: use fewer slots "
+                        "(data.num_slots, ranks x data.num_workers) or more data")
+
+    def cuts(capacity: int) -> list[int] | None:
+        """Greedy runs of at most `capacity` groups, each leaving an identity for every run after it."""
+        ends, start = [], 0
+        for part in range(parts):
+            end = int(np.searchsorted(cum, (cum[start - 1] if start else 0) + capacity, side="right"))
+            end = max(start + 1, min(end, n - (parts - part - 1)))
+            ends.append(end)
+            start = end
+        return ends if ends[-1] == n and all(
+            int(cum[e - 1] - (cum[b - 1] if b else 0)) <= capacity for b, e in zip([0, *ends], ends)) else None
+
+    lo = max(-(-int(cum[-1]) // parts), int(groups.max()))  # no run can be smaller than this
+    hi = lo + int(groups.max())  # (cutting at the identity nearest each ideal point fits here)
+    while lo < hi:  # the smallest capacity that fits
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if cuts(mid) is not None else (mid + 1, hi)
+    return np.searchsorted(np.array(cuts(lo)), np.arange(n), side="right").astype(np.int32)
+
+
 def _windows(shard_seq: np.ndarray, slot: np.ndarray, window_shards: int) -> np.ndarray:
     """Per entry: its window in its slot, a window being up to `window_shards` consecutive shards."""
-    n = len(slot)
     new_slot = np.r_[True, slot[1:] != slot[:-1]]
-    new_shard = new_slot | np.r_[True, shard_seq[1:] != shard_seq[:-1]]
-    shard_no = np.cumsum(new_shard) - 1  # running shard count, reset below at each slot
-    slot_first = np.maximum.accumulate(np.where(new_slot, np.arange(n), 0))
-    return (shard_no - shard_no[slot_first]) // window_shards
+    shard_no = np.cumsum(new_slot | np.r_[True, shard_seq[1:] != shard_seq[:-1]], dtype=np.int32)  # running count
+    base = np.maximum.accumulate(np.where(new_slot, shard_no, 0))  # ... of the slot's first shard
+    return (shard_no - base) // window_shards
 
 
 def _slot_batches(slot: np.ndarray, window: np.ndarray, groups: np.ndarray, per_batch: int, num_slots: int):
