@@ -1,10 +1,12 @@
-"""Retrieval metrics against hand-computed rankings and a naive full-argsort reference."""
+"""Retrieval metrics against hand-computed rankings, a naive full-argsort reference and the
+definitions read literally (ties, uniform random scores, many matches, edge cases)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import itself.metrics
 from itself.metrics import fused_metrics, retrieval_metrics
 
 
@@ -20,6 +22,88 @@ def naive_metrics(sim, qp, gp):
     last = sim.shape[1] - match.flip(1).float().argmax(1)
     out["mINP"] = 100 * float((match.sum(1) / last).mean())
     return out
+
+
+def literal_metrics(sim, qp, gp):
+    """The definitions, one query at a time: a match ranks 1 + the gallery items scoring strictly
+    higher (a tie does not outrank), its matches taken best first."""
+    hits, ap, inp = {k: 0 for k in (1, 5, 10)}, 0.0, 0.0
+    for row, pid in zip(sim, qp.tolist()):
+        matches = row[gp == pid].sort(descending=True).values
+        ranks = [1 + int((row > s).sum()) for s in matches]
+        for k in hits:
+            hits[k] += ranks[0] <= k
+        ap += sum(j / r for j, r in enumerate(ranks, 1)) / len(ranks)
+        inp += len(ranks) / ranks[-1]
+    n = len(qp)
+    return {**{f"R{k}": 100 * h / n for k, h in hits.items()}, "mAP": 100 * ap / n, "mINP": 100 * inp / n}
+
+
+def assert_same(ours, reference):
+    for key in reference:
+        assert ours[key] == pytest.approx(reference[key], abs=1e-4), key
+
+
+def random_case(scores: str, queries=40, gallery=300, ids=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gp = torch.cat([torch.arange(ids), torch.randint(0, ids, (gallery - ids,), generator=g)])
+    qp = gp[torch.randint(0, gallery, (queries,), generator=g)]
+    match = (qp[:, None] == gp[None]).float()
+    sim = {"uniform": lambda: torch.rand(queries, gallery, generator=g),
+           "model": lambda: torch.randn(queries, gallery, generator=g) + 1.5 * match,
+           # 5 values only: most items tie with some match, matches tie with each other
+           "ties": lambda: torch.randint(0, 5, (queries, gallery), generator=g).float() / 4,
+           # zeros of both signs, +-inf and the float32 extremes (a range past float32), among ties
+           "extreme values": lambda: torch.tensor([0.0, -0.0, 1.0, -1.0, 3e38, -3e38, float("inf"), float("-inf")])[
+               torch.randint(0, 8, (queries, gallery), generator=g)],
+           "constant rows": lambda: torch.ones(queries, gallery)}[scores]()
+    return sim, qp, gp
+
+
+CASES = ["uniform", "model", "ties", "extreme values", "constant rows"]
+
+
+@pytest.mark.parametrize("scores", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_the_definitions(scores, seed):
+    sim, qp, gp = random_case(scores, seed=seed)
+    assert_same(retrieval_metrics(sim, qp, gp), literal_metrics(sim, qp, gp))
+
+
+@pytest.mark.parametrize("scores", CASES)
+def test_many_matches_per_query(scores):
+    sim, qp, gp = random_case(scores, queries=30, gallery=400, ids=4)  # ~100 matches per query
+    assert_same(retrieval_metrics(sim, qp, gp), literal_metrics(sim, qp, gp))
+
+
+@pytest.mark.parametrize("scores", CASES)
+def test_chunks_and_bins_do_not_change_the_result(scores, monkeypatch):
+    """A chunk of a few rows, and bins from one item each to one bin for the whole row."""
+    sim, qp, gp = random_case(scores, queries=50, gallery=120, ids=12, seed=3)
+    reference = literal_metrics(sim, qp, gp)
+    for chunk, items_per_bin in ((120 * 3, 1), (120 * 7, 4), (1, 1000)):
+        monkeypatch.setitem(itself.metrics.CHUNK_SCORES, "cpu", chunk)
+        monkeypatch.setattr(itself.metrics, "ITEMS_PER_BIN", items_per_bin)
+        assert_same(retrieval_metrics(sim, qp, gp, block_bytes=120 * 12 * 20), reference)
+
+
+def test_single_item_gallery():
+    sim = torch.tensor([[0.3], [-2.0], [0.0]])
+    m = retrieval_metrics(sim, torch.tensor([7, 7, 7]), torch.tensor([7]))
+    assert m == {"R1": 100.0, "R5": 100.0, "R10": 100.0, "mAP": 100.0, "mINP": 100.0}
+
+
+def test_ties_do_not_outrank():
+    # query 0: its match ties with two others -> rank 1; query 1: one item strictly above -> rank 2
+    sim = torch.tensor([[0.5, 0.5, 0.5, 0.1], [0.2, 0.9, 0.2, 0.2]])
+    m = retrieval_metrics(sim, torch.tensor([0, 0]), torch.tensor([0, 1, 2, 3]))
+    assert m["R1"] == 50.0 and m["mAP"] == pytest.approx(100 * (1 + 1 / 2) / 2)
+
+
+def test_nan_scores_are_an_error():
+    sim = torch.tensor([[0.1, float("nan")]])
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_metrics(sim, torch.tensor([0]), torch.tensor([0, 1]))
 
 
 def test_hand_computed_rankings():
