@@ -268,6 +268,11 @@ class TrainConfig:
     zero2-offload) or a JSON path. Batch sizes, precision and clipping are filled in from here."""
     device: str = "auto"
     """`auto` (CUDA when available), `cuda` or `cpu`."""
+    compile: bool = False
+    """torch.compile the two towers (inductor, on CPU and GPU; the first steps compile)."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them: less activation memory (a larger micro-batch fits), about a third more compute."""
     checkpoint_every: int = 0
     """Also checkpoint every this many optimizer steps (0 = at epoch ends only)."""
     keep_last: int = 2

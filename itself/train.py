@@ -126,6 +126,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.num_ids = self.loader.num_ids  # (a mixture: every dataset's train identities)
         model = ITSELF(cfg.model, self.num_ids, cfg.data.image_size, self.steps_per_epoch)
+        model.speed_options(grad_checkpointing=t.grad_checkpointing, compile=t.compile)
         n_params = sum(p.numel() for p in model.parameters())
         problem = self.run.lacks_room(checkpoint_bytes(model, self.precision), n_params * 4, t.keep_last) \
             if self.rank == 0 else None

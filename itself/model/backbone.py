@@ -154,19 +154,33 @@ def _attention_with_probs(block: nn.Module, x: torch.Tensor, attn_mask: torch.Te
     return x, probs.detach().mean(dim=1)
 
 
-def _run_blocks(blocks, x, attn_mask, capture: tuple[int, ...]):
+def _plain_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    return block(x, attn_mask=attn_mask)
+
+
+def _run_blocks(blocks, x, attn_mask, capture: tuple[int, ...], checkpoint: bool = False):
+    """Run the blocks, capturing attention on `capture`; with `checkpoint`, each block's
+    activations are recomputed in the backward pass instead of kept (captured attention is
+    detached, so recomputing it changes nothing)."""
+    from torch.utils.checkpoint import checkpoint as recompute
+
     captured = []
     for i, block in enumerate(blocks):
+        run = _attention_with_probs if i in capture else _plain_block
+        out = recompute(run, block, x, attn_mask, use_reentrant=False) if checkpoint else run(block, x, attn_mask)
         if i in capture:
-            x, probs = _attention_with_probs(block, x, attn_mask)
+            x, probs = out
             captured.append(probs)
         else:
-            x = block(x, attn_mask=attn_mask)
+            x = out
     return x, (torch.stack(captured) if captured else None)
 
 
 class ClipBackbone(nn.Module):
-    """Token features of both towers (projected to the joint space) and captured attention."""
+    """Token features of both towers (projected to the joint space) and captured attention.
+
+    `checkpointing` recomputes each transformer block's activations in the backward pass (less
+    memory, about a third more compute); `compile()` compiles both towers with torch.compile."""
 
     def __init__(self, clip: nn.Module):
         super().__init__()
@@ -178,22 +192,35 @@ class ClipBackbone(nn.Module):
         self.image_layers = len(clip.visual.transformer.resblocks)
         self.text_layers = len(clip.transformer.resblocks)
         self.num_patches = clip.visual.grid_size[0] * clip.visual.grid_size[1]
+        self.checkpointing = False
+        self._image_tower, self._text_tower = self._image, self._text
+
+    def compile(self, **options) -> None:
+        """torch.compile both towers (one graph each per set of captured layers: no graph breaks)."""
+        self._image_tower = torch.compile(self._image, **options)
+        self._text_tower = torch.compile(self._text, **options)
 
     def encode_image(self, images: torch.Tensor, capture: tuple[int, ...] = ()):
         """images [B, 3, H, W] -> (tokens [B, 1 + patches, E], attention [len(capture), B, N, N] or None)."""
-        vis = self.clip.visual
-        x = vis._embeds(images.to(vis.conv1.weight.dtype))
-        x, attn = _run_blocks(vis.transformer.resblocks, x, None, capture)
-        x = vis.ln_post(x)
-        return (x @ vis.proj if vis.proj is not None else x), attn
+        return self._image_tower(images, tuple(capture), self.checkpointing and torch.is_grad_enabled())
 
     def encode_text(self, tokens: torch.Tensor, capture: tuple[int, ...] = ()):
         """tokens [B, L] -> (tokens [B, L, E], attention [len(capture), B, L, L] or None)."""
+        return self._text_tower(tokens, tuple(capture), self.checkpointing and torch.is_grad_enabled())
+
+    def _image(self, images: torch.Tensor, capture: tuple[int, ...], checkpoint: bool):
+        vis = self.clip.visual
+        x = vis._embeds(images.to(vis.conv1.weight.dtype))
+        x, attn = _run_blocks(vis.transformer.resblocks, x, None, capture, checkpoint)
+        x = vis.ln_post(x)
+        return (x @ vis.proj if vis.proj is not None else x), attn
+
+    def _text(self, tokens: torch.Tensor, capture: tuple[int, ...], checkpoint: bool):
         c = self.clip
         x = c.token_embedding(tokens).to(c.positional_embedding.dtype)
         x = x + c.positional_embedding[: tokens.shape[1]]
         mask = c.attn_mask[: tokens.shape[1], : tokens.shape[1]] if c.attn_mask is not None else None
-        x, attn = _run_blocks(c.transformer.resblocks, x, mask, capture)
+        x, attn = _run_blocks(c.transformer.resblocks, x, mask, capture, checkpoint)
         x = c.ln_final(x)
         proj = c.text_projection
         x = proj(x) if isinstance(proj, nn.Linear) else (x @ proj if proj is not None else x)

@@ -55,6 +55,13 @@ class ITSELF(nn.Module):
     """`forward(batch, step)` -> dict of this rank's loss shares (`*_loss`) and report values;
     `encode_image` / `encode_text` -> (global, GRAB or None) embeddings for retrieval."""
 
+    def speed_options(self, grad_checkpointing: bool = False, compile: bool = False) -> None:
+        """Recompute the transformer blocks' activations in the backward pass (memory for compute),
+        and/or torch.compile both towers. Neither changes what the model computes."""
+        self.backbone.checkpointing = grad_checkpointing
+        if compile:
+            self.backbone.compile()
+
     def param_role(self, name: str) -> str:
         """What a parameter is, for its learning rate: `grab` (the new GRAB embedding layers),
         `classifier` (the CID and ID classifier layers) or `backbone` (CLIP, and the CID MLP, which

@@ -101,6 +101,8 @@ CASES = [
     ("eval.fusion_weights=[]", "eval.fusion_weights", "need one or more weights, each in [0, 1], got ()"),
     ("eval.every=0", "eval.every", "must be >= 1, got 0"),
     ("eval.block_mb=0", "eval.block_mb", "must be >= 1, got 0"),
+    ("train.compile=yes please", "train.compile", "expected true or false"),
+    ("train.grad_checkpointing=2", "train.grad_checkpointing", "cannot use 2: expected true or false"),
     ("eval.selection=first", "eval.selection", "must be one of both, train, last_layer, got 'first'"),
     ("eval.keep_ratio=0", "eval.keep_ratio", "must be in (0, 1], got 0.0"),
     ("model.pretrained=openai", "model.pretrained", "tiny has no pretrained weights"),

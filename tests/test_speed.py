@@ -1,0 +1,68 @@
+"""Speed options that must not change what the model computes: torch.compile of the towers and
+activation checkpointing of the transformer blocks, against eager on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from itself.config import ModelConfig
+from itself.losses import total_loss
+from itself.model import ITSELF
+
+
+def _model() -> ITSELF:
+    torch.manual_seed(0)
+    return ITSELF(ModelConfig(arch="tiny", pretrained="", grab_dim=32, mars_layers=(1, 3)), num_ids=4,
+                  image_size=(48, 16))
+
+
+def _batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 40000, (8, 77), generator=g)
+    for i, n in enumerate((5, 9, 12, 20, 7, 30, 15, 11)):
+        tokens[i, 0], tokens[i, n], tokens[i, n + 1:] = 49406, 49407, 0
+    return {"images": torch.randn(8, 3, 48, 16, generator=g), "tokens": tokens, "pids": torch.arange(8) // 2}
+
+
+def _step(model: ITSELF) -> tuple[dict, dict, dict]:
+    """(loss terms, parameter gradients, BatchNorm statistics) of one training step."""
+    model.zero_grad(set_to_none=True)
+    out = model(_batch(), step=3)
+    total_loss(out).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+    return {k: float(v) for k, v in out.items()}, grads, stats
+
+
+def _assert_same_step(a, b, rtol: float, atol: float) -> None:
+    (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b) = a, b
+    assert loss_a.keys() == loss_b.keys() and all(loss_b[k] == pytest.approx(v, rel=rtol) for k, v in loss_a.items())
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 100
+    scale = max(float(g.abs().max()) for g in grads_a.values())  # (some gradients are ~0: BN removes fc1's bias)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=rtol, atol=atol * scale, msg=name)
+    for name in stats_a:
+        torch.testing.assert_close(stats_b[name], stats_a[name], rtol=rtol, atol=atol)
+
+
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_step():
+    # Stated tolerance: 1e-6 (recomputation runs the same kernels in the same order).
+    plain, checkpointed = _model(), _model()
+    checkpointed.speed_options(grad_checkpointing=True)
+    _assert_same_step(_step(plain), _step(checkpointed), rtol=1e-6, atol=1e-6)
+    # The captured attention (MARS reads layers 1 and 3) is the same, so the same tokens are kept.
+    with torch.no_grad():
+        assert torch.equal(plain.encode_images(_batch()["images"])[1]["train"],
+                           checkpointed.encode_images(_batch()["images"])[1]["train"])
+
+
+@pytest.mark.slow
+def test_a_compiled_step_gives_the_loss_and_gradients_of_eager():
+    # Stated tolerance: 1e-4 relative (inductor fuses and reorders float operations on CPU).
+    eager, compiled = _model(), copy.deepcopy(_model())
+    compiled.speed_options(compile=True)
+    _assert_same_step(_step(eager), _step(compiled), rtol=1e-4, atol=1e-5)
+    _assert_same_step(_step(eager), _step(compiled), rtol=1e-4, atol=1e-5)  # (a second step: no recompile needed)
