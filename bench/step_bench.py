@@ -6,6 +6,12 @@ baseline. (On CPU the allocator reuses memory across settings, so no peak is sho
     python bench/step_bench.py            # tiny config on CPU, 96x32, batch 64
     python bench/step_bench.py --gpu      # ViT-B/16, 384x128, bf16 autocast, batch 256, one GPU
     python bench/step_bench.py --quick    # a few small steps: checks naive == ours (the test runs this)
+    python bench/step_bench.py --loop     # the real training loop (data, logging) against the bare step
+
+`--loop` builds the synthetic set at the model's image size (pre-resized: no resize in the
+loader), sets up the real trainer (DeepSpeed engine, persistent loader workers), runs one epoch
+to warm up, then times an epoch of the loop (`Trainer.train_epoch`: loading, logging, the
+step) against the same number of `Trainer.step` calls on batches already in memory.
 """
 
 from __future__ import annotations
@@ -39,10 +45,20 @@ def make_batch(n: int, size, device, seed: int = 0) -> dict:
             "pids": (torch.arange(n) // 2).to(device)}
 
 
+SETTINGS = {  # kind: (model config changes, speed options)
+    "baseline": (dict(global_only=True), {}), "itself": ({}, {}), "naive": ({}, {}),
+    "all-layers": (dict(selection="mean_max"), {}), "compiled": ({}, dict(compile=True)),
+    "checkpointed": ({}, dict(grad_checkpointing=True)),
+}
+
+
 def build(kind: str, arch: str, size, device, grab_dim: int, layers) -> ITSELF:
-    kw = {"baseline": dict(global_only=True), "itself": {}, "naive": {}, "all-layers": dict(selection="mean_max")}[kind]
+    changes, speed = SETTINGS[kind]
     torch.manual_seed(0)
-    return ITSELF(ModelConfig(arch=arch, pretrained="", grab_dim=grab_dim, mars_layers=layers, **kw), num_ids=1000, image_size=size).to(device)
+    model = ITSELF(ModelConfig(arch=arch, pretrained="", grab_dim=grab_dim, mars_layers=layers, **changes),
+                   num_ids=1000, image_size=size).to(device)
+    model.speed_options(**speed)
+    return model
 
 
 def step_fn(model, batch, device, bf16: bool):
@@ -101,13 +117,75 @@ def check_naive_matches(args, device, size, batch) -> bool:
     return same
 
 
+def loop_vs_step(gpu: bool, quick: bool) -> int:
+    """The loop's overhead over the step: ratio of an epoch of the training loop to the same
+    number of bare steps, in one process, on the same engine."""
+    import tempfile
+
+    import shards
+    from itself.dist import ensure_process_env
+    from itself.presets import get_preset
+    from itself.train import Trainer
+    from shards.synthetic import SyntheticSpec
+
+    cfg = get_preset("synthetic")
+    if gpu:
+        cfg.model.arch, cfg.data.image_size, cfg.train.batch_size, cfg.data.num_workers = "ViT-B-16", (384, 128), 256, 8
+        cfg.model.grab_dim, cfg.model.mars_layers, cfg.train.precision, cfg.data.num_slots = 4096, (4, 11), "bf16", 0
+        cfg.train.deepspeed = "zero1"
+    spec = SyntheticSpec(num_ids=96 if quick else 480, image_size=cfg.data.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards.build_synthetic(Path(tmp) / "data", spec, progress=False)
+        cfg.data.root, cfg.run_dir = str(Path(tmp) / "data"), str(Path(tmp) / "run")
+        cfg.train.log_every = 10
+        cfg.validate()
+        where = ensure_process_env()
+        import deepspeed
+
+        from itself.engine import resolve_device, skip_shm_all_reduce
+
+        device = resolve_device("auto", where.local_rank)
+        skip_shm_all_reduce(deepspeed)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        trainer = Trainer(cfg, 0, 1, device)
+        trainer.setup()
+        trainer.train_epoch()  # warm-up: workers started, allocations made
+        trainer.state.epoch, trainer.state.micro_step = 1, 0
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        trainer.train_epoch()
+        sync()
+        loop = time.perf_counter() - t
+        steps = len(trainer.loader)
+        trainer.loader.set_epoch(2)
+        batches = [[{k: v.to(device) for k, v in b.items()}] for b in trainer.loader]
+        sync()
+        t = time.perf_counter()
+        for b in batches:
+            trainer.step(b)
+        sync()
+        bare = time.perf_counter() - t
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"{cfg.model.arch} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, batch {cfg.train.batch_size}, "
+          f"{cfg.data.num_workers} loader worker(s), {steps} steps, on {name}")
+    print(f"training loop: {1000 * loop / steps:.1f} ms/step; bare step: {1000 * bare / steps:.1f} ms/step; "
+          f"loop / step = {loop / bare:.3f} (target <= 1.05)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--loop", action="store_true", help="the real training loop against the bare step")
+    p.add_argument("--compile", action="store_true", help="also full ITSELF with torch.compile of the towers")
+    p.add_argument("--grad-checkpointing", action="store_true", help="also full ITSELF with activation checkpointing")
     p.add_argument("--batch", type=int)
     p.add_argument("--iters", type=int)
     args = p.parse_args(argv)
+    if args.loop:
+        return loop_vs_step(args.gpu, args.quick)
     device = torch.device("cuda" if args.gpu else "cpu")
     if args.gpu:
         args.arch, size, args.grab_dim, args.layers, args.bf16 = "ViT-B-16", (384, 128), 4096, (4, 11), True
@@ -124,8 +202,11 @@ def main(argv=None) -> int:
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if args.gpu else None
     base = None
     print(f"{'setting':<34} {'ms/step':>9} {'x base':>7} {'samples/s':>10} {'GFLOP/step':>11} {'MFU':>6} {'peak mem':>10}")
-    for kind, label in (("baseline", "global only (baseline)"), ("itself", "full ITSELF (MARS 2 layers)"),
-                        ("all-layers", "ITSELF, all layers captured"), ("naive", "naive ITSELF (per-sample loops)")):
+    rows = [("baseline", "global only (baseline)"), ("itself", "full ITSELF (MARS 2 layers)"),
+            ("all-layers", "ITSELF, all layers captured"), ("naive", "naive ITSELF (per-sample loops)")]
+    rows += [("compiled", "full ITSELF, compiled towers")] if args.compile else []
+    rows += [("checkpointed", "full ITSELF, grad checkpointing")] if args.grad_checkpointing else []
+    for kind, label in rows:
         seconds, flops, peak = measure(kind, args, device, size, batch)
         base = base or seconds
         mfu = f"{100 * flops / seconds / (peak_tflops * 1e12):5.1f}%" if peak_tflops else "   - "

@@ -179,22 +179,29 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        t, s = self.cfg.train, self.state
-        self.started, self.clock = True, time.time()
-        while s.epoch < t.epochs:
-            for batches in self._steps_of_epoch():
-                self.step(batches)
-                if s.global_step % t.log_every == 0:  # the loop's one synchronisation point
-                    self._log_train()
-                    if self.should_stop is not None and _any_rank(self.should_stop(), self.device):
-                        return self._interrupt()
-                if t.checkpoint_every and s.global_step % t.checkpoint_every == 0:
-                    self.ckpt.save(s)
-                if self._max_steps_reached():
-                    break
+        self.started = True
+        while self.state.epoch < self.cfg.train.epochs:
+            if not self.train_epoch():
+                return self._interrupt()
             if not self._end_epoch():
                 break
         return self._finish()
+
+    def train_epoch(self) -> bool:
+        """The steps left in the current epoch (up to train.max_steps); False when a stop was
+        requested (the caller checkpoints)."""
+        t, s = self.cfg.train, self.state
+        for batches in self._steps_of_epoch():
+            self.step(batches)
+            if s.global_step % t.log_every == 0:  # the loop's one synchronisation point
+                self._log_train()
+                if self.should_stop is not None and _any_rank(self.should_stop(), self.device):
+                    return False
+            if t.checkpoint_every and s.global_step % t.checkpoint_every == 0:
+                self.ckpt.save(s)
+            if self._max_steps_reached():
+                break
+        return True
 
     def _steps_of_epoch(self):
         """The optimizer steps left in this epoch, each a list of `grad_accum` micro-batches."""

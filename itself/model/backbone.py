@@ -17,6 +17,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..archs import TINY_ARCHS, known_archs, tag_quick_gelu, use_quick_gelu
 from ..errors import ConfigError
@@ -202,11 +203,13 @@ class ClipBackbone(nn.Module):
 
     def encode_image(self, images: torch.Tensor, capture: tuple[int, ...] = ()):
         """images [B, 3, H, W] -> (tokens [B, 1 + patches, E], attention [len(capture), B, N, N] or None)."""
-        return self._image_tower(images, tuple(capture), self.checkpointing and torch.is_grad_enabled())
+        with record_function("image_tower"):  # (profiler ranges: bench/profile_step.py reads them)
+            return self._image_tower(images, tuple(capture), self.checkpointing and torch.is_grad_enabled())
 
     def encode_text(self, tokens: torch.Tensor, capture: tuple[int, ...] = ()):
         """tokens [B, L] -> (tokens [B, L, E], attention [len(capture), B, L, L] or None)."""
-        return self._text_tower(tokens, tuple(capture), self.checkpointing and torch.is_grad_enabled())
+        with record_function("text_tower"):
+            return self._text_tower(tokens, tuple(capture), self.checkpointing and torch.is_grad_enabled())
 
     def _image(self, images: torch.Tensor, capture: tuple[int, ...], checkpoint: bool):
         vis = self.clip.visual

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from .. import losses
 from ..config import ModelConfig
@@ -142,10 +143,11 @@ class ITSELF(nn.Module):
         candidates = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         candidates[:, 0] = False  # never the CLS token
         for selection in selections:
-            with torch.no_grad():
+            with torch.no_grad(), record_function("selection"):
                 scores, k = self._scores(attn, captured, selection, 0, tokens.shape[1] - 1, step)
-            picked, valid = select_tokens(tokens, scores, candidates, k)
-            grabs[selection] = self.grab_image(picked, valid)
+            with record_function("grab"):
+                picked, valid = select_tokens(tokens, scores, candidates, k)
+                grabs[selection] = self.grab_image(picked, valid)
             ks.append(k)
         return glob, grabs, ks[0]
 
@@ -160,10 +162,11 @@ class ITSELF(nn.Module):
         candidates = (pos > 0) & (pos < eot[:, None]) & (text != 0)  # no SOS, EOT or padding
         grabs, ks = {}, []
         for selection in selections:
-            with torch.no_grad():
+            with torch.no_grad(), record_function("selection"):
                 scores, k = self._scores(attn, captured, selection, eot, text.shape[1] - 2, step)
-            picked, valid = select_tokens(tokens, scores, candidates, k)
-            grabs[selection] = self.grab_text(picked, valid)
+            with record_function("grab"):
+                picked, valid = select_tokens(tokens, scores, candidates, k)
+                grabs[selection] = self.grab_text(picked, valid)
             ks.append(k)
         return glob, grabs, ks[0]
 
@@ -217,9 +220,10 @@ class ITSELF(nn.Module):
         if not self.cfg.global_only:
             branches["grab"] = (img_l[TRAIN], txt_l[TRAIN])
         for name, (v, t) in branches.items():
-            out.update(losses.branch_losses(
-                name, v, t, pids, tau=self.cfg.tau, margin=self.cfg.margin,
-                cid_head=self.cid_heads[name] if self.cid_heads is not None else None,
-                id_classifier=self.id_heads[name] if self.id_heads is not None else None, num_ids=self.num_ids))
+            with record_function("losses"):
+                out.update(losses.branch_losses(
+                    name, v, t, pids, tau=self.cfg.tau, margin=self.cfg.margin,
+                    cid_head=self.cid_heads[name] if self.cid_heads is not None else None,
+                    id_classifier=self.id_heads[name] if self.id_heads is not None else None, num_ids=self.num_ids))
         out["k_image"], out["k_text"] = k_img, k_txt
         return out
