@@ -21,19 +21,24 @@ def rank_and_world() -> tuple[int, int]:
 
 
 class _GatherWithGrad(torch.autograd.Function):
+    """torch.distributed.nn.functional.all_gather computes the same, but is deprecated (torch 2.14)
+    for a private module; this is the same two collectives, on gloo and NCCL."""
+
     @staticmethod
     def forward(ctx, x):
-        rank, world = rank_and_world()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.n = rank, x.shape[0]
-        return torch.cat(parts)
+        _, world = rank_and_world()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss share depends on every rank's features
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+        # Every rank's loss share depends on every rank's features: this rank's gradient is the sum
+        # over ranks of their gradients for its rows (a reduce-scatter: each rank receives its slice).
+        _, world = rank_and_world()
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous())
+        return out
 
 
 class _AllReduceWithGrad(torch.autograd.Function):

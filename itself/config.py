@@ -13,6 +13,8 @@ import math
 import re
 from pathlib import Path
 
+import cluster_configs
+
 from .archs import ACTIVATIONS, arch_spec, known_archs, tag_quick_gelu, use_quick_gelu
 from .errors import ConfigError
 from .layout import DataLayout, data_layout
@@ -24,12 +26,14 @@ ATS_MODES = ("step", "epoch", "fixed")
 """Token schedulers: ATS per step (the paper's best), ATS per epoch, or a fixed keep ratio."""
 SELECTION_STRATEGIES = ("mars", "mean_max", "mean_min", "std_max", "std_min")
 """Saliency strategies for GRAB's top-k, besides `layer:<i>` (one layer's attention)."""
+REPORT_TO = ("tensorboard", "wandb", "none")
+"""Where a run's metrics and retrieval images go besides train.log and metrics.jsonl."""
 EVAL_SELECTIONS = ("both", "train", "last_layer")
 """GRAB selections at evaluation (see EvalConfig.selection)."""
 T_SMALL = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(steps?|epochs?)?\s*")
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 """Run and job names: they name folders and SLURM jobs, so no path separators or shell syntax."""
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "cluster_configs" / "deepspeed"
+DEEPSPEED_CONFIGS = cluster_configs.DEEPSPEED
 
 
 @dataclasses.dataclass
@@ -281,6 +285,12 @@ class TrainConfig:
     """`latest` (newest complete checkpoint of run_dir), a checkpoint directory, or "" to start fresh."""
     log_every: int = 10
     """Optimizer steps between training log lines in metrics.jsonl."""
+    report_to: str = "tensorboard"
+    """Where metrics and retrieval images go besides train.log and metrics.jsonl: `tensorboard`
+    (the run's tensorboard/), `wandb` (Weights & Biases; WANDB_MODE=offline writes the run under
+    the run directory for `wandb sync`) or `none`."""
+    wandb_project: str = "itself"
+    """The W&B project of `report_to=wandb` runs."""
     max_steps: int = 0
     """Stop training after this many optimizer steps (0 = all epochs); evaluation still runs."""
     nonfinite: str = "skip"
@@ -316,7 +326,8 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas: each must be in [0, 1), got {self.adam_betas}")
-        for field, allowed in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda"))):
+        for field, allowed in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda")),
+                               ("report_to", REPORT_TO)):
             if getattr(self, field) not in allowed:
                 raise ConfigError(f"train.{field}: must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
         names = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
@@ -354,6 +365,8 @@ class EvalConfig:
         for field in ("batch_size", "every", "block_mb"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"eval.{field}: must be >= 1, got {getattr(self, field)}")
+        if not all(self.test_roots):
+            raise ConfigError(f"eval.test_roots: every entry must be a dataset folder or URL, got {self.test_roots}")
         if self.selection not in EVAL_SELECTIONS:
             raise ConfigError(f"eval.selection: must be one of {', '.join(EVAL_SELECTIONS)}, got {self.selection!r}")
         if not 0 < self.keep_ratio <= 1:
@@ -505,3 +518,45 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
         set_value(cfg, key.strip(), value)
+
+
+# --------------------------------------------------------------------------- documentation
+
+
+def field_docs() -> dict[str, str]:
+    """{"section.field": docstring} of every config field, read from this module's source (the
+    string literal under each field is its documentation)."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    section_of = {"Config": "", "DataConfig": "data.", "ModelConfig": "model.", "TrainConfig": "train.",
+                  "EvalConfig": "eval."}
+    docs = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in section_of:
+            body = node.body
+            for field, doc in zip(body, body[1:]):
+                if (isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)
+                        and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+                    docs[section_of[node.name] + field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def describe(cfg: Config | None = None) -> str:
+    """Every config field with its type, value (the defaults, or `cfg`'s) and documentation."""
+    import textwrap
+    import typing
+
+    cfg, docs, lines = cfg or Config(), field_docs(), []
+    for prefix, obj in (("", cfg), *((f"{s}.", getattr(cfg, s)) for s in SECTIONS)):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if f.name in SECTIONS:
+                continue
+            key, hint = prefix + f.name, hints[f.name]
+            kind = getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint).replace("typing.", "")
+            lines.append(f"{key}: {kind} = {getattr(obj, f.name)!r}")
+            lines += textwrap.wrap(docs.get(key, "(undocumented)"), 96, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)

@@ -200,27 +200,39 @@ class RunDir:
         path.write_text(text)
         return path
 
-    def open_log(self, rank: int) -> "RunLog":
-        return RunLog(self, rank)
+    def open_log(self, rank: int, report_to: str = "tensorboard", config: dict | None = None,
+                 project: str = "itself") -> "RunLog":
+        return RunLog(self, rank, report_to, config, project)
+
+    def wandb_id(self) -> str:
+        """The W&B run id of this run directory: the same for a resumed run, so its charts continue."""
+        import hashlib
+
+        return hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]
 
 
 class RunLog:
-    """Rank 0's text log (train.log), metrics.jsonl and TensorBoard events; silent elsewhere."""
+    """Rank 0's text log (train.log), metrics.jsonl, and TensorBoard events or a Weights & Biases
+    run (`report_to`); silent on the other ranks."""
 
-    def __init__(self, run: RunDir, rank: int):
+    def __init__(self, run: RunDir, rank: int, report_to: str = "tensorboard", config: dict | None = None,
+                 project: str = "itself"):
         self.active = rank == 0
-        self.tb = None
+        self.tb = self.wandb = None
         if not self.active:
             return
         run.path.mkdir(parents=True, exist_ok=True)
         self.text = open(run.file(RunDir.LOG), "a")
         self.jsonl = open(run.file(RunDir.METRICS), "a")
-        try:
+        if report_to == "tensorboard":
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(run.file(RunDir.TENSORBOARD)))
-        except ImportError:  # optional: TensorBoard events need tensorboardX
-            pass
+        elif report_to == "wandb":  # (offline with WANDB_MODE=offline: written under the run directory)
+            import wandb
+
+            self.wandb = wandb.init(project=project, name=run.path.name, dir=str(run.path), config=config or {},
+                                    id=run.wandb_id(), resume="allow")
 
     def info(self, msg: str) -> None:
         if self.active:
@@ -234,10 +246,27 @@ class RunLog:
             return
         self.jsonl.write(json.dumps({"type": kind, "step": step, "time": time.time(), **values}) + "\n")
         self.jsonl.flush()
+        scalars = {f"{kind}/{k}": v for k, v in _flatten(values).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            for key, value in _flatten(values).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def images(self, tag: str, step: int, images: list, captions: list[str]) -> None:
+        """PIL images (e.g. queries with their retrievals) to TensorBoard or W&B."""
+        if not self.active or not images:
+            return
+        if self.tb is not None:
+            import numpy as np
+
+            for i, image in enumerate(images):
+                self.tb.add_image(f"{tag}/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
 
     def record_eval(self, record: EvalRecord, kind: str = "eval") -> None:
         values = record.to_record()
@@ -249,6 +278,8 @@ class RunLog:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

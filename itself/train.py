@@ -24,9 +24,9 @@ import torch.distributed as dist
 
 from itself.checkpoint import (COMPLETE, Checkpointer, TrainState, full_state_dict, incomplete_tags,
                                saved_world_size)
-from itself.config import Config, ConfigError, to_dict
+from itself.config import Config, ConfigError, describe, to_dict
 from itself.data import ensure_dataset, train_loader
-from itself.dist import ensure_process_env
+from itself.dist import ensure_process_env, world_info_from_env
 from itself.engine import (build_engine, checkpoint_bytes, deepspeed_config, resolve_device, resolve_precision,
                            share_cpu_threads, skip_shm_all_reduce)
 from itself.errors import UserError
@@ -116,7 +116,7 @@ class Trainer:
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.run = self._run_dir()
-        self.log = self.run.open_log(self.rank)
+        self.log = self.run.open_log(self.rank, t.report_to, to_dict(cfg), t.wandb_project)
         self.info = ensure_dataset(cfg.data.root)
         self.layout = cfg.layout(self.world)
         self.loader = train_loader(cfg.data, rank=self.rank, world_size=self.world,
@@ -523,32 +523,49 @@ def _yaml(d: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: exit 0 when trained, 2 on a usage or configuration mistake (an `error:` line, no
+    traceback), 1 when training failed (the failure report says where, and how to continue)."""
     p = argparse.ArgumentParser(
-        prog="itself/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="itself-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides are dotted config keys, e.g. train.epochs=5 model.selection=std_max "
-               "model.mars_layers=[4,11] (values parsed as YAML). Presets: " + ", ".join(PRESETS))
+               "model.mars_layers=[4,11] (values parsed as YAML); --help-config lists them all. Presets: "
+               + ", ".join(PRESETS))
     p.add_argument("--preset", default="synthetic", help="named configuration (default: synthetic)")
     p.add_argument("--config", help="YAML file of config sections, applied after the preset")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config field with its type, value (the preset's) and documentation")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     try:
         cfg = resolve_config(args.preset, args.config, args.overrides)
+        if args.help_config:
+            print(describe(cfg))
+            return 0
         if args.print_config:
+            cfg.validate(world_info_from_env().world_size)
             print(_yaml(to_dict(cfg)), end="")
             return 0
         train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # (reported with how to go on: a diverged run, not a bug)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`itself-train` and `python itself/train.py`."""
     code = main()
     # Everything is written and closed: skip the interpreter's teardown, where a C++ thread of the
     # communication libraries was once seen to abort (SIGABRT) a finished 2-rank run under load.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    cli()

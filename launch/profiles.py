@@ -10,7 +10,9 @@ from pathlib import Path
 
 import yaml
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "cluster_configs" / "slurm"
+import cluster_configs
+
+PROFILES_DIR = cluster_configs.SLURM
 
 
 class ProfileError(ValueError):

@@ -85,3 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{info['images_per_s']:.0f} images/s")
     print(f"wrote {args.out}" + (f" ({info['rejected']} records rejected: see rejects.jsonl)" if info["rejected"] else ""))
     return 0
+
+
+def cli() -> None:
+    """`itself-shards` and `python -m shards`."""
+    raise SystemExit(main())

@@ -90,6 +90,19 @@ def test_exported_model_reproduces_the_test_metrics_without_deepspeed(straight_r
             assert metrics[key][name] == pytest.approx(value, abs=1e-4), (branch, name)
 
 
+def test_safetensors_and_config_json_load_to_the_same_model(straight_run):
+    from safetensors.torch import load_file
+
+    pt, cfg_pt, a_pt = load_exported(straight_run / "model.pt")
+    st, cfg_st, a_st = load_exported(straight_run / "model.safetensors")
+    assert (cfg_st, a_st, st.selection) == (cfg_pt, a_pt, pt.selection)
+    assert set(load_file(straight_run / "model.safetensors")) == set(pt.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(pt.state_dict().values(), st.state_dict().values()))
+    images = torch.randn(2, 3, 48, 16)
+    assert all(torch.equal(x, y) for x, y in zip(pt.encode_image(images), st.encode_image(images)))
+    assert load_exported(straight_run)[2] == a_pt  # (the run directory: its model.safetensors)
+
+
 def test_two_ranks_reach_the_same_metrics_as_one(straight_run, small_dataset, tmp_path):
     run_dir = tmp_path / "two"
     launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]

@@ -298,5 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if errors and len(errors) == len(results) else 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    cli()

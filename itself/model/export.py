@@ -1,43 +1,70 @@
-"""The exported model: one file with everything inference needs, loadable without DeepSpeed.
+"""The exported model: everything inference needs, loadable without DeepSpeed.
 
-`model.pt` holds the fp32 weights, the resolved config, the number of train identities and the
-fusion weight chosen on val; `load_exported` rebuilds the model from it (never running code from
-the file: it is read with torch.load(weights_only=True)).
+A run writes `model.pt` (one file: the fp32 weights, the resolved config, the number of train
+identities, the fusion weight and GRAB selection chosen on val, the test metrics) and the same
+as `model.safetensors` (the weights) + `config.json` (the rest) beside it, the layout other
+tools read. `load_exported` takes either; neither can run code (torch.load(weights_only=True),
+safetensors).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
 import torch
 
 from ..config import Config, from_dict
-from ..safeio import safe_load
+from ..errors import UserError
+from ..safeio import safe_load, write_atomic
 from .itself import ITSELF, TRAIN
 
 FORMAT = "itself-model/1"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def export(path: str | os.PathLike, state_dict: dict, config: dict, num_ids: int, fusion_weight: float,
            metrics: dict | None = None, selection: str = TRAIN) -> None:
-    """Write model.pt atomically: everything inference needs, without DeepSpeed."""
+    """Write model.pt, and model.safetensors + config.json beside it, each atomically."""
+    from safetensors.torch import save_file
+
     path = Path(path)
+    meta = {"format": FORMAT, "config": config, "num_ids": num_ids, "fusion_weight": fusion_weight,
+            "selection": selection, "metrics": metrics or {}}
     tmp = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "config": config, "num_ids": num_ids, "fusion_weight": fusion_weight,
-                "selection": selection, "state_dict": state_dict, "metrics": metrics or {}}, tmp)
+    torch.save({**meta, "state_dict": state_dict}, tmp)
     os.replace(tmp, path)
+    weights = path.with_name(WEIGHTS)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(weights) + ".partial")
+    os.replace(str(weights) + ".partial", weights)
+    write_atomic(path.with_name(CONFIG), json.dumps(meta, indent=2) + "\n")
 
 
 def load_exported(path: str | os.PathLike, map_location="cpu") -> tuple[ITSELF, Config, float]:
-    """(model in eval mode, config, fusion weight) from an exported model.pt."""
-    blob = safe_load(path, map_location)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an exported ITSELF model (expected model.pt written by itself/train.py)")
-    cfg = from_dict(blob["config"])
+    """(model in eval mode, config, fusion weight) from an exported model.pt, or from a
+    model.safetensors with its config.json (or the folder holding them)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not (path.with_name(CONFIG)).exists():
+            raise UserError(f"{path}: no {CONFIG} beside it (written with the weights by itself/train.py)")
+        meta, state_dict = json.loads(path.with_name(CONFIG).read_text()), load_file(str(path), device=str(map_location))
+    else:
+        if not path.exists():
+            raise UserError(f"{path}: no such model file (a run writes model.pt into its run directory)")
+        meta = safe_load(path, map_location)
+        state_dict = meta.get("state_dict") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or state_dict is None:
+        raise UserError(f"{path}: not an exported ITSELF model (expected model.pt, or model.safetensors with "
+                        f"{CONFIG}, written by itself/train.py)")
+    cfg = from_dict(meta["config"])
     # The exported weights replace any pretrained ones: build the backbone without loading them.
-    model = ITSELF(dataclasses.replace(cfg.model, pretrained=""), blob["num_ids"], cfg.data.image_size)
-    model.load_state_dict(blob["state_dict"])
-    model.selection = blob.get("selection", TRAIN)  # encode_image / encode_text use the one chosen on val
-    return model.eval(), cfg, blob["fusion_weight"]
+    model = ITSELF(dataclasses.replace(cfg.model, pretrained=""), meta["num_ids"], cfg.data.image_size)
+    model.load_state_dict(state_dict)
+    model.selection = meta.get("selection", TRAIN)  # encode_image / encode_text use the one chosen on val
+    return model.eval(), cfg, meta["fusion_weight"]

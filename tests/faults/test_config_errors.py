@@ -32,7 +32,11 @@ CASES = [
     ("data.num_instance=0", "data.num_instance", "must be >= 1, got 0"),
     ("data.num_workers=-1", "data.num_workers", "must be >= 0, got -1"),
     ("data.num_slots=-1", "data.num_slots", "must be >= 0 (0 = ranks x workers), got -1"),
-    ("data.num_slots=3", "data.num_slots", "each of the 3 data slots needs an equal share"),
+    ("data.num_slots=3", "data.num_slots", ("does not split the 64 pairs of a step into equal shares",
+                                            "use data.num_slots=2 (with 1 ranks: 1, 2, 4, 8, 16, 32)")),
+    ("data.mix_weights=[1, 2]", "data.mix_weights", "need one weight per dataset (data.root, then each of data.mix: 1)"),
+    ("data.mix_weights=[-1]", "data.mix_weights", "each must be >= 0 and one > 0, got (-1.0,)"),
+    ("data.mix=['']", "data.mix", "every entry must be a dataset folder or URL"),
     ("data.window_shards=0", "data.window_shards", "must be >= 1, got 0"),
     ("data.image_aug=2", "data.image_aug", "cannot use 2: expected true or false"),
     ("data.text_aug=yes please", "data.text_aug", "expected true or false"),
@@ -101,9 +105,11 @@ CASES = [
     ("eval.fusion_weights=[]", "eval.fusion_weights", "need one or more weights, each in [0, 1], got ()"),
     ("eval.every=0", "eval.every", "must be >= 1, got 0"),
     ("eval.block_mb=0", "eval.block_mb", "must be >= 1, got 0"),
+    ("train.report_to=slack", "train.report_to", "must be one of tensorboard, wandb, none, got 'slack'"),
     ("train.compile=yes please", "train.compile", "expected true or false"),
     ("train.grad_checkpointing=2", "train.grad_checkpointing", "cannot use 2: expected true or false"),
     ("eval.selection=first", "eval.selection", "must be one of both, train, last_layer, got 'first'"),
+    ("eval.test_roots=['']", "eval.test_roots", "every entry must be a dataset folder or URL"),
     ("eval.keep_ratio=0", "eval.keep_ratio", "must be in (0, 1], got 0.0"),
     ("model.pretrained=openai", "model.pretrained", "tiny has no pretrained weights"),
     ("model.pretrained=/no/such/weights.pt", "model.pretrained", "file /no/such/weights.pt not found"),
@@ -114,6 +120,7 @@ UNCONSTRAINED = {
     "run_dir",            # any directory; one holding checkpoints is refused at start unless resuming
     "data.train_shards",  # shard URLs: checked when the shards are opened
     "train.resume",       # latest / a checkpoint directory: checked at start against the run directory
+    "train.wandb_project",  # any W&B project name
 }
 
 
