@@ -9,8 +9,10 @@ pointer files `latest` and `best` (written atomically by rank 0) name complete c
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .safeio import fsync_dir, safe_load, write_atomic
+from .errors import DataError
+from .safeio import UnsafeCheckpointError, fsync_dir, safe_load, write_atomic
 
 COMPLETE = "COMPLETE"
 
@@ -26,6 +29,11 @@ COMPLETE = "COMPLETE"
 def tag_for(step: int) -> str:
     """The folder name of the checkpoint taken after optimizer step `step`."""
     return f"step{step:08d}"
+
+
+TAG = re.compile(r"step\d{8,}")
+"""What a checkpoint folder (and so a `latest` / `best` pointer) may be called: nothing else is
+followed, so a pointer never leads outside the checkpoints folder."""
 
 
 @dataclasses.dataclass
@@ -50,6 +58,10 @@ class TrainState:
     """The GRAB token selection chosen on val at the best evaluation (`train` or `last_layer@<ratio>`)."""
     best_val: dict | None = None
     """Every val metric of the best evaluation."""
+    config: dict | None = None
+    """The run's resolved config when the checkpoint was written (a resume compares)."""
+    dataset: str = ""
+    """A fingerprint of the train data (`dataset_fingerprint`): a resume on other data is refused."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -70,14 +82,19 @@ def is_complete(ckpt_dir: Path, tag: str) -> bool:
 
 
 def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
-    """The newest complete checkpoint: the `latest` pointer if it is complete, else the newest
-    folder marked complete (a crash between writing and marking leaves an unmarked folder)."""
+    """The newest complete checkpoint: the `latest` pointer if it names a complete one, else the
+    newest folder marked complete (a crash between writing and marking leaves an unmarked folder)."""
     ckpt_dir = Path(ckpt_dir)
-    pointer = ckpt_dir / "latest"
-    if pointer.exists() and is_complete(ckpt_dir, pointer.read_text().strip()):
-        return pointer.read_text().strip()
-    tags = sorted(p.name for p in ckpt_dir.glob("step*") if is_complete(ckpt_dir, p.name))
+    pointed = read_pointer(ckpt_dir, "latest")
+    if pointed and is_complete(ckpt_dir, pointed):
+        return pointed
+    tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
+
+
+def complete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    return sorted(p.name for p in Path(ckpt_dir).glob("step*") if TAG.fullmatch(p.name) and is_complete(Path(ckpt_dir), p.name))
 
 
 def incomplete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
@@ -86,8 +103,14 @@ def incomplete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
 
 
 def read_pointer(ckpt_dir: str | os.PathLike, name: str) -> str | None:
+    """The checkpoint a pointer file names, or None (no pointer, or one that names no checkpoint
+    folder of this run: `../elsewhere` is never followed)."""
     p = Path(ckpt_dir) / name
-    return p.read_text().strip() if p.exists() else None
+    try:
+        tag = p.read_text(errors="replace").strip() if p.is_file() else None
+    except OSError:
+        return None
+    return tag if tag and TAG.fullmatch(tag) else None
 
 
 def rng_state() -> dict:
@@ -128,8 +151,8 @@ class Checkpointer:
         torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
         _fsync_tree(folder)  # every rank, for what it wrote (on NFS only the writer's fsync counts)
         _barrier()
-        if self.rank == 0:  # durable before it is marked complete
-            write_atomic(folder / COMPLETE, "")
+        if self.rank == 0:  # durable before it is marked complete; the marker lists every file's size
+            write_atomic(folder / COMPLETE, json.dumps(_file_sizes(folder), indent=0))
             write_atomic(self.dir / "latest", tag)
             if is_best:
                 write_atomic(self.dir / "best", tag)
@@ -152,6 +175,7 @@ class Checkpointer:
         if not is_complete(folder.parent, folder.name):
             raise FileNotFoundError(f"checkpoint {folder} is missing or incomplete (no {COMPLETE} marker)")
         check_safe(folder)
+        verify_files(folder)
         universal = self.engine.zero_optimization_stage() > 0 and saved_world_size(folder) != self.world
         if universal:
             made = [str(to_universal(folder)) if self.rank == 0 else None]
@@ -190,13 +214,41 @@ def _fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
+def _model_states(folder: str | os.PathLike) -> dict:
+    """The (first) model states file of a checkpoint, read without DeepSpeed (weights only, mapped)."""
+    folder = Path(folder)
+    found = sorted(folder.glob("*model_states.pt"))
+    if not found:
+        raise DamagedCheckpointError(f"checkpoint {folder} holds no model states file{_previous(folder)}")
+    check_safe(folder)  # (never unpickles code; names a damaged file)
+    verify_files(folder)
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return safe_load(found[0], mmap=True)
+
+
 def saved_world_size(folder: str | os.PathLike) -> int:
     """The number of data-parallel ranks that wrote a checkpoint."""
-    found = sorted(Path(folder).glob("*model_states.pt"))
-    if not found:
-        raise FileNotFoundError(f"checkpoint {folder} holds no model states file")
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return int(safe_load(found[0], mmap=True).get("dp_world_size") or 1)
+    return int(_model_states(folder).get("dp_world_size") or 1)
+
+
+def saved_state(folder: str | os.PathLike) -> tuple[TrainState, dict[str, tuple]]:
+    """(the training state, the parameter shapes) a checkpoint holds, without loading it."""
+    blob = _model_states(folder)
+    if blob.get("param_shapes"):  # ZeRO 1-3: the shapes of the partitioned parameters
+        shapes = {k: tuple(v) for group in blob["param_shapes"] for k, v in group.items()}
+    else:
+        shapes = {k: tuple(v.shape) for k, v in (blob.get("module") or {}).items()}
+    return TrainState.from_dict(blob), shapes
+
+
+def dataset_fingerprint(infos: list[dict]) -> str:
+    """What identifies the train data of a run, as a short digest: each dataset's content digest
+    (dataset.json's `content_sha256`; for older builds its name, shards and identity count)."""
+    import hashlib
+
+    parts = [i.get("content_sha256") or [i.get("name"), i.get("train_identities"), i["splits"]["train"]["shards"]]
+             for i in infos]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 UNIVERSAL = "universal-"
@@ -228,12 +280,48 @@ def to_universal(folder: str | os.PathLike) -> Path:
     return out
 
 
+class DamagedCheckpointError(DataError):
+    """A checkpoint marked complete has a file missing, truncated or unreadable."""
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != COMPLETE}
+
+
+def verify_files(folder: Path) -> None:
+    """Every file the COMPLETE marker lists is there with its size (a disk or copy that lost data
+    is found here, naming the file, instead of deep in DeepSpeed's loader)."""
+    try:
+        listed = json.loads((folder / COMPLETE).read_text() or "{}")
+    except (OSError, ValueError):
+        listed = {}
+    for name, size in listed.items():
+        path = folder / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            state = "is missing" if actual is None else f"has {actual} of its {size} bytes"
+            raise DamagedCheckpointError(f"checkpoint {folder}: {name} {state}{_previous(folder)}")
+
+
+def _previous(folder: Path) -> str:
+    older = [t for t in complete_tags(folder.parent) if t < folder.name]
+    return (f"; continue from the previous complete checkpoint with train.resume={folder.parent / older[-1]}"
+            if older else "; no earlier complete checkpoint: start the run again")
+
+
 def check_safe(folder: Path) -> None:
     """Refuse a checkpoint folder unless every file in it loads with weights_only=True. DeepSpeed's
     loader unpickles without that restriction; a file that passes here holds nothing it could run."""
     for path in sorted(folder.rglob("*.pt")):
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            safe_load(path, mmap=True)  # (mapped: the check reads the pickle, not the tensor data)
+            try:
+                safe_load(path, mmap=True)  # (mapped: the check reads the pickle, not the tensor data)
+            except UnsafeCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a damaged file: say which, and what to do
+                raise DamagedCheckpointError(f"checkpoint {folder}: {path.name} cannot be read ({type(e).__name__}: "
+                                             f"{str(e)[:200]}){_previous(folder)}") from None
 
 
 def _deepspeed_safe_globals() -> list:

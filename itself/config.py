@@ -30,6 +30,8 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 """Where a run's metrics and retrieval images go besides train.log and metrics.jsonl."""
 EVAL_SELECTIONS = ("both", "train", "last_layer")
 """GRAB selections at evaluation (see EvalConfig.selection)."""
+MAX_ITEMS = 1000
+"""Most values a list field takes (bounded work for any input)."""
 T_SMALL = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(steps?|epochs?)?\s*")
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 """Run and job names: they name folders and SLURM jobs, so no path separators or shell syntax."""
@@ -79,7 +81,7 @@ class DataConfig:
 
     def validate(self) -> None:
         if not self.root:
-            raise ConfigError(f"data.root: must be a non-empty dataset directory, got {self.root!r}")
+            raise ConfigError(f"data.root: must be a non-empty dataset directory, got {_short(self.root)}")
         h, w = self.image_size
         if h < 1 or w < 1:
             raise ConfigError(f"data.image_size: expected positive height x width, got {self.image_size}")
@@ -159,14 +161,14 @@ class ModelConfig:
                               "readable where training runs: on a cluster, a shared file system)")
         if self.arch in TINY_ARCHS:
             raise ConfigError(f"model.pretrained: {self.arch} has no pretrained weights; use \"\" (random) or a "
-                              f"local file, got {self.pretrained!r}")
+                              f"local file, got {_short(self.pretrained)}")
         try:
             use_quick_gelu(self.arch, self.activation, tag_quick_gelu(self.arch, self.pretrained))
         except KeyError:
             import open_clip
 
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(self.arch)) or "none"
-            raise ConfigError(f"model.pretrained: {self.pretrained!r} is neither a file nor an open_clip tag of "
+            raise ConfigError(f"model.pretrained: {_short(self.pretrained)} is neither a file nor an open_clip tag of "
                               f"{self.arch} (tags: {tags})") from None
         except ValueError as e:
             raise ConfigError(f"model.activation: {e}") from None
@@ -176,7 +178,7 @@ class ModelConfig:
         m = T_SMALL.fullmatch(str(self.t_small))
         if not m or float(m.group(1)) <= 0:
             raise ConfigError(f"model.t_small: expected a positive number of epochs or steps (`10 epochs`, "
-                              f"`1450 steps`) or from:RUN_DIR, got {self.t_small!r}")
+                              f"`1450 steps`) or from:RUN_DIR, got {_short(self.t_small)}")
         unit = m.group(2) or "epochs"
         return float(m.group(1)), unit if unit.endswith("s") else unit + "s"
 
@@ -189,10 +191,10 @@ class ModelConfig:
         if num_layers is None:
             num_layers = _spec(self.arch).layers
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"model.activation: must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+            raise ConfigError(f"model.activation: must be one of {', '.join(ACTIVATIONS)}, got {_short(self.activation)}")
         self._check_pretrained_tag()
         if self.ats not in ATS_MODES:
-            raise ConfigError(f"model.ats: must be one of {', '.join(ATS_MODES)}, got {self.ats!r}")
+            raise ConfigError(f"model.ats: must be one of {', '.join(ATS_MODES)}, got {_short(self.ats)}")
         if not 0 < self.p_end <= self.p_start <= 1:
             raise ConfigError(f"model.p_start / model.p_end: need 0 < p_end <= p_start <= 1, "
                               f"got p_start={self.p_start}, p_end={self.p_end}")
@@ -213,11 +215,11 @@ class ModelConfig:
             raise ConfigError(f"model.mars_layers: need ascending distinct layer indices >= 0, got {self.mars_layers}")
         if self.selection not in SELECTION_STRATEGIES and not self.selection.startswith("layer:"):
             raise ConfigError(f"model.selection: must be one of {', '.join(SELECTION_STRATEGIES)} or layer:<i>, "
-                              f"got {self.selection!r}")
+                              f"got {_short(self.selection)}")
         try:
             single = self.selection_layer()
         except ValueError:
-            raise ConfigError(f"model.selection: layer:<i> needs an integer, got {self.selection!r}") from None
+            raise ConfigError(f"model.selection: layer:<i> needs an integer, got {_short(self.selection)}") from None
         used = layers if self.selection == "mars" else [single] if single is not None else []
         bad = [i for i in used if not 0 <= i < num_layers]
         if bad:
@@ -230,7 +232,7 @@ def _spec(arch: str):
     """The architecture's spec, or a ConfigError listing what the backbone can build."""
     spec = arch_spec(arch)
     if spec is None:
-        raise ConfigError(f"model.arch: must be one of {', '.join(known_archs())}, got {arch!r}")
+        raise ConfigError(f"model.arch: must be one of {', '.join(known_archs())}, got {_short(arch)}")
     return spec
 
 
@@ -313,13 +315,14 @@ class TrainConfig:
                 raise ConfigError(f"train.{field}: must be > 0, got {getattr(self, field)}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"train.nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}, "
-                              f"got {self.nonfinite!r}")
+                              f"got {_short(self.nonfinite)}")
         for field in ("weight_decay", "grad_clip", "warmup_epochs", "max_skipped_steps", "checkpoint_every",
                       "max_steps"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"train.{field}: must be >= 0, got {getattr(self, field)}")
-        if self.collective_timeout_s < 1:
-            raise ConfigError(f"train.collective_timeout_s: must be >= 1 second, got {self.collective_timeout_s}")
+        if not 1 <= self.collective_timeout_s <= 7 * 86400:
+            raise ConfigError(f"train.collective_timeout_s: must be 1 second to 7 days (604800), got "
+                              f"{self.collective_timeout_s}")
         if not 0 < self.warmup_factor <= 1:
             raise ConfigError(f"train.warmup_factor: must be in (0, 1], got {self.warmup_factor}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -329,11 +332,11 @@ class TrainConfig:
         for field, allowed in (("precision", ("auto", "fp32", "bf16")), ("device", ("auto", "cpu", "cuda")),
                                ("report_to", REPORT_TO)):
             if getattr(self, field) not in allowed:
-                raise ConfigError(f"train.{field}: must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
+                raise ConfigError(f"train.{field}: must be one of {', '.join(allowed)}, got {_short(getattr(self, field))}")
         names = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
         if names and not self.deepspeed.endswith(".json") and self.deepspeed not in names:
             raise ConfigError(f"train.deepspeed: must be one of {', '.join(names)} or a .json path, "
-                              f"got {self.deepspeed!r}")
+                              f"got {_short(self.deepspeed)}")
 
 
 @dataclasses.dataclass
@@ -368,7 +371,7 @@ class EvalConfig:
         if not all(self.test_roots):
             raise ConfigError(f"eval.test_roots: every entry must be a dataset folder or URL, got {self.test_roots}")
         if self.selection not in EVAL_SELECTIONS:
-            raise ConfigError(f"eval.selection: must be one of {', '.join(EVAL_SELECTIONS)}, got {self.selection!r}")
+            raise ConfigError(f"eval.selection: must be one of {', '.join(EVAL_SELECTIONS)}, got {_short(self.selection)}")
         if not 0 < self.keep_ratio <= 1:
             raise ConfigError(f"eval.keep_ratio: must be in (0, 1], got {self.keep_ratio}")
 
@@ -401,9 +404,11 @@ class Config:
                 value = getattr(getattr(self, section), f.name)
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ConfigError(f"{section}.{f.name}: must be a finite number, got {value}")
-        if not NAME.fullmatch(self.name):
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed: must be in [0, 2^63), got {self.seed}")
+        if not NAME.fullmatch(self.name) or len(self.name) > 200:
             raise ConfigError(f"name: must be letters, digits, '.', '_' or '-' not starting with '.' or '-' "
-                              f"(it names the run folder and jobs), got {self.name!r}")
+                              f"(it names the run folder and jobs), got {_short(self.name)}")
         self.data.validate()
         self.model.validate()
         spec = _spec(self.model.arch)
@@ -421,6 +426,35 @@ class Config:
 # --------------------------------------------------------------------------- dict <-> config
 
 
+def _short(value) -> str:
+    """A bounded repr for messages: a hostile value (a deep or huge structure) never floods them."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxother = 3, 8, 8, 8, 80, 80
+    return r.repr(value)
+
+
+def load_yaml(text: str, what: str):
+    """YAML as plain data, refusing what a config never needs and an attacker uses to make a tiny
+    file expand into gigabytes: aliases (`*name`), and files over a megabyte."""
+    import yaml
+
+    if len(text) > 1 << 20:
+        raise ConfigError(f"{what}: {len(text)} bytes; a config is at most 1 MiB")
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise ConfigError(f"{what}: YAML aliases (*name) are not allowed in configs")
+            return super().compose_node(parent, index)
+
+    try:
+        return yaml.load(text, Loader=NoAliases)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: not valid YAML: {_short(str(e))}") from None
+
+
 def to_dict(cfg) -> dict:
     """Nested plain dict (tuples as lists), the form written to config.yaml."""
     def plain(v):
@@ -436,12 +470,15 @@ def _coerce(value, hint, key: str):
     """`value` (from YAML) as the field's type, or a ConfigError naming `key`."""
     import typing
 
+    too_big = False
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
         items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(items) > MAX_ITEMS:
+            raise ConfigError(f"{key}: {len(items)} values; at most {MAX_ITEMS}")
         types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(types) != len(items):
-            raise ConfigError(f"{key}: cannot use {value!r}: expected a list of {len(types)} values")
+            raise ConfigError(f"{key}: cannot use {_short(value)}: expected a list of {len(types)} values")
         return tuple(_coerce(v, t, key) for v, t in zip(items, types))
     try:
         if hint is bool:
@@ -451,16 +488,22 @@ def _coerce(value, hint, key: str):
         if hint is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError("expected an integer")
-            return int(value)
+            if -2**63 <= int(value) < 2**63:
+                return int(value)
+            too_big = True
         if hint is float:
             if isinstance(value, bool):
                 raise TypeError("expected a number")
             return float(value)
         if hint is str:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+                raise TypeError("expected a string")
             return "" if value is None else str(value)
     except (TypeError, ValueError, OverflowError) as e:
         expected = {int: "expected an integer", float: "expected a number"}.get(hint, str(e))
-        raise ConfigError(f"{key}: cannot use {value!r}: {expected}") from None
+        raise ConfigError(f"{key}: cannot use {_short(value)}: {expected}") from None
+    if hint is int and too_big:
+        raise ConfigError(f"{key}: {_short(value)} does not fit in 64 bits")
     return value
 
 
@@ -474,7 +517,7 @@ def set_value(cfg: Config, key: str, value) -> None:
     for part in parts[:-1]:
         sub = getattr(target, part, None)
         if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"unknown config key {key!r} (no section {part!r}; sections: {', '.join(SECTIONS)})")
+            raise ConfigError(f"unknown config key {_short(key)} (no section {_short(part)}; sections: {', '.join(SECTIONS)})")
         target = sub
     hints = typing.get_type_hints(type(target))
     name = parts[-1]
@@ -484,7 +527,7 @@ def set_value(cfg: Config, key: str, value) -> None:
     if name not in hints:
         prefix = "".join(f"{p}." for p in parts[:-1])
         close = [prefix + f for f in difflib.get_close_matches(name, list(hints), n=3)]
-        raise ConfigError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise ConfigError(f"unknown config key {_short(key)}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     setattr(target, name, _coerce(value, hints[name], key))
 
 
@@ -507,17 +550,11 @@ def from_dict(values: dict) -> Config:
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> None:
     """Apply `key=value` strings; values are parsed as YAML (1e-4, true, [4, 11])."""
-    import yaml
-
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
-        set_value(cfg, key.strip(), value)
+            raise ConfigError(f"override {_short(item)}: expected key=value, e.g. train.lr=1e-4")
+        set_value(cfg, key.strip(), load_yaml(text, f"override {_short(item)}"))
 
 
 # --------------------------------------------------------------------------- documentation
@@ -557,6 +594,6 @@ def describe(cfg: Config | None = None) -> str:
                 continue
             key, hint = prefix + f.name, hints[f.name]
             kind = getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint).replace("typing.", "")
-            lines.append(f"{key}: {kind} = {getattr(obj, f.name)!r}")
+            lines.append(f"{key}: {kind} = {_short(getattr(obj, f.name))}")
             lines += textwrap.wrap(docs.get(key, "(undocumented)"), 96, initial_indent="    ", subsequent_indent="    ")
     return "\n".join(lines)

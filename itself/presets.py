@@ -11,9 +11,10 @@ synthetic run with the global branch only.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
-from .config import Config, ConfigError, apply_dict, apply_overrides
+from .config import Config, ConfigError, apply_dict, apply_overrides, load_yaml
 
 
 def synthetic() -> Config:
@@ -104,23 +105,27 @@ def get_preset(name: str) -> Config:
 
 def resolve_config(preset: str = "synthetic", config_file: str | None = None, overrides: list[str] = ()) -> Config:
     """preset, then a YAML file, then `key=value` overrides (later wins)."""
-    import yaml
-
     cfg = get_preset(preset)
+    default_root, explicit = cfg.data.root, set()
     if config_file:
         try:
-            values = yaml.safe_load(open(config_file)) or {}
-        except OSError as e:
-            raise ConfigError(f"--config: cannot read {config_file}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {config_file} is not valid YAML: {e}") from None
+            text = Path(config_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config: cannot read {config_file}: {getattr(e, 'strerror', None) or e}") from None
+        values = load_yaml(text, f"--config: {config_file}") or {}
         if not isinstance(values, dict):
             raise ConfigError(f"--config: {config_file} must hold a mapping of sections (data, model, train, eval)")
         try:
             apply_dict(cfg, values)
         except ConfigError as e:
             raise ConfigError(f"{config_file}: {e}") from None
+        explicit |= {"data.build_synthetic"} if "build_synthetic" in (values.get("data") or {}) else set()
     apply_overrides(cfg, list(overrides))
+    explicit |= {o.partition("=")[0].strip() for o in overrides}
+    if cfg.data.root != default_root and "data.build_synthetic" not in explicit:
+        # A data.root of one's own is data to read, never a place to build the synthetic set in:
+        # a mistyped path must be an error, not a synthetic run.
+        cfg.data.build_synthetic = False
     resolve_references(cfg)
     return cfg
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -22,10 +23,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from itself.checkpoint import (COMPLETE, Checkpointer, TrainState, full_state_dict, incomplete_tags,
-                               saved_world_size)
+from itself.checkpoint import (COMPLETE, Checkpointer, TrainState, dataset_fingerprint, full_state_dict,
+                               incomplete_tags, saved_state, saved_world_size)
 from itself.config import Config, ConfigError, describe, to_dict
-from itself.data import ensure_dataset, train_loader
+from itself.data import dataset_info, ensure_dataset, train_loader
 from itself.dist import ensure_process_env, world_info_from_env
 from itself.engine import (build_engine, checkpoint_bytes, deepspeed_config, resolve_device, resolve_precision,
                            share_cpu_threads, skip_shm_all_reduce)
@@ -74,10 +75,10 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> dict:
     try:
         trainer.setup()
         result = trainer.fit()
-    except ConfigError:
-        raise
     except BaseException as e:  # a dead peer, a timeout, a full disk, an interrupt: say how to go on
-        trainer.report_failure(e)
+        if not isinstance(e, ConfigError):
+            trainer.report_failure(e)
+        trainer.discard_if_empty()
         raise
     if owns_group:  # a clean exit: a live group aborts the process at interpreter shutdown
         dist.barrier()
@@ -134,21 +135,24 @@ class Trainer:
             raise ConfigError(problem)
         ds_config = deepspeed_config(cfg, self.world, self.precision, self.device)
         self.engine = build_engine(model, cfg, ds_config, self.steps_per_epoch)
-        if self.rank == 0:
-            self.run.write_text(RunDir.CONFIG, _yaml(to_dict(cfg)))
-            self.run.write_text(RunDir.DEEPSPEED_CONFIG, json.dumps(ds_config, indent=2) + "\n")
         self.ckpt = Checkpointer(self.engine, self.run.checkpoints, t.keep_last, self.rank, self.world)
         self.meter = StepMeter(self.world, self.device, self.layout.micro_batch * self.world)
         self.bn = BatchNormStats(self.engine.module)
         # Without ZeRO and bf16, DeepSpeed would apply non-finite gradients: the trainer drops them.
         self.check_grads = self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
         self.skips_in_a_row = 0
+        dataset = dataset_fingerprint([dataset_info(root) for root in (cfg.data.root, *cfg.data.mix)])
         if t.resume:
             source = self._resume_source()
+            self._check_resumable(source, model, dataset)
             saved = saved_world_size(source)
             self.state = self.ckpt.load(source)
             self.log.info(f"resumed from {source}: epoch {self.state.epoch + 1}, step {self.state.global_step}"
                           + (f" (written by {saved} rank(s), now {self.world})" if saved != self.world else ""))
+        self.state.config, self.state.dataset = to_dict(cfg), dataset
+        if self.rank == 0:  # (after a resume was found possible: a refused one leaves its run as it was)
+            self.run.write_text(RunDir.CONFIG, _yaml(to_dict(cfg)))
+            self.run.write_text(RunDir.DEEPSPEED_CONFIG, json.dumps(ds_config, indent=2) + "\n")
         self.log.info(
             f"run {self.run} | {self.world} rank(s) on {self.device.type}, {self.precision} | {cfg.model.arch} "
             f"{n_params / 1e6:.1f}M params | {self.info['splits']['train']['captions']} train pairs, "
@@ -158,12 +162,32 @@ class Trainer:
     def _run_dir(self) -> RunDir:
         """The run directory (rank 0 names it, every rank gets it), checked writable before any work."""
         path = self.cfg.run_dir or RunDir.default_path(self.cfg.name)
-        path, problem = _broadcast((path, RunDir(path).unwritable() if self.rank == 0 else None), self.rank)
+        new = not Path(path).exists()
+        path, problem, self.new_run_dir = _broadcast(
+            (path, RunDir(path).unwritable() if self.rank == 0 else None, new), self.rank)
         if problem:
             raise ConfigError(problem)
         run = RunDir(path)
         run.check_reuse(self.cfg.train.resume)
         return run
+
+    def _check_resumable(self, source: Path, model, dataset: str) -> None:
+        """A ConfigError, before anything is loaded or written, when the checkpoint cannot continue
+        this run: a model of another shape, or other train data."""
+        saved, shapes = saved_state(source)
+        ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        wrong = [f"{n} {shapes.get(n, 'absent')} -> {s}" for n, s in ours.items() if shapes.get(n) != s]
+        buffers = dict(model.named_buffers())
+        wrong += [f"{n} (not in this model)" for n in shapes if n not in ours and n not in buffers]
+        if wrong:
+            changed = _changed_fields(saved.config, to_dict(self.cfg))
+            raise ConfigError(f"train.resume: {source} holds a model of another shape ({'; '.join(wrong[:3])}): the "
+                              f"model config changed since it was written{' (' + changed + ')' if changed else ''}; "
+                              "resume with the config it was trained with (the run's config.yaml) or start a new run")
+        if saved.dataset and saved.dataset != dataset:
+            raise ConfigError(f"train.resume: {source} was trained on other data than data.root={self.cfg.data.root}"
+                              f"{' (+ data.mix)' if self.cfg.data.mix else ''} (other shards or identities); resume "
+                              "with the data it was trained on, or start a new run")
 
     def _resume_source(self) -> Path:
         """The checkpoint to resume from (half-written ones of this run reported and removed)."""
@@ -378,6 +402,16 @@ class Trainer:
 
     # -- failures ---------------------------------------------------------------------------------
 
+    def discard_if_empty(self) -> None:
+        """A run that failed before its first step, in a run directory it created, leaves nothing
+        behind (its error is on stderr): no empty run folders to confuse the next run."""
+        if self.started or self.run is None or not getattr(self, "new_run_dir", False) or self.rank != 0:
+            return
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        if self.run.latest_checkpoint() is None:
+            shutil.rmtree(self.run.path, ignore_errors=True)
+
     def report_failure(self, error: BaseException) -> None:
         """Tell the user, from every rank that fails, where training stopped and how to continue."""
         s, run = self.state, self.run
@@ -479,6 +513,15 @@ def _drop_nonfinite_grads(engine, device) -> bool:
     for p in engine.module.parameters():
         p.grad = None
     return True
+
+
+def _changed_fields(old: dict | None, new: dict) -> str:
+    """`section.field: old -> new` of the config fields that differ (model and data only)."""
+    if not old:
+        return ""
+    changes = [f"{s}.{k}: {old[s].get(k)!r} -> {v!r}" for s in ("model", "data") for k, v in new[s].items()
+               if s in old and old[s].get(k) != v]
+    return ", ".join(changes[:4])
 
 
 def _branches(metrics: dict, a: float) -> dict:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
 from pathlib import Path
 
-import yaml
-
 import cluster_configs
+from itself.config import ConfigError, load_yaml
 
 PROFILES_DIR = cluster_configs.SLURM
 
@@ -86,9 +86,9 @@ def load_profile(name_or_path: str) -> SlurmProfile:
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
         raise ProfileError(f"--profile {name_or_path}: {path} not found; profiles: {known}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ProfileError(f"{path}: not valid YAML: {e}") from None
+        values = load_yaml(path.read_text(), str(path)) or {}
+    except ConfigError as e:
+        raise ProfileError(str(e)) from None
     if not isinstance(values, dict):
         raise ProfileError(f"{path}: expected a mapping of fields")
     hints = typing.get_type_hints(SlurmProfile)
@@ -111,8 +111,9 @@ def validate(p: SlurmProfile, where: str) -> None:
         if getattr(p, name) is not None and getattr(p, name) < 1:
             raise ProfileError(f"{where}: {name} must be >= 1 (or unset), got {getattr(p, name)}")
     for name in ("max_requeues", "signal_delay_s", "mem_gb"):
-        if getattr(p, name) < 0:
-            raise ProfileError(f"{where}: {name} must be >= 0, got {getattr(p, name)}")
+        value = getattr(p, name)
+        if not math.isfinite(value) or value < 0:
+            raise ProfileError(f"{where}: {name} must be a number >= 0, got {value}")
     # submitit writes these into the batch script: a line break would start a shell command there.
     lines = {name: getattr(p, name) for name in ("partition", "account", "qos", "constraint", "time")}
     lines.update({f"sbatch_args.{k}": v for k, v in p.sbatch_args.items()})

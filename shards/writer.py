@@ -284,6 +284,14 @@ class DatasetWriter:
         write(tmp)
         os.replace(tmp, self.out / name)
 
+    def content_digest(self) -> str:
+        """A digest of what was written (every sample's split, shard, key and image digest, in
+        order): two builds of other images never share it, whatever their sizes."""
+        h = hashlib.sha256()
+        for r in self.rows:
+            h.update(f"{r['split']}/{r['shard']}/{r['key']}/{r['sha256']}\n".encode())
+        return h.hexdigest()
+
     def summary(self) -> dict:
         splits = {}
         for split in schema.SPLITS:
@@ -297,6 +305,7 @@ class DatasetWriter:
         return {
             "name": self.name,
             "schema_version": schema.SCHEMA_VERSION,
+            "content_sha256": self.content_digest(),
             "splits": splits,
             "train_identities": splits["train"]["identities"],
             "read": self.read,

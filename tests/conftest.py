@@ -34,6 +34,7 @@ def trained_run(tmp_path_factory):
 
     env = train_env()
     run = subprocess.run([sys.executable, "itself/train.py", "train.epochs=8", f"data.root={base / 'synthetic'}",
+                          "data.build_synthetic=true",
                           f"run_dir={base / 'run'}"],
                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -48,6 +48,34 @@ def run_train(args: list[str], launcher: list[str] | None = None, check: bool = 
     return run
 
 
+def plant_undecodable_image(root: Path, split: str, shard_name: str, index: int) -> int:
+    """Overwrite the image bytes of a shard's index-th sample with an undecodable JPEG of the same
+    length, and record its digest in the manifest, as if the build had written it so (the shard's
+    layout, hence the manifest's byte ranges, stay valid); returns its image_id."""
+    import hashlib
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shards import schema
+
+    path = Path(root) / split / shard_name
+    with tarfile.open(path) as t:
+        member = [m for m in t.getmembers() if m.name.endswith(".jpg")][index]
+    garbage = b"\xff\xd8\xff\xe0" + bytes(member.size - 4)
+    data = bytearray(path.read_bytes())
+    data[member.offset_data:member.offset_data + member.size] = garbage
+    path.write_bytes(bytes(data))
+    key = member.name.split(".")[0]
+    manifest = pq.read_table(Path(root) / schema.MANIFEST_FILE)
+    digests = [hashlib.sha256(garbage).hexdigest() if k == key else d
+               for k, d in zip(manifest["key"].to_pylist(), manifest["sha256"].to_pylist())]
+    manifest = manifest.set_column(manifest.schema.get_field_index("sha256"), "sha256", pa.array(digests))
+    pq.write_table(manifest, Path(root) / schema.MANIFEST_FILE)
+    return int(key)
+
+
 # Credentials a user's environment may hold; runs get them and must not write them anywhere.
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "itself-test-secret-aws-7f3a", "HF_TOKEN": "itself-test-secret-hf-91c2",
            "WANDB_API_KEY": "itself-test-secret-wandb-5d08"}

@@ -18,6 +18,7 @@ import torch
 from itself.config import ConfigError, DataConfig
 from itself.data import DataError, IdentityTable, epoch_layout, eval_loaders, plan_slot, train_loader
 from itself.data import transforms as T
+from runs import plant_undecodable_image
 from shards import schema
 
 MICRO_BATCH = 4  # 2 identities x 2 pairs
@@ -267,23 +268,11 @@ def test_brace_pattern_shards_are_matched_to_the_manifest(small_dataset):
     assert sum(len(b["pids"]) for b in loader) == 4 * 4 * 4  # 4 shards x 4 identities x 4 pairs
 
 
-def _plant_corrupt_image(root, shard_name: str, index: int) -> int:
-    """Overwrite the image bytes of the index-th sample of a shard with garbage of the same length
-    (the shard's layout, and so the manifest's byte ranges, stay valid); returns its image_id."""
-    path = root / "train" / shard_name
-    with tarfile.open(path) as t:
-        member = [m for m in t.getmembers() if m.name.endswith(".jpg")][index]
-    data = bytearray(path.read_bytes())
-    data[member.offset_data:member.offset_data + member.size] = b"\xff\xd8\xff\xe0" + bytes(member.size - 4)
-    path.write_bytes(bytes(data))
-    return int(member.name.split(".")[0])
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_image_is_skipped_counted_and_the_rest_of_the_shard_arrives(small_dataset, tmp_path, workers, capfd):
     root = tmp_path / "d"
     shutil.copytree(small_dataset, root)
-    victim = _plant_corrupt_image(root, "train-000002.tar", 3)
+    victim = plant_undecodable_image(root, "train", "train-000002.tar", 3)
     loader = train_loader(_cfg(root, num_workers=workers), rank=0, world_size=1, micro_batch=MICRO_BATCH)
     loader.set_epoch(0)
     batches = list(loader)

@@ -46,7 +46,7 @@ def test_four_nodes_train_with_world_size_four(slurm, tmp_path):
     # The command as typed (the default synthetic preset) on the 4-node test cluster; one epoch, and
     # the data built by the job itself in a folder of this test.
     run = _submit({**slurm, **SECRETS}, tmp_path / "jobs", "--nodes", "4", "--profile", "local-test", "--wait",
-                  f"data.root={tmp_path / 'synthetic'}", "train.epochs=1")
+                  f"data.root={tmp_path / 'synthetic'}", "data.build_synthetic=true", "train.epochs=1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = _job_folder(tmp_path / "jobs")
     assert_no_secrets(folder)  # the job had them in its environment (sbatch exports it)

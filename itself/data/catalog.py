@@ -142,6 +142,26 @@ def iter_shard(url: str) -> Iterator[dict]:
         yield from tar_samples(stream, url)
 
 
+def check_sample(sample: dict, key: str, sha256: str | None, captions: int | None = None) -> None:
+    """A DataError unless a sample is what the manifest lists: its key, its image's digest (a
+    shard swapped for one of another build, or changed after it, is never read as data) and its
+    caption count."""
+    import hashlib
+
+    url = sample.get("__url__")
+    if sample["__key__"] != key:
+        raise DataError(f"shard {url} does not match the manifest (sample {sample['__key__']} where {key} is "
+                        "listed): shards and manifest must come from one build")
+    if sha256 and hashlib.sha256(image_member(sample)).hexdigest() != sha256:
+        raise DataError(f"shard {url}: sample {key}'s image does not match the manifest's sha256 (the shard was "
+                        "changed after the build, or comes from another build); rebuild the dataset")
+    if captions is not None:
+        found = len(json.loads(sample[schema.META_EXT]).get("captions") or [])
+        if found != captions:
+            raise DataError(f"shard {url}: sample {key} holds {found} captions, the manifest lists {captions}: "
+                            "shards and manifest must come from one build")
+
+
 def image_member(sample: dict) -> bytes:
     """The encoded image of a shard sample, whatever its extension."""
     for ext in schema.IMAGE_EXTS:
@@ -218,6 +238,25 @@ def _identity_runs(root: str, index_of: dict[str, int], pid_offset: int, batch_r
     return runs
 
 
+def _check_consistent(root: str, info: dict, runs: tuple, index_of: dict[str, int], pid_offset: int) -> None:
+    """dataset.json and the manifest agree on the train split, before the first step (else an
+    error deep in a worker, or a label past the classifier, much later)."""
+    shard, pid, images, _ = runs
+    listed = {s["name"]: s["samples"] for s in info["splits"]["train"]["shards"]}
+    per_shard = np.bincount(shard - min(index_of.values(), default=0), weights=images,
+                            minlength=len(index_of)) if len(shard) else np.zeros(len(index_of))
+    for name, index in index_of.items():
+        found, expected = int(per_shard[index - min(index_of.values())]), listed.get(name)
+        if expected is not None and found != expected:
+            raise DataError(f"{root}: dataset.json lists {expected} samples in train shard {name}, the manifest "
+                            f"{found}: they come from different builds; rebuild the dataset")
+    identities = int(info.get("train_identities", -1))
+    labels = pid - pid_offset
+    if len(labels) and (labels.min() < 0 or labels.max() >= identities):
+        raise DataError(f"{root}: the manifest's train labels run to {int(labels.max())}, dataset.json lists "
+                        f"{identities} train identities: they come from different builds; rebuild the dataset")
+
+
 def _caption_counts(column) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -231,6 +270,24 @@ def _check_manifest_version(metadata, path: str) -> None:
     version = (metadata or {}).get(schema.MANIFEST_VERSION_KEY)
     if version is not None:  # (manifests written before versioning carry none: dataset.json's applies)
         check_schema_version(int(version) if version.isdigit() else version.decode(errors="replace"), path)
+
+
+def split_digests(root: str, split: str) -> dict[str, str]:
+    """{sample key: image sha256} of an eval split, from the manifest (val and test are small)."""
+    import pyarrow.parquet as pq
+
+    path = join(root, schema.MANIFEST_FILE)
+    if not exists(path):
+        raise DataError(f"{path} not found: evaluation checks every image against the manifest")
+    fs, where = _fs(path) if is_url(path) else (None, path)
+    try:
+        _check_manifest_version(pq.read_schema(where, filesystem=fs).metadata, path)
+        table = pq.read_table(where, filesystem=fs, columns=["key", "sha256"], filters=[("split", "=", split)])
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise DataError(f"cannot read {path}: {e}") from None
+    return dict(zip(table["key"].to_pylist(), table["sha256"].to_pylist()))
 
 
 def _shard_rows(root: str, names: list[str]) -> dict[str, dict]:
@@ -248,8 +305,8 @@ def _shard_rows(root: str, names: list[str]) -> dict[str, dict]:
             groups = [g for g in range(pf.metadata.num_row_groups)
                       if _may_hold(pf.metadata.row_group(g).column(column).statistics, names)]
             v2 = all(c in pf.schema_arrow.names for c in schema.V2_COLUMNS)
-            table = pf.read_row_groups(groups, columns=["split", "shard", *_available(["key", "num_captions", "offset",
-                                                                                       "size"], v2)])
+            table = pf.read_row_groups(groups, columns=["split", "shard", "sha256",
+                                                        *_available(["key", "num_captions", "offset", "size"], v2)])
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file
@@ -260,7 +317,7 @@ def _shard_rows(root: str, names: list[str]) -> dict[str, dict]:
     bounds = [i for i in range(1, len(shard)) if shard[i] != shard[i - 1]]
     for lo, hi in zip([0, *bounds], [*bounds, len(shard)]):
         part = table.slice(lo, hi - lo)
-        cols = {"key": part.column("key").to_pylist()}
+        cols = {"key": part.column("key").to_pylist(), "sha256": part.column("sha256").to_pylist()}
         if "captions" in part.column_names:
             cols["num_captions"] = pc.list_value_length(part.column("captions")).to_numpy()
         else:
@@ -291,7 +348,7 @@ class ShardRows:
     """The train rows of one shard, in tar order: keys, caption counts, and (v2) byte ranges."""
 
     def __init__(self, url: str, cols: dict):
-        self.url, self.keys = url, cols["key"]
+        self.url, self.keys, self.sha256 = url, cols["key"], cols["sha256"]
         self.captions = np.asarray(cols["num_captions"], np.int64)
         self.offset = np.asarray(cols["offset"]) if "offset" in cols else None
         self.end = self.offset + np.asarray(cols["size"]) if "size" in cols else None
@@ -314,7 +371,9 @@ class TrainData:
         for d, (root, urls, weight) in enumerate(sources):
             info = dataset_info(root)
             first = len(self.urls)
-            runs.append(_identity_runs(root, {shard_name(u): first + i for i, u in enumerate(urls)}, offset))
+            index_of = {shard_name(u): first + i for i, u in enumerate(urls)}
+            runs.append(_identity_runs(root, index_of, offset))
+            _check_consistent(root, info, runs[-1], index_of, offset)
             self.roots.append(root)
             self.urls += list(urls)
             self.dataset_of_shard += [d] * len(urls)
@@ -355,13 +414,10 @@ class TrainData:
             samples = tar_samples(stream, rows.url)
         else:
             samples = (s for i, s in enumerate(iter_shard(rows.url)) if i >= lo)
-        expected = iter(rows.keys[lo:hi])
-        for key in expected:
+        for row in range(lo, hi):
             sample = next(samples, None)
             if sample is None:
-                raise DataError(f"sample {key} listed in the manifest is missing from shard {rows.url}: rebuild "
-                                "the dataset")
-            if sample["__key__"] != key:
-                raise DataError(f"shard {rows.url} does not match the manifest (sample {sample['__key__']} where "
-                                f"{key} is listed): shards and manifest must come from one build")
+                raise DataError(f"sample {rows.keys[row]} listed in the manifest is missing from shard {rows.url}: "
+                                "rebuild the dataset")
+            check_sample(sample, rows.keys[row], rows.sha256[row], int(rows.captions[row]))
             yield sample

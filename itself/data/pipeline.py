@@ -29,7 +29,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..layout import DataLayout, data_layout
 from . import transforms as T
-from .catalog import TrainData, dataset_info, image_member, is_url, iter_shard, join
+from .catalog import TrainData, check_sample, dataset_info, image_member, is_url, iter_shard, join, split_digests
 from .plan import EpochLayout, Pair, Window, derive_seed, epoch_layout, plan_slot
 
 # ----------------------------------------------------------------------------------- dataset
@@ -297,12 +297,15 @@ class EvalImages(_EvalStream):
     """Gallery: (image [3, H, W], pid, image_id) per image; undecodable images are skipped and
     reported (they cannot be retrieved, so they would only distort the metrics silently)."""
 
-    def __init__(self, urls, image_size: tuple[int, int], rank: int = 0, world_size: int = 1, expected=None):
+    def __init__(self, urls, image_size: tuple[int, int], rank: int = 0, world_size: int = 1, expected=None,
+                 digests: dict[str, str] | None = None):
         super().__init__(urls, rank, world_size, expected)
-        self.image_size = image_size
+        self.image_size, self.digests = image_size, digests  # key -> sha256 (the manifest's), checked
 
     def __iter__(self):
         for sample in self._my_samples():
+            if self.digests is not None:
+                check_sample(sample, sample["__key__"], self.digests.get(sample["__key__"], "absent"))
             meta = json.loads(sample[schema.META_EXT])
             try:
                 img = T.decode(image_member(sample), self.image_size)
@@ -333,7 +336,7 @@ def eval_loaders(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int 
     info = ensure_dataset(cfg.root)
     urls = split_urls(cfg.root, split, info)
     expected = [s["samples"] for s in info["splits"][split]["shards"]]
-    images = DataLoader(EvalImages(urls, cfg.image_size, rank, world_size, expected), batch_size=batch_size,
-                        num_workers=cfg.num_workers)
+    images = DataLoader(EvalImages(urls, cfg.image_size, rank, world_size, expected, split_digests(cfg.root, split)),
+                        batch_size=batch_size, num_workers=cfg.num_workers)
     texts = DataLoader(EvalTexts(urls, cfg.text_length, rank, world_size, expected), batch_size=batch_size)
     return images, texts

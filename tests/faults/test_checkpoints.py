@@ -143,3 +143,58 @@ def test_torchscript_weights_load_without_unpickling(tmp_path):
     torch.jit.save(torch.jit.script(Holder()), path)
     with pytest.raises(ValueError, match="missing"):  # read fine; a partial model is then reported
         build_clip("tiny", (32, 32), pretrained=str(path))
+
+
+# ------------------------------------------------------------------------------ what a resume continues
+
+
+def _resumable_copy(reference, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    return run_dir
+
+
+def test_a_model_of_another_shape_is_refused_before_anything_is_written(reference, tmp_path, small_dataset):
+    run_dir = _resumable_copy(reference, tmp_path)
+    before = (run_dir / "config.yaml").read_bytes()
+    run = run_train(small_run_args(small_dataset, f"run_dir={run_dir}", "train.resume=latest", "model.grab_dim=64"),
+                    check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "holds a model of another shape" in run.stderr and "model.grab_dim: 32 -> 64" in run.stderr
+    assert (run_dir / "config.yaml").read_bytes() == before  # the run is left as it was
+
+
+def test_a_resume_on_other_data_is_refused(reference, tmp_path, small_dataset):
+    import shards
+    from conftest import SMALL, SMALL_SHARD_SAMPLES
+
+    other = tmp_path / "other"  # the same sizes and identity count, other images
+    shards.build_synthetic(other, SMALL.__class__(**{**SMALL.__dict__, "seed": 5}), max_samples=SMALL_SHARD_SAMPLES,
+                           progress=False)
+    run_dir = _resumable_copy(reference, tmp_path)
+    run = run_train(small_run_args(other, f"run_dir={run_dir}", "train.resume=latest"), check=False)
+    assert run.returncode == 2 and "was trained on other data than data.root" in run.stderr, run.stderr[-2000:]
+
+
+def test_a_pointer_leading_outside_the_checkpoints_is_not_followed(reference, tmp_path):
+    run_dir = _resumable_copy(reference, tmp_path)
+    (tmp_path / "step99999999").mkdir()
+    (tmp_path / "step99999999" / "COMPLETE").write_text("")
+    (run_dir / "checkpoints" / "latest").write_text("../../step99999999")
+    assert latest_tag(run_dir / "checkpoints") == tag_for(16)  # the newest complete one of the run
+
+
+def test_a_truncated_file_in_a_complete_checkpoint_names_it_and_the_previous_checkpoint(reference, tmp_path,
+                                                                                        small_dataset):
+    run_dir = _resumable_copy(reference, tmp_path)
+    damaged = run_dir / "checkpoints" / tag_for(16) / "mp_rank_00_model_states.pt"
+    size = damaged.stat().st_size
+    with open(damaged, "r+b") as f:
+        f.truncate(size // 3)
+    run = run_train(small_run_args(small_dataset, f"run_dir={run_dir}", "train.resume=latest"), check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"mp_rank_00_model_states.pt" in run.stderr and ("cannot be read" in run.stderr or
+                                                              f"of its {size} bytes" in run.stderr)
+    previous = run_dir / "checkpoints" / tag_for(8)
+    assert f"continue from the previous complete checkpoint with train.resume={previous}" in run.stderr
+    run_train(small_run_args(small_dataset, f"run_dir={run_dir}", f"train.resume={previous}"))  # ... and it works

@@ -98,7 +98,7 @@ CASES = [
     ("train.max_steps=-1", "train.max_steps", "must be >= 0, got -1"),
     ("train.nonfinite=maybe", "train.nonfinite", "must be one of skip, stop, got 'maybe'"),
     ("train.max_skipped_steps=-1", "train.max_skipped_steps", "must be >= 0, got -1"),
-    ("train.collective_timeout_s=0", "train.collective_timeout_s", "must be >= 1 second, got 0"),
+    ("train.collective_timeout_s=0", "train.collective_timeout_s", "must be 1 second to 7 days (604800), got 0"),
     # eval
     ("eval.batch_size=0", "eval.batch_size", "must be >= 1, got 0"),
     ("eval.fusion_weights=[1.5]", "eval.fusion_weights", "need one or more weights, each in [0, 1], got (1.5,)"),

@@ -18,7 +18,7 @@ from itself.data import DataError, eval_loaders, train_loader
 from itself.evaluate import evaluate
 from itself.model import ITSELF
 from itself.presets import resolve_config
-from runs import run_train, small_run_args
+from runs import plant_undecodable_image, run_train, small_run_args
 from shards import schema
 
 
@@ -64,6 +64,34 @@ def test_train_shard_cut_between_samples_is_an_error_not_fewer_samples(dataset):
         one_train_epoch(dataset)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_image_changed_after_the_build_is_an_error_naming_it(dataset, split):
+    # The same bytes length, the same keys: only the manifest's sha256 tells.
+    shard = dataset / split / f"{split}-000001.tar"
+    with tarfile.open(shard) as t:
+        image = [m for m in t.getmembers() if m.name.endswith(".jpg")][2]
+    data = bytearray(shard.read_bytes())
+    data[image.offset_data + 100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"shard {shard}: sample .* does not match the manifest's sha256"):
+        if split == "train":
+            one_train_epoch(dataset)
+        else:
+            list(eval_loaders(cfg(dataset), "val")[0])
+
+
+def test_dataset_json_and_manifest_that_disagree_are_an_error_before_the_first_step(dataset):
+    info_file = dataset / schema.DATASET_FILE
+    info = json.loads(info_file.read_text())
+    info_file.write_text(json.dumps({**info, "train_identities": 20}))  # the manifest labels 32
+    with pytest.raises(DataError, match="labels run to 31, dataset.json lists 20 train identities"):
+        train_loader(cfg(dataset), rank=0, world_size=1, micro_batch=16)
+    info["splits"]["train"]["shards"][0]["samples"] += 1
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(DataError, match="lists 9 samples in train shard train-000000.tar, the manifest 8"):
+        train_loader(cfg(dataset), rank=0, world_size=1, micro_batch=16)
+
+
 def test_train_shard_of_another_build_is_an_error_not_other_data(dataset, small_dataset):
     # Same name, same size, other samples (two shards swapped): the manifest's keys do not match.
     one, two = dataset / "train" / "train-000001.tar", dataset / "train" / "train-000002.tar"
@@ -93,12 +121,7 @@ def test_truncated_eval_shard_is_an_error_not_a_smaller_gallery(dataset, cut):
 
 
 def test_corrupt_gallery_image_is_skipped_and_counted_in_the_results(dataset, capfd):
-    shard = dataset / "val" / "val-000000.tar"
-    with tarfile.open(shard) as t:
-        image = [m for m in t.getmembers() if m.name.endswith(".jpg")][1]  # the second sample's image
-    data = bytearray(shard.read_bytes())
-    data[image.offset_data:image.offset_data + image.size] = b"\xff\xd8\xff\xe0" + bytes(image.size - 4)
-    shard.write_bytes(bytes(data))
+    plant_undecodable_image(dataset, "val", "val-000000.tar", 1)  # (undecodable, as the manifest says)
     config = resolve_config("synthetic", None, small_run_args(dataset))
     torch.manual_seed(0)
     model = ITSELF(config.model, 32, config.data.image_size).eval()
