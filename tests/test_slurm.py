@@ -111,19 +111,25 @@ def test_dry_run_prints_the_sbatch_script_with_the_right_counts(tmp_path):
     assert not list(tmp_path.iterdir()), "a dry run submits nothing"
 
 
-def test_missing_or_invalid_profile_is_a_clear_error(tmp_path):
-    run = _submit(os.environ.copy(), tmp_path, "--profile", "nosuch", "--dry-run", timeout=120)
-    assert run.returncode == 2 and "--profile nosuch:" in run.stderr and "profiles: default, local-test" in run.stderr
+def test_missing_or_invalid_profile_is_a_clear_error(tmp_path, capsys):
+    from launch import slurm
+
+    def refused(*args: str) -> str:
+        assert slurm.main(["--jobs-dir", str(tmp_path), "--dry-run", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        return err
+
+    assert "--profile nosuch:" in refused("--profile", "nosuch") and "profiles: default, local-test" in refused(
+        "--profile", "nosuch")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("partition: gpu\ngpus_per_nod: 8\n")
-    run = _submit(os.environ.copy(), tmp_path, "--profile", str(bad), "--dry-run", timeout=120)
-    assert run.returncode == 2 and "unknown field 'gpus_per_nod'" in run.stderr
-    bad.write_text("gpus_per_node: eight\n")
-    run = _submit(os.environ.copy(), tmp_path, "--profile", str(bad), "--dry-run", timeout=120)
-    assert run.returncode == 2 and "field 'gpus_per_node' must be int" in run.stderr
-    bad.write_text("time: soon\n")
-    run = _submit(os.environ.copy(), tmp_path, "--profile", str(bad), "--dry-run", timeout=120)
-    assert run.returncode == 2 and "time: cannot read 'soon'" in run.stderr
+    for text, message in (("partition: gpu\ngpus_per_nod: 8\n", "unknown field 'gpus_per_nod'"),
+                          ("gpus_per_node: eight\n", "field 'gpus_per_node' must be int"),
+                          ("time: soon\n", "time: cannot read 'soon'"),
+                          ("a: &a [x, x]\nb: [*a, *a]\n", "YAML aliases (*name) are not allowed")):
+        bad.write_text(text)
+        assert message in refused("--profile", str(bad))
+    assert "mem_gb must be a number >= 0, got nan" in refused("--mem-gb", "nan")
 
 
 def test_local_executor_runs_the_same_job_here(small_dataset, tmp_path):
