@@ -360,6 +360,9 @@ class EvalConfig:
     keep_ratio: float = 0.4
     """Keep ratio of the `last_layer` selection (reference code: 0.4, i.e. 76 of 192 patches and 30
     of 75 text positions)."""
+    panels: int = 4
+    """Val queries logged as images at every evaluation (`train.report_to`), each with its top-5
+    retrievals outlined green (right identity) or red and the patches MARS kept; 0 = none."""
 
     def validate(self) -> None:
         if not self.fusion_weights or any(not 0 <= a <= 1 for a in self.fusion_weights):
@@ -368,6 +371,8 @@ class EvalConfig:
         for field in ("batch_size", "every", "block_mb"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"eval.{field}: must be >= 1, got {getattr(self, field)}")
+        if not 0 <= self.panels <= 64:
+            raise ConfigError(f"eval.panels: must be in [0, 64], got {self.panels}")
         if not all(self.test_roots):
             raise ConfigError(f"eval.test_roots: every entry must be a dataset folder or URL, got {self.test_roots}")
         if self.selection not in EVAL_SELECTIONS:

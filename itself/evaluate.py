@@ -58,15 +58,17 @@ class _Columns:
         self.order.append(order)
 
     def assemble(self, device) -> dict:
-        """{"global", "grab": {selection: ...}, "pids"} on every rank, sorted by image id (and
-        caption), so results do not depend on how ranks sliced the split."""
+        """{"global", "grab": {selection: ...}, "pids", "keys"} on every rank, sorted by key (image id;
+        image id * 1000 + caption index for queries), so results do not depend on how ranks sliced
+        the split."""
         def cat(parts, dim=None):  # (a rank with an empty slice still joins every gather, in its shape)
             local = torch.cat(parts) if parts else torch.zeros((0, dim) if dim else (0,), dtype=torch.long if
                                                                  dim is None else torch.float32)
             return _gather_rows(local, device)
 
-        order = cat(self.order).argsort(stable=True)
-        return {"global": cat(self.glob, self.dims["global"])[order], "pids": cat(self.pids)[order],
+        keys = cat(self.order)
+        order = keys.argsort(stable=True)
+        return {"global": cat(self.glob, self.dims["global"])[order], "pids": cat(self.pids)[order], "keys": keys[order],
                 "grab": {s: cat(parts, self.dims["grab"])[order] for s, parts in self.grab.items()}}
 
 
@@ -88,9 +90,10 @@ def embed_split(model, cfg: Config, split: str, rank: int, world: int, device, s
 
 
 def evaluate(model, cfg: Config, split: str, rank: int, world: int, device, selections=None,
-             root: str | None = None) -> dict | None:
-    """On rank 0 {"counts": {...}, "selections": {selection: {"global", "grab", "fused@a" ...}}};
-    None elsewhere. `selections` default to `selections_of(cfg)`; `root` to data.root."""
+             root: str | None = None, keep_embeddings: bool = False) -> dict | None:
+    """On rank 0 {"counts": {...}, "selections": {selection: {"global", "grab", "fused@a" ...}}}
+    (and "embeddings": (queries, gallery) with `keep_embeddings`); None elsewhere. `selections`
+    default to `selections_of(cfg)`; `root` to data.root."""
     selections = tuple(selections or selections_of(cfg))
     root = root or cfg.data.root
     queries, gallery = embed_split(model, cfg, split, rank, world, device, selections, root)
@@ -105,7 +108,7 @@ def evaluate(model, cfg: Config, split: str, rank: int, world: int, device, sele
     # Undecodable gallery images are skipped (and printed); the count says how many, never silently.
     counts = {"gallery": len(gallery["pids"]), "queries": len(queries["pids"]),
               "gallery_skipped": listed["images"] - len(gallery["pids"])}
-    return {"counts": counts, "selections": by_selection}
+    return {"counts": counts, "selections": by_selection, **({"embeddings": (queries, gallery)} if keep_embeddings else {})}
 
 
 @dataclasses.dataclass

@@ -222,6 +222,18 @@ def blocked_metrics(sim_rows: Callable[[slice], torch.Tensor], num_queries: int,
     return acc.result()
 
 
+def fused_scores(query: dict, gallery: dict, a: float) -> torch.Tensor:
+    """[q, g] similarities a * S_global + (1 - a) * S_grab of cosine similarities (S_global alone
+    without GRAB); `query` / `gallery` as in `fused_metrics`."""
+    def cos(q, g):
+        return F.normalize(q.float(), dim=-1) @ F.normalize(g.float(), dim=-1).T
+
+    sim = cos(query["global"], gallery["global"])
+    if query.get("grab") is None:
+        return sim
+    return a * sim + (1 - a) * cos(query["grab"], gallery["grab"])
+
+
 def fused_metrics(query: dict, gallery: dict, weights: Iterable[float], block_bytes: int = BLOCK_BYTES) -> dict:
     """Metrics of the global, GRAB and fused similarities a * S_global + (1 - a) * S_grab.
 

@@ -36,6 +36,7 @@ from itself.losses import total_loss
 from itself.metrics import fused_at
 from itself.model import ITSELF
 from itself.model.export import export
+from itself.panels import pick, retrieval_panels
 from itself.presets import PRESETS, resolve_config, resolve_references
 from itself.rundir import EvalRecord, RunDir
 
@@ -342,10 +343,14 @@ class Trainer:
         """Evaluate on val, choose the GRAB selection and fusion weight there; True (on every rank)
         if this is the best evaluation so far."""
         s = self.state
-        results = evaluate(self.engine.module, self.cfg, "val", self.rank, self.world, self.device)
-        best = None
+        panels = self.cfg.eval.panels if self.cfg.train.report_to != "none" else 0
+        results = evaluate(self.engine.module, self.cfg, "val", self.rank, self.world, self.device,
+                           keep_embeddings=bool(panels))
+        best = picked = None
         if self.rank == 0:
             choice = choose(results)
+            if panels:
+                picked = pick(*results.pop("embeddings"), choice.selection, choice.fusion_weight, panels)
             record = EvalRecord("val", epoch, s.global_step, choice.fusion_weight, choice.metrics, choice.selection,
                                 choice.candidates, results["counts"])
             self.log.record_eval(record)
@@ -359,11 +364,18 @@ class Trainer:
             if is_best:
                 best = dict(best_score=list(choice.score), best_epoch=epoch + 1, fusion_weight=choice.fusion_weight,
                             selection=choice.selection, best_val=record.to_record())
+        if panels:
+            self._log_panels(_broadcast(picked, self.rank))
         best = _broadcast(best, self.rank)
         if best:
             for k, v in best.items():
                 setattr(s, k, v)
         return best is not None
+
+    def _log_panels(self, picked: list[dict]) -> None:
+        """Every rank renders (MARS runs the model: collective under ZeRO-3), rank 0 logs."""
+        images = retrieval_panels(self.engine.module, self.cfg.data.root, "val", picked, tuple(self.cfg.data.image_size))
+        self.log.images("val/retrievals", self.state.global_step, [im for im, _ in images], [c for _, c in images])
 
     def _finish(self) -> dict:
         s, run = self.state, self.run

@@ -272,21 +272,27 @@ def _check_manifest_version(metadata, path: str) -> None:
         check_schema_version(int(version) if version.isdigit() else version.decode(errors="replace"), path)
 
 
-def split_digests(root: str, split: str) -> dict[str, str]:
-    """{sample key: image sha256} of an eval split, from the manifest (val and test are small)."""
+def read_manifest(root: str, columns: list[str] | None = None, filters=None):
+    """The manifest's rows (a pyarrow Table) of a built dataset, local or URL, its version checked."""
     import pyarrow.parquet as pq
 
     path = join(root, schema.MANIFEST_FILE)
-    if not exists(path):
-        raise DataError(f"{path} not found: evaluation checks every image against the manifest")
     fs, where = _fs(path) if is_url(path) else (None, path)
     try:
         _check_manifest_version(pq.read_schema(where, filesystem=fs).metadata, path)
-        table = pq.read_table(where, filesystem=fs, columns=["key", "sha256"], filters=[("split", "=", split)])
+        return pq.read_table(where, filesystem=fs, columns=columns, filters=filters)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file
         raise DataError(f"cannot read {path}: {e}") from None
+
+
+def split_digests(root: str, split: str) -> dict[str, str]:
+    """{sample key: image sha256} of an eval split, from the manifest (val and test are small)."""
+    path = join(root, schema.MANIFEST_FILE)
+    if not exists(path):
+        raise DataError(f"{path} not found: evaluation checks every image against the manifest")
+    table = read_manifest(root, ["key", "sha256"], [("split", "=", split)])
     return dict(zip(table["key"].to_pylist(), table["sha256"].to_pylist()))
 
 
