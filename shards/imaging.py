@@ -59,8 +59,14 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         return Image.fromarray(_scaled_to_u8(np.asarray(image), image.mode), "L").convert("RGB")
     try:
         return image.convert("RGB")
-    except ValueError:  # a mode without a direct conversion (e.g. "La")
-        return image.convert("RGBA").convert("RGB")
+    except ValueError:  # a mode without a direct conversion (e.g. "La"): through another mode
+        pass
+    for via in ("RGBA", "LA"):
+        try:
+            return image.convert(via).convert("RGB")
+        except ValueError:
+            continue
+    return to_rgb8(image.getchannel(0))  # (the first band as grey; raises if even that is impossible)
 
 
 def decode_rgb8(data: bytes) -> Image.Image:
