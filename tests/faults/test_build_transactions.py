@@ -291,3 +291,23 @@ def test_an_output_folder_with_other_files_is_never_replaced(tmp_path):
     (out / (schema.MANIFEST_FILE + schema.PARTIAL_SUFFIX)).write_bytes(b"partial")
     assert build("--dataset", "synthetic", "--out", str(out), *SMALL).returncode == 0
     assert_consistent(out)
+
+
+def test_a_terminated_build_cleans_up_at_once_and_exits_1(tmp_path):
+    out = tmp_path / "data"
+    assert build("--dataset", "synthetic", "--out", str(out), *SMALL).returncode == 0
+    before = snapshot(out)
+    proc = start("--dataset", "synthetic", "--out", str(out), "--overwrite", "--num-ids", "3000",
+                 "--image-size", "48x16", "--shard-samples", "8")
+    try:
+        wait_until(lambda: lock_holder(out) == proc.pid, 60, "the build to take the lock")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"error: interrupted; {out} was left as it was"
+    assert snapshot(out) == before
+    assert leftovers(out) == []  # its own work folder and lock removed on the way out, not by the next build
