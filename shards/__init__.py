@@ -2,8 +2,10 @@
 of `itself`, `launch` or `tune`). See `shards.schema` for the format."""
 
 from .schema import SCHEMA_VERSION  # noqa: F401
+from .errors import BuildError, BuildFailed, ConvertError, OutputBusy, RejectsError  # noqa: F401
+from .imaging import to_rgb8  # noqa: F401
 from .writer import (  # noqa: F401
-    SHARD_BYTES, SHARD_SAMPLES, BuildError, DatasetWriter, Record, Reject, summary_table, write_dataset,
+    SHARD_BYTES, SHARD_SAMPLES, DatasetWriter, Record, Reject, summary_table, write_dataset,
 )
 
 SYNTHETIC_SHARD_SAMPLES = 40
@@ -19,6 +21,7 @@ def build_synthetic(out, spec=None, *, max_samples: int = SYNTHETIC_SHARD_SAMPLE
     from .synthetic import SyntheticSpec, synthetic_records
 
     spec = spec or SyntheticSpec()
+    spec.validate()
     sizes = spec.split_sizes()
     return write_dataset(
         synthetic_records(spec), out, "synthetic",

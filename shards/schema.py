@@ -13,7 +13,9 @@ Layout of a built dataset directory::
     <out>/dataset.json                name, schema version, counts, per-shard sample counts
     <out>/rejects.jsonl               one line per input record not written, with its reason
 
-`dataset.json` is written last: its presence marks a complete build.
+`dataset.json` is written last: its presence marks a complete build. A build writes the whole
+folder beside it and swaps it in only when complete (`shards.transaction`), so a reader never
+sees a mix of two builds.
 """
 
 from __future__ import annotations

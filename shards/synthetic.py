@@ -295,6 +295,23 @@ class SyntheticSpec:
     """Share of identities that are near twins of another identity of the same split."""
     seed: int = 0
 
+    def validate(self) -> None:
+        """ValueError naming the flag of the first field out of range."""
+        def whole(flag: str, value, lo: int, hi: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{flag}: must be an integer in {lo}..{hi}, got {value!r}")
+
+        whole("--num-ids", self.num_ids, 3, 10_000_000)
+        whole("--images-per-id", self.images_per_id, 1, 10_000)
+        whole("--captions-per-image", self.captions_per_image, 1, 100)
+        if not (isinstance(self.image_size, (tuple, list)) and len(self.image_size) == 2):
+            raise ValueError(f"--image-size: expected HxW, got {self.image_size!r}")
+        for v in self.image_size:
+            whole("--image-size", v, 16, 4096)
+        if not isinstance(self.twin_fraction, (int, float)) or not 0 <= self.twin_fraction <= 1:
+            raise ValueError(f"--twin-fraction: must be a share in [0, 1], got {self.twin_fraction!r}")
+        whole("--seed", self.seed, -(2 ** 63), 2 ** 63 - 1)
+
     def split_sizes(self) -> dict[str, int]:
         val = test = max(1, self.num_ids // 6)
         train = self.num_ids - val - test

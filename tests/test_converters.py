@@ -222,10 +222,13 @@ def test_strict_fails_and_writes_no_dataset_json(tmp_path):
     run = subprocess.run([sys.executable, "-m", "shards", "build", "--dataset", "rstpreid", "--root",
                           str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--strict", "--no-progress"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert run.returncode == 1
-    assert "--strict: 1 of 41 records rejected" in run.stderr and "rejected: missing image file: 1" in run.stdout
-    assert not (tmp_path / "out" / schema.DATASET_FILE).exists()
-    assert (tmp_path / "out" / schema.REJECTS_FILE).read_text().count("missing image file") == 1
+    assert run.returncode == 2  # the data refused: nothing written
+    assert run.stderr.startswith("error: --strict: 1 of 41 records rejected (missing image file: 1)")
+    assert "rejected: missing image file: 1" in run.stdout and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()  # nothing created, not even a folder
+    kept = tmp_path / ("out" + ".rejects.jsonl")  # the refused build's rejects, beside --out
+    assert str(kept) in run.stderr
+    assert [json.loads(line)["source"] for line in kept.read_text().splitlines()] == ["missing.jpg"]
 
 
 def test_missing_annotations_name_the_expected_files(tmp_path):

@@ -361,3 +361,18 @@ def test_default_synthetic_dataset_is_built_on_first_use(tmp_path):
     assert info["name"] == "synthetic" and len(info["splits"]["train"]["shards"]) == 16
     loader.set_epoch(0)
     assert len(loader) == 1280 // 8 and loader.dataset.epoch_layout().stats["pairs_repeated"] == 0
+
+
+def test_a_16_bit_png_in_an_older_shard_decodes_scaled_not_clipped():
+    # Builds before the builder converted 16-bit images stored them as they came: mid-grey must
+    # read 128, not 255 (Pillow's convert("RGB") clips I;16 samples).
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from itself.data.transforms import decode
+
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)).save(buf, "PNG")
+    assert decode(buf.getvalue())[0, 0].tolist() == [0, 128, 255]

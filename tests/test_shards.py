@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -94,30 +92,6 @@ def test_synthetic_has_near_twins_differing_in_one_detail():
     assert one_apart >= 5
 
 
-def test_killed_build_leaves_no_complete_looking_shard(tmp_path):
-    out = tmp_path / "big"
-    proc = subprocess.Popen([sys.executable, "-m", "shards", "build", "--dataset", "synthetic", "--out", str(out),
-                             "--num-ids", "3000", "--shard-samples", "8", "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list((out / "train").glob("*.tar"))) < 3:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(list((out / "train").glob("*.tar"))) >= 3, "the build did not get going"
-    assert not (out / schema.DATASET_FILE).exists()
-    assert not (out / schema.MANIFEST_FILE).exists()
-    for tar in out.rglob("*.tar"):  # whatever has a final name is whole
-        members = _tar_members(tar)
-        assert members and len(members) % 2 == 0
-    # A rebuild into the same folder cleans up and completes.
-    shards.build_synthetic(out, SyntheticSpec(num_ids=12, images_per_id=2, image_size=(48, 16)), max_samples=8,
-                           progress=False)
-    assert not list(out.rglob("*" + schema.PARTIAL_SUFFIX))
-    info = json.loads((out / schema.DATASET_FILE).read_text())
-    assert sum(len(s["shards"]) for s in info["splits"].values()) == len(list(out.rglob("*.tar")))
-
-
 def test_existing_dataset_needs_overwrite(small_dataset, tmp_path):
     with pytest.raises(BuildError, match="--overwrite"):
         DatasetWriter(small_dataset, "again")
@@ -177,7 +151,8 @@ def test_shard_size_limit_by_bytes(tmp_path):
 def test_cli_build_prints_summary_and_help(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "shards", "build", "--help"], capture_output=True, text=True,
                                check=True).stdout
-    assert "--num-ids" in help_text and "--seed" in help_text
+    assert "--num-ids" in help_text and "--seed" in help_text and "--allow-rejects" in help_text
+    assert "exit status:" in help_text and "2  error:" in help_text and "1  error:" in help_text
     out = subprocess.run([sys.executable, "-m", "shards", "build", "--dataset", "synthetic", "--out",
                           str(tmp_path / "s"), "--num-ids", "12", "--images-per-id", "2", "--seed", "1",
                           "--image-size", "48x16"], capture_output=True, text=True, check=True).stdout

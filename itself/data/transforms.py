@@ -11,10 +11,11 @@ import io
 import math
 import random
 
-
 import numpy as np
 import torch
 from PIL import Image
+
+from shards.imaging import to_rgb8
 
 try:  # the fastest JPEG decoder on PyPI (libjpeg-turbo); Pillow when it is missing
     import simplejpeg
@@ -54,7 +55,7 @@ def decode(data: bytes, size: tuple[int, int] | None = None) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as im:
         if size is not None:
             im.draft("RGB", (size[1], size[0]))
-        arr = np.asarray(im.convert("RGB"))
+        arr = np.asarray(to_rgb8(im))  # 16-bit images scaled, not clipped (datasets built before the builder converted them)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
