@@ -56,7 +56,7 @@ def test_a_config_bomb_inside_a_weights_only_model_file_is_refused_with_a_short_
     ("train.collective_timeout_s=1000000000000", "must be 1 second to 7 days (604800)"),
     ("model.mars_layers=[" + ",".join(["1"] * 2000) + "]", "model.mars_layers: 2000 values; at most 1000"),
     ("name=" + "a" * 300, "name: must be letters"),
-])
+], ids=["seed-over-64-bits", "seed-negative", "timeout-huge", "mars-layers-2000", "name-300-chars"])
 def test_out_of_range_numbers_and_huge_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         resolve_config("synthetic", None, [override]).validate()

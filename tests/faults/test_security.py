@@ -24,7 +24,7 @@ def test_training_config_yaml_cannot_run_code(small_dataset, tmp_path):
     marker, config = tmp_path / "code-ran", tmp_path / "evil.yaml"
     config.write_text(EVIL_YAML.format(marker=marker))
     run = run_train(small_run_args(small_dataset) + ["--config", str(config)], check=False)
-    assert run.returncode == 2 and f"error: --config: {config} is not valid YAML" in run.stderr
+    assert run.returncode == 2 and f"error: --config: {config}: not valid YAML" in run.stderr
     assert not marker.exists()
 
 
