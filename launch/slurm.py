@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -100,6 +101,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def require_slurm() -> None:
+    """A ProfileError unless SLURM's commands are here (submitit needs srun even to render a script)."""
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    if missing:
+        raise ProfileError(f"{' and '.join(missing)} not found on PATH: submit from a SLURM login node, or run "
+                           "the job here with --local")
+
+
+def submit_error(e: Exception) -> str:
+    """sbatch's own complaint, without submitit's wrapping (the last 'sbatch: error' lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sbatch = [line for line in lines if "error" in line.lower() and "sbatch" in line.lower()]
+    return " / ".join(sbatch[-3:] or lines[-3:] or [type(e).__name__])[:1000]
+
+
 def make_executor(folder: Path, profile: SlurmProfile, nodes: int, name: str, local: bool):
     import submitit
 
@@ -160,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             RunDir(cfg.run_dir).check_reuse(cfg.train.resume)
         if args.name is not None and not NAME.fullmatch(args.name):
             raise ConfigError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
+        if not args.local:
+            require_slurm()
     except (ConfigError, ProfileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -177,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     folder.mkdir(parents=True, exist_ok=True)
-    job = executor.submit(TrainJob(to_dict(cfg), str(folder), profile.max_requeues))
+    try:
+        job = executor.submit(TrainJob(to_dict(cfg), str(folder), profile.max_requeues))
+    except Exception as e:  # noqa: BLE001 - sbatch refused the job (partition, account, limits ...)
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"error: the job was not submitted: {submit_error(e)}", file=sys.stderr)
+        return 1
     (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (folder / "submission.json").write_text(json.dumps({
         "command": [sys.executable, *sys.argv], "job_ids": [str(job.job_id)], "executor": "local" if args.local else "slurm",

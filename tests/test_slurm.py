@@ -100,6 +100,25 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, small_dataset, tm
     assert (folder / "run" / "results.json").exists()
 
 
+def test_a_job_sbatch_refuses_is_an_error_line_and_exit_1(slurm, small_dataset, tmp_path):
+    run = _submit(slurm, tmp_path, "--profile", "local-test", "--partition", "nosuch",
+                  *small_run_args(small_dataset, "train.max_steps=1"), timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]  # (sbatch's own lines come first)
+    assert last.startswith("error: the job was not submitted:") and "invalid partition" in last.lower()
+    assert not list(tmp_path.iterdir()), "no job folder is left by a job that was never submitted"
+
+
+def test_without_slurm_commands_the_error_says_so(tmp_path):
+    bin_dir = tmp_path / "bin"  # a PATH holding python but no sbatch / srun
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": str(bin_dir)}
+    run = _submit(env, tmp_path / "jobs", "--nodes", "2", timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith("error: sbatch and srun not found on PATH"), run.stderr[-2000:]
+    assert not (tmp_path / "jobs").exists()
+
+
 def test_dry_run_prints_the_sbatch_script_with_the_right_counts(tmp_path):
     run = _submit(os.environ.copy(), tmp_path, "--nodes", "4", "--gpus-per-node", "8", "--preset", "cuhk-pedes",
                   "--partition", "a100", "--time", "2-00:00:00", "--dry-run", timeout=120)
