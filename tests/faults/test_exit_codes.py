@@ -1,0 +1,49 @@
+"""One error convention for every command: a usage or configuration mistake prints one
+`error: ...` line and exits 2, with no traceback and nothing written. (Runtime failures exit 1:
+tests/faults/test_nonfinite.py for training, test_build_transactions.py for shard builds,
+test_slurm.py for a job sbatch refuses, test_retrieve.py and test_tune.py for theirs.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from runs import REPO, train_env
+
+COMMANDS = {
+    "train": [sys.executable, str(REPO / "itself" / "train.py")],
+    "slurm": [sys.executable, str(REPO / "launch" / "slurm.py"), "--dry-run"],
+    "tune": [sys.executable, str(REPO / "tune" / "search.py")],
+    "retrieve": [sys.executable, "-m", "itself.retrieve"],
+    "shards": [sys.executable, "-m", "shards", "build"],
+}
+
+CASES = [
+    ("train", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("train", ["train.batch_size=7", "--print-config"], "train.batch_size: 7 is not divisible"),
+    ("train", ["--preset", "nosuch"], "nosuch"),
+    ("train", ["data.root=/nonexistent/data"], "/nonexistent/data/dataset.json not found"),
+    ("slurm", ["--nodes", "0"], "--nodes must be >= 1"),
+    ("slurm", ["--gpus-per-node", "x"], "--gpus-per-node: invalid int value: 'x'"),
+    ("slurm", ["train.lr=abc"], "train.lr"),
+    ("tune", ["--num-samples", "0"], "--num-samples must be >= 1"),
+    ("tune", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("retrieve", ["search", "--index", "/nonexistent/index", "--query", "a man"], "/nonexistent/index"),
+    ("retrieve", ["--bogus"], "--bogus"),
+    ("shards", ["--dataset", "nope", "--out", "OUT"], "invalid choice: 'nope'"),
+    ("shards", ["--dataset", "synthetic", "--out", "OUT", "--num-ids", "-3"], "--num-ids"),
+]
+
+
+@pytest.mark.parametrize("command,args,message", CASES, ids=[f"{c}:{' '.join(a)[:40]}" for c, a, _ in CASES])
+def test_a_mistake_is_one_error_line_and_exit_2(command, args, message, tmp_path):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    run = subprocess.run(COMMANDS[command] + args, cwd=tmp_path,
+                         env=train_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, f"exit {run.returncode}:\n{run.stderr[-2000:]}"
+    assert "Traceback" not in run.stderr and message in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") or ": error: " in last, last  # (argparse's own lines name the program)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("runs"))
