@@ -42,6 +42,7 @@ def _events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_four_nodes_train_with_world_size_four(slurm, tmp_path):
     # The command as typed (the default synthetic preset) on the 4-node test cluster; one epoch, and
     # the data built by the job itself in a folder of this test.
@@ -69,6 +70,7 @@ def test_four_nodes_train_with_world_size_four(slurm, tmp_path):
     assert first["hostnames"] == ["n1", "n2", "n3", "n4"] and first["world_size"] == 4
 
 
+@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, small_dataset, tmp_path):
     proc = subprocess.Popen([sys.executable, "launch/slurm.py", "--jobs-dir", str(tmp_path), "--nodes", "4",
                              "--profile", "local-test", "--wait", *small_run_args(small_dataset), "train.epochs=3"],
@@ -100,6 +102,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, small_dataset, tm
     assert (folder / "run" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_a_job_sbatch_refuses_is_an_error_line_and_exit_1(slurm, small_dataset, tmp_path):
     run = _submit(slurm, tmp_path, "--profile", "local-test", "--partition", "nosuch",
                   *small_run_args(small_dataset, "train.max_steps=1"), timeout=120)
@@ -151,6 +154,7 @@ def test_missing_or_invalid_profile_is_a_clear_error(tmp_path, capsys):
     assert "mem_gb must be a number >= 0, got nan" in refused("--mem-gb", "nan")
 
 
+@pytest.mark.slow
 def test_local_executor_runs_the_same_job_here(small_dataset, tmp_path):
     run = _submit(os.environ.copy(), tmp_path, "--local", "--nodes", "2", "--profile", "local-test", "--wait",
                   *small_run_args(small_dataset), "train.epochs=1")
@@ -160,6 +164,7 @@ def test_local_executor_runs_the_same_job_here(small_dataset, tmp_path):
     assert [e["event"] for e in _events(folder / "attempts.jsonl")] == ["start", "completed"]
 
 
+@pytest.mark.slow
 def test_a_failed_run_continues_by_resubmitting_with_its_run_dir(small_dataset, tmp_path):
     # What the failure message says to do ("rerun the same command with run_dir=... train.resume=latest")
     # works through the launcher too: the new job trains on in the old run folder.

@@ -103,6 +103,7 @@ def test_safetensors_and_config_json_load_to_the_same_model(straight_run):
     assert load_exported(straight_run)[2] == a_pt  # (the run directory: its model.safetensors)
 
 
+@pytest.mark.slow
 def test_two_ranks_reach_the_same_metrics_as_one(straight_run, small_dataset, tmp_path):
     run_dir = tmp_path / "two"
     launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
@@ -145,6 +146,7 @@ def test_the_cli_resolves_the_same_config_as_the_python_api(small_dataset, tmp_p
     assert to_dict(resolve_config("synthetic", str(tmp_path / "c.yaml"))) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero1", "zero3"])
 def test_zero_stages_train_and_export(small_dataset, tmp_path, stage):
     run_dir = tmp_path / stage

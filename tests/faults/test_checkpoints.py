@@ -65,6 +65,7 @@ def reference(small_dataset, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_uses_it(small_dataset, reference, tmp_path):
     run_dir = tmp_path / "run"
     args = small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.checkpoint_every=2"]

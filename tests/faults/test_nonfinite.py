@@ -79,6 +79,7 @@ def args_for(dataset, run_dir, *extra) -> list[str]:
 
 @pytest.mark.parametrize("stage,kind,precision", [("zero1", "loss", "fp32"), ("zero0", "grad", "fp32"),
                                                   ("zero0", "loss", "fp32"), ("zero2", "grad", "bf16")])
+@pytest.mark.slow
 def test_skip_policy_drops_the_update_counts_it_and_training_goes_on(small_dataset, tmp_path, stage, kind, precision):
     run_dir = tmp_path / "run"
     run = run_with_nan("4", kind, args_for(small_dataset, run_dir, f"train.deepspeed={stage}",
@@ -97,6 +98,7 @@ def test_skip_policy_drops_the_update_counts_it_and_training_goes_on(small_datas
     assert json.loads((run_dir / "results.json").read_text())["test"]["fused"]["R1"] >= 0
 
 
+@pytest.mark.slow
 def test_stop_policy_saves_the_last_finite_state_and_exits_with_a_message(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     run = run_with_nan("4", "loss", args_for(small_dataset, run_dir, "train.nonfinite=stop"))
@@ -109,6 +111,7 @@ def test_stop_policy_saves_the_last_finite_state_and_exits_with_a_message(small_
     assert not (run_dir / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_too_many_skips_in_a_row_stop_a_diverged_run(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     run = run_with_nan("3,4,5", "loss", args_for(small_dataset, run_dir, "train.max_skipped_steps=3"))
@@ -117,6 +120,7 @@ def test_too_many_skips_in_a_row_stop_a_diverged_run(small_dataset, tmp_path):
     assert_same_weights(weights(run_dir, 2), weights(run_dir, 5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero0", "zero1"])
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(small_dataset, tmp_path, stage):
     run_dir = tmp_path / "run"

@@ -70,12 +70,14 @@ def uninterrupted(small_dataset, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_run_leaves_no_shared_memory_behind(uninterrupted):
     # DeepSpeed's CPU shared-memory all-reduce left a 66 MiB /dev/shm segment per rank after every
     # run, killed or not (RAM lost until reboot); training turns it off.
     assert json.loads((uninterrupted / "shm-left.json").read_text()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killed_rank_ends_the_job_and_resume_matches_an_uninterrupted_run(small_dataset, uninterrupted, tmp_path, victim):
     run_dir = tmp_path / "run"
@@ -111,6 +113,7 @@ def test_killed_rank_ends_the_job_and_resume_matches_an_uninterrupted_run(small_
                 assert got[split][branch][name] == pytest.approx(value, abs=1e-6), (split, branch, name)
 
 
+@pytest.mark.slow
 def test_stalled_rank_times_out_instead_of_hanging(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     procs = start_ranks(run_args(small_dataset, run_dir), tmp_path / "logs")

@@ -68,6 +68,7 @@ def test_a_file_in_the_way_of_the_run_dir_is_an_error(small_dataset, tmp_path):
     assert_refused_before_training(run, "cannot write to", "Not a directory")
 
 
+@pytest.mark.slow
 def test_disk_filling_up_mid_run_fails_loudly_and_the_run_resumes_once_there_is_room(small_dataset, mount):
     run_dir = mount("size=160m") / "run"  # room for keep_last=1 + 2 checkpoints of ~43 MiB and model.pt
     args = small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.checkpoint_every=2", "train.keep_last=1"]
