@@ -182,9 +182,9 @@ def search_phase(exp_dir: Path, base: Config, s: dict):
     return _fit(exp_dir, trainable, new_tuner)
 
 
-def confirm_phase(exp_dir: Path, base: Config, s: dict, ranking: "pd.DataFrame"):
-    """Re-train the top `confirm_top` configurations with the confirmation seeds, every evaluation
-    (no early stopping), as the experiment `<exp_dir>/confirm`."""
+def confirm_phase(exp_dir: Path, base: Config, s: dict, ranking):
+    """Re-train the top `confirm_top` configurations of the `ranking` table with the confirmation
+    seeds, every evaluation (no early stopping), as the experiment `<exp_dir>/confirm`."""
     from ray import tune
 
     top = ranking.dropna(subset=[f"{s['metric']}_mean"]).head(s["confirm_top"])
@@ -234,8 +234,8 @@ def print_summary(ranking, s: dict, exp_dir: Path) -> None:
     print(f"best {metric}: {shown[metric].iloc[0]} over {best['seeds']} seed(s) ("
           + ", ".join(f"{k}={best[k]}" for k in searched) + ")")
     if max(ranking["seeds"]) < 2:
-        print(f"one seed per configuration: differences smaller than the seed spread are noise (docs/TUNING.md); "
-              f"use --seeds N or --confirm-top K to measure it")
+        print("one seed per configuration: differences smaller than the seed spread are noise (docs/TUNING.md); "
+              "use --seeds N or --confirm-top K to measure it")
     for row in ranking[ranking["failures"] > 0].to_dict("records"):
         print(f"trial {row['trial_id']}: {row['failures']} failed attempt(s): {row['failure']}")
     print(f"written: {exp_dir}/results.parquet, results.csv, best_config.yaml, {metric}_vs_params.png, "
@@ -330,6 +330,13 @@ def prepare(args) -> tuple[Path, Config, dict]:
     return exp_dir, base, settings
 
 
+def local_cpus(s: dict) -> int:
+    """CPUs of a Ray started here: this machine's, or as many as one trial asks for (its seeds then
+    share the cores) so that a trial can always start."""
+    seeds = max(len(s["seeds"]), len(s["confirm_seeds"]) if s["confirm_top"] else 0)
+    return max(os.cpu_count() or 1, s["cpus_per_trial"] * seeds)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -337,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Every checkpointed report saves the experiment's state (what lets a killed driver resume with
+    # its trials' last evaluations); Tune warns about it as if it were a mistake.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
 
-    ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(), include_dashboard=False,
+    ray.init(address=args.address, num_cpus=None if args.address else local_cpus(s), include_dashboard=False,
              log_to_driver=False, configure_logging=False, runtime_env={"env_vars": worker_env()})
     print(f"{'resuming' if args.resume else 'experiment'}: {exp_dir}  ({s['num_samples']} configurations x "
           f"{len(s['seeds'])} seed(s), metric {s['metric']}, searcher {s['searcher']}; driver on {node_name()})")

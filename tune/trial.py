@@ -33,7 +33,7 @@ from itself.config import Config, from_dict, to_dict
 from itself.rundir import EvalRecord, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCHED_METRICS = ("val_R1", "val_mAP", "global_R1")
+MEAN_METRICS = ("val_R1", "val_mAP", "global_R1")
 """The per-seed metrics whose mean a report carries (the ranking uses val_R1 or val_mAP)."""
 POLL_S = 0.5
 
@@ -183,7 +183,7 @@ def _restored(checkpoint, attempt: Path) -> dict[int, Path]:
 def report_of(records: dict[int, EvalRecord]) -> dict:
     """Tune's result for one evaluation reached by every seed: the means, and each seed's values."""
     per_seed = {str(seed): val_metrics(r) for seed, r in records.items()}
-    means = {k: statistics.fmean(m[k] for m in per_seed.values()) for k in SEARCHED_METRICS}
+    means = {k: statistics.fmean(m[k] for m in per_seed.values()) for k in MEAN_METRICS}
     return {**means, "epoch": next(iter(records.values())).epoch + 1, "seeds": len(records), "per_seed": per_seed}
 
 
