@@ -309,6 +309,9 @@ def prepare(args) -> tuple[Path, Config, dict]:
     if args.resume:
         if not (exp_dir / SETTINGS).exists():
             raise ConfigError(f"--resume: {exp_dir} is not a search started by tune/search.py (no {SETTINGS})")
+        if args.overrides or args.config:
+            print(f"note: --resume continues with the settings and base config of {exp_dir} ({SETTINGS}, "
+                  f"{BASE_CONFIG}); the config given here is not used")
         base = from_dict(yaml.safe_load((exp_dir / BASE_CONFIG).read_text()))
         return exp_dir, base, json.loads((exp_dir / SETTINGS).read_text())
     _check_args(args)
