@@ -134,11 +134,15 @@ def test_default_search_decides_after_the_signal_with_seed_means(small_dataset, 
     assert (tmp_path / "best_run" / "results.json").exists()
 
 
-def test_bad_search_arguments_are_user_errors(tmp_path):
+def test_bad_search_arguments_are_user_errors(small_dataset, tmp_path):
     run = search(tmp_path, "--seeds", "0")
     assert run.returncode == 2 and "error: --seeds must be >= 1, got 0" in run.stderr
     run = search(tmp_path, "--resume", "--name", "nothing-here")
     assert run.returncode == 2 and "error: --resume:" in run.stderr and "not a search" in run.stderr
+    # A trial no node can hold would wait forever: said before anything is written.
+    run = search(tmp_path, "--name", "gpu", "--seeds", "2", "--gpus-per-trial", "1", *small_run_args(small_dataset))
+    assert run.returncode == 2 and "error: a trial needs 2 CPU(s) and 2 GPU(s) on one node" in run.stderr, run.stderr
+    assert not (tmp_path / "gpu").exists()
 
 
 @pytest.mark.slow

@@ -125,9 +125,9 @@ def describe_rungs(s: dict, base: Config) -> str:
 def _trainable(base: Config, exp_dir: Path, s: dict):
     from ray import tune
 
-    def resources(config: dict) -> dict:  # every seed of a trial trains at once, on one node
-        n = len(trial_params(config).get("seeds", s["seeds"]))
-        return {"cpu": s["cpus_per_trial"] * n, "gpu": s["gpus_per_trial"] * n}
+    def resources(config: dict) -> dict:
+        demand = seeds_demand(s, len(trial_params(config).get("seeds", s["seeds"])))
+        return {"cpu": demand["CPU"], "gpu": demand["GPU"]}
 
     return tune.with_resources(
         tune.with_parameters(run_trial, base=to_dict(base), exp_dir=str(exp_dir), seeds=s["seeds"],
@@ -303,8 +303,9 @@ def _check_args(args) -> None:
 
 
 def prepare(args) -> tuple[Path, Config, dict]:
-    """The experiment folder, base config and settings: new ones from the arguments, or those the
-    experiment was started with (--resume). UserError for anything the user can fix."""
+    """The experiment folder, base config and settings: new ones from the arguments (saved once the
+    cluster is known to hold a trial), or those the experiment was started with (--resume).
+    UserError for anything the user can fix."""
     exp_dir = _experiment_dir(args)
     if args.resume:
         if not (exp_dir / SETTINGS).exists():
@@ -326,18 +327,41 @@ def prepare(args) -> tuple[Path, Config, dict]:
     ensure_dataset(base.data.root, base.data.build_synthetic)  # once here, not in every trial
     if exp_dir.exists() and any(exp_dir.iterdir()):
         raise ConfigError(f"--name: {exp_dir} already holds an experiment; pass --resume to continue it")
-    settings = derive_settings(args, base)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / BASE_CONFIG).write_text(yaml.safe_dump(to_dict(base), sort_keys=False))
-    (exp_dir / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
-    return exp_dir, base, settings
+    return exp_dir, base, derive_settings(args, base)
+
+
+def seeds_demand(s: dict, seeds: int) -> dict:
+    """What a trial of `seeds` seeds asks of one node: they all train at once."""
+    return {"CPU": s["cpus_per_trial"] * seeds, "GPU": s["gpus_per_trial"] * seeds}
+
+
+def trial_demand(s: dict) -> dict:
+    """What the largest trial asks of one node."""
+    return seeds_demand(s, max(len(s["seeds"]), len(s["confirm_seeds"]) if s["confirm_top"] else 0))
 
 
 def local_cpus(s: dict) -> int:
     """CPUs of a Ray started here: this machine's, or as many as one trial asks for (its seeds then
     share the cores) so that a trial can always start."""
-    seeds = max(len(s["seeds"]), len(s["confirm_seeds"]) if s["confirm_top"] else 0)
-    return max(os.cpu_count() or 1, s["cpus_per_trial"] * seeds)
+    return max(os.cpu_count() or 1, trial_demand(s)["CPU"])
+
+
+def check_fits(s: dict) -> None:
+    """A ConfigError unless some node of the Ray cluster can hold a trial (Tune would wait forever)."""
+    import ray
+
+    demand = trial_demand(s)
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if not any(all(node.get(k, 0) >= v for k, v in demand.items()) for node in nodes):
+        have = ", ".join(f"{node.get('CPU', 0):g} CPU / {node.get('GPU', 0):g} GPU" for node in nodes)
+        raise ConfigError(f"a trial needs {demand['CPU']} CPU(s) and {demand['GPU']} GPU(s) on one node (seeds x "
+                          f"--cpus-per-trial / --gpus-per-trial), but the Ray cluster's nodes have {have}")
+
+
+def save_settings(exp_dir: Path, base: Config, s: dict) -> None:
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / BASE_CONFIG).write_text(yaml.safe_dump(to_dict(base), sort_keys=False))
+    (exp_dir / SETTINGS).write_text(json.dumps(s, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address=args.address, num_cpus=None if args.address else local_cpus(s), include_dashboard=False,
              log_to_driver=False, configure_logging=False, runtime_env={"env_vars": worker_env()})
+    try:
+        check_fits(s)
+    except UserError as e:
+        ray.shutdown()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.resume:
+        save_settings(exp_dir, base, s)
     print(f"{'resuming' if args.resume else 'experiment'}: {exp_dir}  ({s['num_samples']} configurations x "
           f"{len(s['seeds'])} seed(s), metric {s['metric']}, searcher {s['searcher']}; driver on {node_name()})")
     print(describe_rungs(s, base))

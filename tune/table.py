@@ -52,12 +52,10 @@ def trial_rows(results, seeds: list[int], metric: str, searched: list[str], max_
     failures = failures_of(exp_dir)
     rows = []
     for r in results:
-        history = r.metrics_dataframe
-        trial_id = r.metrics.get("trial_id") if r.metrics else None
-        if history is not None and not history.empty:
-            trial_id = history["trial_id"].iloc[-1]
+        history = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        trial_id = history["trial_id"].iloc[-1] if not history.empty else (r.metrics or {}).get("trial_id")
         params = trial_params(r.config)
-        bests = seed_bests(history, list(params.get("seeds", seeds)), metric) if history is not None and not history.empty else {}
+        bests = seed_bests(history, list(params.get("seeds", seeds)), metric) if not history.empty else {}
         row = {"trial_id": trial_id, **{k: params.get(k) for k in searched}, "seeds": len(bests),
                "seed_list": list(bests)}
         for m in RANKED:
