@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def _ray_processes(tmp_root: str) -> list[str]:
     """Processes of this test's Ray nodes still running (their command lines name its temp root)."""
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in ps.splitlines() if tmp_root in line]
 
 
