@@ -53,6 +53,8 @@ def trial_rows(results, seeds: list[int], metric: str, searched: list[str], max_
     rows = []
     for r in results:
         history = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        if "epoch" in history:  # (an evaluation Tune had logged but not saved is reported again on resume)
+            history = history.drop_duplicates(subset="epoch", keep="last")
         trial_id = history["trial_id"].iloc[-1] if not history.empty else (r.metrics or {}).get("trial_id")
         params = trial_params(r.config)
         bests = seed_bests(history, list(params.get("seeds", seeds)), metric) if not history.empty else {}

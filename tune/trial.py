@@ -5,17 +5,21 @@ its own run directory. After every val evaluation that all seeds have reached, t
 to Tune the mean val metrics, each seed's values (`per_seed/<seed>/<metric>`), the node it ran on
 and its attempt number, with the seeds' checkpoints of that evaluation: a trial that fails, or
 whose node dies, is retried from them (on any node), and a resumed search continues from them.
+A trial whose seeds had all finished before Tune recorded it (a driver killed at the wrong moment)
+trains nothing again: it reports the evaluations Tune is missing from the finished runs.
 
 Folders, in the trial's folder of the experiment (storage shared by every node):
 
     attempt<n>/seed<s>/           the run directory of seed s in the n-th run of this trial
     attempt<n>/seed<s>.log        its output;  attempt<n>/seed<s>.yaml  its config
-    attempt<n>/reports/           checkpoints staged (hard links) until Tune has taken them
+    attempt<n>/reports/           checkpoints staged (hard links) until Tune has taken them, each
+                                  with evaluation.json: which evaluation it is
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -36,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 MEAN_METRICS = ("val_R1", "val_mAP", "global_R1")
 """The per-seed metrics whose mean a report carries (the ranking uses val_R1 or val_mAP)."""
 POLL_S = 0.5
+EVALUATION = "evaluation.json"
+"""In each reported checkpoint: {"epoch": e}, the 1-based epoch of the evaluation it belongs to."""
 
 
 def worker_env() -> dict:
@@ -92,14 +98,19 @@ def report_folder(attempt: Path, epoch: int) -> Path:
 class SeedRun:
     """One seed's training process in one attempt, and its evaluations staged for reporting."""
 
-    def __init__(self, attempt: Path, seed: int):
-        self.seed, self.attempt = seed, attempt
-        self.run = seed_run(attempt, seed)
+    def __init__(self, attempt: Path, seed: int, run: RunDir | None = None, reported_epochs: int = 0):
+        """`run`: an earlier attempt's finished run to report from instead of training (see
+        `finished_runs`); evaluations of the first `reported_epochs` epochs are Tune's already."""
+        self.seed, self.attempt, self.reported_epochs = seed, attempt, reported_epochs
+        self.run = run or seed_run(attempt, seed)
         self.log = attempt / f"seed{seed}.log"
         self.offset = 0
         self.waiting: list[EvalRecord] = []  # evaluated, checkpoint not complete yet
         self.staged: dict[int, tuple[EvalRecord, Path | None]] = {}  # epoch -> record, staged checkpoint
         self.proc: subprocess.Popen | None = None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self, cfg: Config, launcher: list[str], env: dict, resume_from: Path | None) -> None:
         cfg.seed, cfg.run_dir, cfg.train.keep_last = self.seed, str(self.run.path), 2
@@ -114,10 +125,10 @@ class SeedRun:
     def collect(self) -> None:
         """Read new evaluations; stage each one's checkpoint once complete (hard links, so that the
         trainer pruning it does not take it from under the report)."""
-        done = self.proc.poll() is not None
+        done = not self.running()
         records, self.offset = self.run.read_records(self.offset)
         self.waiting += [r for r in map(EvalRecord.from_record, (r for r in records if r["type"] == "eval"))
-                         if r.split == "val"]
+                         if r.split == "val" and r.epoch >= self.reported_epochs]
         while self.waiting:
             record = self.waiting[0]
             checkpoint = self.run.checkpoints / tag_for(record.step)
@@ -136,13 +147,13 @@ class SeedRun:
         return dest if (dest / COMPLETE).exists() else None
 
     def failure(self) -> str | None:
-        code = self.proc.poll()
+        code = self.proc.poll() if self.proc is not None else None
         if code in (None, 0):
             return None
         return f"seed {self.seed}: training failed (exit {code}); {self.log} ends:\n{self.log.read_text()[-2000:]}"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.running():
             self.proc.kill()
             self.proc.wait()
 
@@ -165,7 +176,18 @@ def _seed_env(index: int, cpus: int, gpus: int) -> dict:
     return env
 
 
-def _restored(checkpoint, attempt: Path) -> dict[int, Path]:
+def _reported_epochs(checkpoint) -> int:
+    """Epochs Tune has evaluations of: those up to the one its checkpoint belongs to (0 without one,
+    or for a checkpoint that does not say: every evaluation is reported again, and the table keeps
+    one row per epoch)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        marker = Path(d) / EVALUATION
+        return json.loads(marker.read_text())["epoch"] if marker.exists() else 0
+
+
+def _restore(checkpoint, attempt: Path) -> dict[int, Path]:
     """seed -> its checkpoint, copied out of the one Tune restores the trial from into the seed's
     run directory of this attempt (the trainer then owns it)."""
     if checkpoint is None:
@@ -178,6 +200,19 @@ def _restored(checkpoint, attempt: Path) -> dict[int, Path]:
             found[seed] = seed_run(attempt, seed).checkpoints / tag.name
             shutil.copytree(tag, found[seed])
     return found
+
+
+def finished_runs(trial_dir: Path, attempt_no: int, seeds: list[int]) -> dict[int, RunDir] | None:
+    """seed -> its run in the latest earlier attempt that trained it, when every seed's run there
+    finished (results.json written): the trial is done, whatever Tune recorded of it."""
+    runs = {}
+    for seed in seeds:
+        earlier = [seed_run(trial_dir / f"attempt{n}", seed) for n in range(attempt_no - 1, 0, -1)]
+        trained = [run for run in earlier if run.file(RunDir.METRICS).exists()]
+        if not trained or not trained[0].file(RunDir.RESULTS).exists():
+            return None
+        runs[seed] = trained[0]
+    return runs
 
 
 def report_of(records: dict[int, EvalRecord]) -> dict:
@@ -199,13 +234,19 @@ def run_trial(config: dict, base: dict, exp_dir: str, seeds: list[int], gpus_per
     attempt_no = 1 + sum(1 for _ in trial_dir.glob("attempt*"))
     attempt = trial_dir / f"attempt{attempt_no}"
     attempt.mkdir(parents=True)
-    resume = _restored(tune.get_checkpoint(), attempt)
     where = {"node": node_name(), "node_id": ray.get_runtime_context().get_node_id(), "attempt": attempt_no}
-    runs = [SeedRun(attempt, seed) for seed in seeds]
+    checkpoint = tune.get_checkpoint()
+    finished = finished_runs(trial_dir, attempt_no, seeds)
+    if finished:  # trained to the end before Tune recorded it all: report only what Tune is missing
+        runs = [SeedRun(attempt, seed, finished[seed], _reported_epochs(checkpoint)) for seed in seeds]
+    else:
+        runs = [SeedRun(attempt, seed) for seed in seeds]
     try:
-        for i, run in enumerate(runs):
-            run.start(apply_params(from_dict(base), params), _launcher(gpus_per_trial),
-                      _seed_env(i, cpus_per_trial, gpus_per_trial), resume.get(run.seed))
+        if not finished:
+            resume = _restore(checkpoint, attempt)
+            for i, run in enumerate(runs):
+                run.start(apply_params(from_dict(base), params), _launcher(gpus_per_trial),
+                          _seed_env(i, cpus_per_trial, gpus_per_trial), resume.get(run.seed))
         _report_until_done(runs, attempt, where)
     finally:
         for run in runs:
@@ -216,7 +257,7 @@ def _report_until_done(runs: list[SeedRun], attempt: Path, where: dict) -> None:
     from ray import tune
 
     while True:
-        finished = all(run.proc.poll() is not None for run in runs)
+        finished = not any(run.running() for run in runs)
         for run in runs:
             run.collect()
         failures = [f for f in map(SeedRun.failure, runs) if f]
@@ -225,6 +266,8 @@ def _report_until_done(runs: list[SeedRun], attempt: Path, where: dict) -> None:
         for epoch in sorted(set.intersection(*(set(run.staged) for run in runs))):
             staged = {run.seed: run.staged.pop(epoch) for run in runs}
             folder = report_folder(attempt, epoch)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / EVALUATION).write_text(json.dumps({"epoch": epoch + 1}))
             complete = all(path is not None for _, path in staged.values())
             checkpoint = tune.Checkpoint.from_directory(str(folder)) if complete else None
             tune.report({**report_of({seed: rec for seed, (rec, _) in staged.items()}), **where}, checkpoint=checkpoint)
