@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import tempfile
 import time
 
 import yaml
@@ -280,8 +281,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_storage(storage: Path) -> None:
+    """A ConfigError unless experiments can be written under `storage`, found before Ray starts and
+    creating nothing: the folder, or the nearest existing folder it would be created in, must be a
+    folder this process can create folders in."""
+    existing = storage
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == storage else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"--storage-path: {storage} {where}, not a folder; choose a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".itself-tune-write-test-"))
+    except OSError as e:
+        made = "" if existing == storage else f" (where {storage} would be created)"
+        raise ConfigError(f"--storage-path: cannot create folders in {existing}{made}: {e.strerror or e}; choose a "
+                          "writable folder (on a cluster, one every node sees)") from None
+
+
+def _check_name(name: str | None) -> None:
+    if name is not None and (not name or name in (".", "..") or "/" in name or os.sep in name):
+        raise ConfigError(f"--name: must be one folder name (no '/', not '.' or '..'), got {name!r}")
+
+
 def _experiment_dir(args) -> Path:
+    if not args.storage_path:
+        raise ConfigError("--storage-path: must be a folder, got ''")
+    _check_name(args.name)
     storage = Path(args.storage_path).resolve()
+    check_storage(storage)
     if args.name:
         return storage / args.name
     if args.resume:
@@ -316,6 +344,10 @@ def prepare(args) -> tuple[Path, Config, dict]:
         base = from_dict(yaml.safe_load((exp_dir / BASE_CONFIG).read_text()))
         return exp_dir, base, json.loads((exp_dir / SETTINGS).read_text())
     _check_args(args)
+    if os.path.lexists(exp_dir) and not exp_dir.is_dir():
+        raise ConfigError(f"--name: {exp_dir} is a file, not an experiment folder; choose another --name")
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        raise ConfigError(f"--name: {exp_dir} already holds an experiment; pass --resume to continue it")
     overrides = list(args.overrides)
     if args.preset == "synthetic" and not any(o.startswith("train.epochs=") for o in overrides):
         overrides = SMALL_SEARCH + overrides
@@ -325,8 +357,6 @@ def prepare(args) -> tuple[Path, Config, dict]:
     from itself.data import ensure_dataset
 
     ensure_dataset(base.data.root, base.data.build_synthetic)  # once here, not in every trial
-    if exp_dir.exists() and any(exp_dir.iterdir()):
-        raise ConfigError(f"--name: {exp_dir} already holds an experiment; pass --resume to continue it")
     return exp_dir, base, derive_settings(args, base)
 
 
@@ -404,5 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if errors and len(errors) == len(search_results) else 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`itself-tune` and `python tune/search.py`."""
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    cli()
