@@ -16,7 +16,7 @@ node; an interrupted or killed search continues with --resume. --address joins a
 (cluster_configs/ray/ starts one inside a SLURM allocation).
 
 With the synthetic preset and no train.epochs override, trials train 8 epochs (a small search:
-about 10 minutes on 2 CPU cores).
+with --seeds 2, about 16 minutes on 2 CPU cores; docs/TUNING.md).
 """
 
 from __future__ import annotations
