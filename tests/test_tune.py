@@ -115,8 +115,13 @@ def test_default_search_decides_after_the_signal_with_seed_means(small_dataset, 
     table = pd.read_parquet(exp / "results.parquet")
     assert len(table) == 2 and list(pd.read_csv(exp / "results.csv")["trial_id"]) == list(table["trial_id"])
     assert (table["evaluations"] >= 2).all(), "a trial was stopped before the first rung"
+    # Every trial ASHA stopped has its stop in asha.jsonl, at the first rung or later, and no other
+    # trial does (no file: ASHA stopped nobody and held nothing back).
     decisions = exp / "asha.jsonl"
-    assert all(json.loads(x)["evaluation"] >= 2 for x in (decisions.read_text().splitlines() if decisions.exists() else []))
+    lines = [json.loads(x) for x in decisions.read_text().splitlines()] if decisions.exists() else []
+    assert all(x["evaluation"] >= 2 and x["rung"] >= 2 for x in lines), lines
+    stops = {x["trial_id"] for x in lines if x["decision"] == "stop"}
+    assert stops == set(table.loc[table["stopped_early"], "trial_id"]), (lines, table[["trial_id", "evaluations"]])
     for row in table.to_dict("records"):
         assert row["seeds"] == 2 and list(row["seed_list"]) == [0, 1] and len(row["val_R1_per_seed"]) == 2
         assert row["val_R1_mean"] == pytest.approx(sum(row["val_R1_per_seed"]) / 2)
