@@ -1,86 +1,168 @@
-"""`tune/search.py` with a real Ray on this machine: trials, ASHA pruning, p_end <= p_start, the
-best config trains as is, and an interrupted search resumes without redoing finished trials."""
+"""`tune/search.py` on this machine: when ASHA may decide (after warm-up and the ATS horizon, never
+at a rung within noise of chance), several seeds per configuration ranked by their mean, the best
+config trains as is. The Ray cluster and SLURM paths are in test_tune_cluster.py / test_tune_slurm.py."""
 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
 
-from runs import REPO, SECRETS, assert_no_secrets, small_run_args, train_env
+from itself.presets import resolve_config
+from runs import REPO, SECRETS, STEPS_PER_EPOCH, assert_no_secrets, small_run_args, train_env
+from tune import rungs
+from tune.search import SMALL_SEARCH
 
-EPOCHS = 4
-
-
-def _args(root) -> list[str]:
-    return small_run_args(root, f"train.epochs={EPOCHS}")
-
-
-def _env(tmp_path) -> dict:
-    return train_env(RAY_TMPDIR="/tmp/ray-itself", **SECRETS)  # short: Ray's socket paths must fit
+RAY_ENV = {"RAY_TMPDIR": "/tmp/ray-tune-t", "RAY_USAGE_STATS_ENABLED": "0"}  # short: socket paths must fit
 
 
-def _search(tmp_path, *extra, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "tune/search.py", "--storage-path", str(tmp_path), *extra],
-                            cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+def search(tmp_path, *args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tune/search.py", "--storage-path", str(tmp_path), *args], cwd=REPO,
+                          env=train_env(**RAY_ENV, **env), capture_output=True, text=True, timeout=900)
 
 
-def test_search_prunes_with_asha_and_its_best_config_trains(small_dataset, tmp_path):
-    proc = _search(tmp_path, "--name", "s", "--num-samples", "6", "--metric", "mAP", *_args(small_dataset))
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-4000:]
+# ----------------------------------------------------------------------------------- rungs
+
+
+def test_first_rung_comes_after_warm_up_and_the_ats_horizon():
+    # The default search on the synthetic set: 20 steps/epoch, warm-up 1 epoch, ATS over 3 epochs.
+    cfg = resolve_config("synthetic", None, SMALL_SEARCH)
+    assert rungs.signal_onset_epochs(cfg, 20) == 3 and rungs.grace_evaluations(cfg, 20) == 3
+    # The paper (RSTPReid): warm-up 5 epochs, ATS over 1450 steps = 10 epochs at 145 steps/epoch,
+    # then rounded up to whole epochs and counted in evaluations.
+    paper = resolve_config("rstpreid", None, [])
+    assert rungs.grace_evaluations(paper, 145) == 10 and rungs.grace_evaluations(paper, 150) == 10
+    paper.eval.every = 3
+    assert rungs.grace_evaluations(paper, 145) == 4  # evaluations after epochs 3, 6, 9, 12
+    paper.model.ats = "fixed"  # no horizon: warm-up alone
+    assert rungs.grace_evaluations(paper, 145) == 2
+    short = resolve_config("synthetic", None, ["train.epochs=4"])  # onset (6 epochs) after the last evaluation
+    assert rungs.grace_evaluations(short, 20) == rungs.evaluations(short) == 4
+
+
+def test_steps_per_epoch_are_counted_as_the_trainer_counts_them(small_dataset):
+    cfg = resolve_config("synthetic", None, small_run_args(small_dataset))
+    assert rungs.steps_per_epoch(cfg, 1) == STEPS_PER_EPOCH  # what train.log reports for these runs
+    cfg.train.grad_accum = 2  # the same global batch in two micro-batches: the same optimizer steps
+    assert rungs.steps_per_epoch(cfg, 1) == rungs.steps_per_epoch(cfg, 2) == STEPS_PER_EPOCH
+    cfg.train.batch_size = 32
+    assert rungs.steps_per_epoch(cfg, 1) == STEPS_PER_EPOCH // 2
+
+
+def test_chance_floor_is_chance_plus_three_standard_errors():
+    # The synthetic val split: 40 identities (chance 2.5%), 320 caption queries.
+    assert rungs.chance_floor(2.5, 320) == pytest.approx(2.5 + 3 * 100 * (0.025 * 0.975 / 320) ** 0.5)
+    assert 5.0 < rungs.chance_floor(2.5, 320) < 5.2
+    assert rungs.chance_floor(2.5, 320, seeds=4) == pytest.approx(2.5 + (rungs.chance_floor(2.5, 320) - 2.5) / 2)
+
+
+def _scheduler(tmp_path, grace=1, max_t=4):
+    s = rungs.SignalASHA(floor=5.0, decisions=tmp_path / "asha.jsonl", metric="val_R1", mode="max",
+                         time_attr="training_iteration", max_t=max_t, grace_period=grace, reduction_factor=2)
+    trials = [Trial("__fake", stub=True) for _ in range(5)]
+    for t in trials:
+        s.on_trial_add(None, t)
+    return s, trials
+
+
+def _at(s, trial, evaluation, r1):
+    return s.on_trial_result(None, trial, {"training_iteration": evaluation, "val_R1": r1})
+
+
+def test_asha_stops_nobody_at_a_rung_within_noise_of_chance(tmp_path):
+    s, (a, b, c, d, e) = _scheduler(tmp_path)
+    assert _at(s, a, 1, 2.6) == TrialScheduler.CONTINUE
+    assert _at(s, b, 1, 2.4) == TrialScheduler.CONTINUE  # below a (plain ASHA stops it), but both at chance
+    assert s.held == 1
+    assert _at(s, c, 1, 30.0) == TrialScheduler.CONTINUE  # signal at this rung from now on
+    assert _at(s, d, 1, 2.5) == TrialScheduler.STOP  # below the cutoff of a rung that has signal
+    assert _at(s, c, 4, 30.0) == TrialScheduler.CONTINUE
+    assert _at(s, e, 4, 1.0) == TrialScheduler.CONTINUE  # below c, but a last evaluation: the run ends by itself
+    decisions = [json.loads(line) for line in (tmp_path / "asha.jsonl").read_text().splitlines()]
+    assert [(x["trial_id"], x["decision"].split(":")[0]) for x in decisions] == [(b.trial_id, "held"),
+                                                                                  (d.trial_id, "stop")]
+
+
+def test_asha_decides_only_from_its_grace_period_on(tmp_path):
+    s, (a, b, *_) = _scheduler(tmp_path, grace=2)
+    assert _at(s, a, 1, 40.0) == TrialScheduler.CONTINUE
+    assert _at(s, b, 1, 10.0) == TrialScheduler.CONTINUE  # far below, but no rung yet
+    assert _at(s, a, 2, 40.0) == TrialScheduler.CONTINUE
+    assert _at(s, b, 2, 10.0) == TrialScheduler.STOP
+
+
+# ----------------------------------------------------------------------------------- searches
+
+
+@pytest.mark.slow
+def test_default_search_decides_after_the_signal_with_seed_means(small_dataset, tmp_path):
+    # The defaults, on the small set: warm-up 1 epoch and ATS over 2 epochs put the first rung at
+    # evaluation 2 of 3; each configuration trains 2 seeds and is ranked by their mean.
+    run = search(tmp_path, "--name", "s", "--num-samples", "2", "--seeds", "2",
+                 *small_run_args(small_dataset, "train.epochs=3", "model.t_small=2 epochs"), **SECRETS)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     exp = tmp_path / "s"
     assert_no_secrets(exp)  # trials inherit the credentials; no trial folder or result keeps them
+    settings = json.loads((exp / "search.json").read_text())
+    assert settings["grace_period"] == settings["derived_grace_period"] == 2 and settings["seeds"] == [0, 1]
+    assert "ASHA: first decision at evaluation 2 of 3" in run.stdout
     table = pd.read_parquet(exp / "results.parquet")
-    assert len(table) == 6 and list(pd.read_csv(exp / "results.csv")["trial_id"]) == list(table["trial_id"])
-    assert (table["p_end"] <= table["p_start"]).all()
-    assert (table["evaluations"] < EPOCHS).any(), "ASHA stopped no trial early"
-    assert (table["evaluations"] == EPOCHS).any()
+    assert len(table) == 2 and list(pd.read_csv(exp / "results.csv")["trial_id"]) == list(table["trial_id"])
+    assert (table["evaluations"] >= 2).all(), "a trial was stopped before the first rung"
+    # Every trial ASHA stopped has its stop in asha.jsonl, at the first rung or later, and no other
+    # trial does (no file: ASHA stopped nobody and held nothing back).
+    decisions = exp / "asha.jsonl"
+    lines = [json.loads(x) for x in decisions.read_text().splitlines()] if decisions.exists() else []
+    assert all(x["evaluation"] >= 2 and x["rung"] >= 2 for x in lines), lines
+    stops = {x["trial_id"] for x in lines if x["decision"] == "stop"}
+    assert stops == set(table.loc[table["stopped_early"], "trial_id"]), (lines, table[["trial_id", "evaluations"]])
+    for row in table.to_dict("records"):
+        assert row["seeds"] == 2 and list(row["seed_list"]) == [0, 1] and len(row["val_R1_per_seed"]) == 2
+        assert row["val_R1_mean"] == pytest.approx(sum(row["val_R1_per_seed"]) / 2)
+        assert row["val_R1_std"] == pytest.approx(pd.Series(row["val_R1_per_seed"]).std())
+    assert list(table["val_R1_mean"]) == sorted(table["val_R1_mean"], reverse=True)
     assert ((table["p_start"] == 0.65) & (table["p_end"] == 0.5) & (table["discard_ratio"] == 0.25)).any()
-    assert table["val_mAP"].iloc[0] == table["val_mAP"].max()
-    assert (exp / "val_mAP_vs_params.png").stat().st_size > 1000
+    assert (table["p_end"] <= table["p_start"]).all()
+    assert (exp / "val_R1_vs_params.png").stat().st_size > 1000
     best = yaml.safe_load((exp / "best_config.yaml").read_text())
     assert best["model"]["p_start"] == pytest.approx(table["p_start"].iloc[0])
-    run = subprocess.run([sys.executable, "itself/train.py", "--config", str(exp / "best_config.yaml"),
-                          "train.epochs=1", f"run_dir={tmp_path / 'best_run'}"], cwd=REPO, env=_env(tmp_path),
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    trained = subprocess.run([sys.executable, "itself/train.py", "--config", str(exp / "best_config.yaml"),
+                              "train.epochs=1", f"run_dir={tmp_path / 'best_run'}"], cwd=REPO, env=train_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
     assert (tmp_path / "best_run" / "results.json").exists()
 
 
-def _finished_trials(exp: Path) -> dict[str, int]:
-    """Trial folder -> reported results, for trials that reached the last epoch."""
-    done = {}
-    for result in exp.glob("run_trial_*/result.json"):
-        lines = result.read_text().splitlines()
-        if lines and json.loads(lines[-1])["training_iteration"] == EPOCHS:
-            done[result.parent.name] = len(lines)
-    return done
+def test_bad_search_arguments_are_user_errors(small_dataset, tmp_path):
+    run = search(tmp_path, "--seeds", "0")
+    assert run.returncode == 2 and "error: --seeds must be >= 1, got 0" in run.stderr
+    run = search(tmp_path, "--resume", "--name", "nothing-here")
+    assert run.returncode == 2 and "error: --resume:" in run.stderr and "not a search" in run.stderr
+    # A trial no node can hold would wait forever: said before anything is written.
+    run = search(tmp_path, "--name", "gpu", "--seeds", "2", "--gpus-per-trial", "1", *small_run_args(small_dataset))
+    assert run.returncode == 2 and "error: a trial needs 2 CPU(s) and 2 GPU(s) on one node" in run.stderr, run.stderr
+    assert not (tmp_path / "gpu").exists()
 
 
-def test_interrupted_search_resumes_without_redoing_finished_trials(small_dataset, tmp_path):
-    exp = tmp_path / "r"
-    proc = _search(tmp_path, "--name", "r", "--num-samples", "5", "--searcher", "random", *_args(small_dataset))
-    deadline = time.time() + 600
-    while time.time() < deadline and not _finished_trials(exp) and proc.poll() is None:
-        time.sleep(0.5)
-    finished = _finished_trials(exp)
-    assert finished and proc.poll() is None, "the search ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)  # Tune saves its state and stops
-    proc.communicate(timeout=300)
-    assert not (exp / "results.csv").exists() or len(pd.read_csv(exp / "results.csv")) <= 5
-    resumed = _search(tmp_path, "--resume", "--name", "r", *_args(small_dataset))
-    out, _ = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, out[-4000:]
-    table = pd.read_csv(exp / "results.csv")
-    assert len(table) == 5 and table["evaluations"].min() >= 1
-    after = _finished_trials(exp)
-    for trial, reports in finished.items():
-        assert after[trial] == reports, f"{trial} was trained again"
+@pytest.mark.slow
+def test_confirm_top_retrains_the_best_with_new_seeds_and_ranks_it_first(small_dataset, tmp_path):
+    run = search(tmp_path, "--name", "c", "--num-samples", "2", "--confirm-top", "1", "--confirm-seeds", "1",
+                 *small_run_args(small_dataset, "train.epochs=1"))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    exp = tmp_path / "c"
+    table = pd.read_parquet(exp / "results.parquet")
+    assert list(table["confirmed"]) == [True, False] and list(table["seeds"]) == [2, 1]
+    top = table.iloc[0]
+    assert list(top["seed_list"]) == [0, 1]  # its search seed (it ran every evaluation) and the new one
+    assert top["val_R1_mean"] == pytest.approx(sum(top["val_R1_per_seed"]) / 2)
+    (confirm_trial,) = [p for p in (exp / "confirm").glob("run_trial_*") if p.is_dir()]
+    confirmed = [json.loads(line) for line in (confirm_trial / "result.json").read_text().splitlines()]
+    assert confirmed[-1]["per_seed"]["1"]["val_R1"] == pytest.approx(top["val_R1_per_seed"][1])
+    best = yaml.safe_load((exp / "best_config.yaml").read_text())
+    assert best["model"]["p_start"] == pytest.approx(top["p_start"])
