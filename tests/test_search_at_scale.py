@@ -24,14 +24,10 @@ import torch
 from PIL import Image
 
 from browser import DevTools
-from itself.config import to_dict
 from itself.dist import free_port
-from itself.model import ITSELF
-from itself.model.export import export
-from itself.presets import resolve_config
 from itself.retrieve import Index
 from itself.retrieve.store import IndexDir
-from runs import REPO, small_run_args, train_env, wait_until
+from runs import REPO, train_env, wait_until
 
 ALL = 10_000  # a top-k that covers every gallery here
 
@@ -48,21 +44,10 @@ def _ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def model_file(small_dataset, tmp_path_factory) -> Path:
-    """An exported ITSELF of the small test config with random weights: it embeds, so it indexes."""
-    cfg = resolve_config("synthetic", None, small_run_args(small_dataset))
-    torch.manual_seed(0)
-    model = ITSELF(cfg.model, 32, cfg.data.image_size)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    export(path, model.state_dict(), to_dict(cfg), 32, 0.4)
-    return path
-
-
-@pytest.fixture(scope="module")
-def one_rank_index(model_file, small_dataset, tmp_path_factory) -> Path:
+def one_rank_index(untrained_model, small_dataset, tmp_path_factory) -> Path:
     """The train split (64 images in 8 shards: 8 parts) indexed by plain python, a world of one."""
     out = tmp_path_factory.mktemp("index") / "one"
-    res = _ok(_retrieve("index", "--model", str(model_file), "--gallery", str(small_dataset), "--split", "train",
+    res = _ok(_retrieve("index", "--model", str(untrained_model), "--gallery", str(small_dataset), "--split", "train",
                         "--out", str(out)))
     assert "indexed 64 images (0 unreadable skipped)" in res.stdout
     return out
@@ -94,12 +79,12 @@ def _same_ranking(hits: list[dict], scores: torch.Tensor, tol: float = 1e-5) -> 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
-def test_two_ranks_index_the_same_as_one(launcher, one_rank_index, model_file, small_dataset, tmp_path):
+def test_two_ranks_index_the_same_as_one(launcher, one_rank_index, untrained_model, small_dataset, tmp_path):
     port = str(free_port())
     command = {"torchrun": ["--nproc_per_node", "2", "--master_port", port, "-m", "itself.retrieve"],
                "deepspeed": ["--num_gpus", "2", "--master_port", port, "itself/retrieve/__main__.py"]}[launcher]
     out = tmp_path / "two"
-    res = _ok(_retrieve("index", "--model", str(model_file), "--gallery", str(small_dataset), "--split", "train",
+    res = _ok(_retrieve("index", "--model", str(untrained_model), "--gallery", str(small_dataset), "--split", "train",
                         "--out", str(out), "--device", "cpu", launcher=[shutil.which(launcher) or launcher, *command]))
     assert "indexed 64 images" in res.stdout
     # Each rank embedded a disjoint half of the 8 parts.
@@ -118,7 +103,7 @@ def test_two_ranks_index_the_same_as_one(launcher, one_rank_index, model_file, s
 
 
 @pytest.mark.slow
-def test_a_failed_build_resumes_from_its_finished_parts(model_file, small_dataset, one_rank_index, tmp_path):
+def test_a_failed_build_resumes_from_its_finished_parts(untrained_model, small_dataset, one_rank_index, tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     for tar in sorted((small_dataset / "train").glob("*.tar")):
@@ -131,7 +116,7 @@ def test_a_failed_build_resumes_from_its_finished_parts(model_file, small_datase
     damaged.write_bytes(intact[: len(intact) // 2 + 100])
     pattern = str(shards / (names[0].rsplit("-", 1)[0] + "-{000000..000007}.tar"))
     out = tmp_path / "index"
-    args = ("index", "--model", str(model_file), "--gallery", pattern, "--out", str(out))
+    args = ("index", "--model", str(untrained_model), "--gallery", pattern, "--out", str(out))
     res = _retrieve(*args)
     assert res.returncode == 2 and "cannot read shard" in res.stderr and names[5] in res.stderr
     assert "the finished parts are kept" in res.stderr
@@ -153,7 +138,7 @@ def test_a_failed_build_resumes_from_its_finished_parts(model_file, small_datase
 
 
 @pytest.mark.slow
-def test_a_killed_build_resumes(model_file, small_dataset, tmp_path):
+def test_a_killed_build_resumes(untrained_model, small_dataset, tmp_path):
     # A real kill (SIGKILL, no clean-up) while parts are being written: whatever it finished is
     # kept, a part it was writing is not taken as finished, and the rerun completes the index.
     folder = tmp_path / "photos"
@@ -164,7 +149,7 @@ def test_a_killed_build_resumes(model_file, small_dataset, tmp_path):
                 if m.name.endswith(".jpg"):
                     (folder / m.name.replace("/", "_")).write_bytes(t.extractfile(m).read())
     out = tmp_path / "index"
-    args = ["index", "--model", str(model_file), "--gallery", str(folder), "--out", str(out), "--part-size", "4",
+    args = ["index", "--model", str(untrained_model), "--gallery", str(folder), "--out", str(out), "--part-size", "4",
             "--batch-size", "4"]
     proc = subprocess.Popen([sys.executable, "-m", "itself.retrieve", *args, "--no-progress"], cwd=REPO, env=train_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -188,9 +173,9 @@ def test_a_killed_build_resumes(model_file, small_dataset, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_added_images_are_found(kind, model_file, small_dataset, tmp_path):
+def test_added_images_are_found(kind, untrained_model, small_dataset, tmp_path):
     out = tmp_path / "index"
-    _ok(_retrieve("index", "--model", str(model_file), "--gallery", str(small_dataset), "--split", "val",
+    _ok(_retrieve("index", "--model", str(untrained_model), "--gallery", str(small_dataset), "--split", "val",
                   "--out", str(out), "--index-type", kind))
     vectors_before = json.loads((out / "index.json").read_text())["vectors"]
     res = _ok(_retrieve("add", "--index", str(out), "--gallery", str(small_dataset), "--split", "test"))
@@ -218,17 +203,17 @@ def test_added_images_are_found(kind, model_file, small_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_index_folder_errors(model_file, small_dataset, one_rank_index, tmp_path):
+def test_index_folder_errors(untrained_model, small_dataset, one_rank_index, tmp_path):
     res = _retrieve("add", "--index", str(tmp_path / "none"), "--gallery", str(small_dataset))
     assert res.returncode == 2 and "is not an index" in res.stderr
-    res = _retrieve("index", "--model", str(model_file), "--gallery", str(small_dataset), "--split", "val",
+    res = _retrieve("index", "--model", str(untrained_model), "--gallery", str(small_dataset), "--split", "val",
                     "--out", str(one_rank_index))
     assert res.returncode == 2 and "already holds an index of another gallery" in res.stderr and "use `add`" in res.stderr
-    res = _retrieve("index", "--model", str(model_file), "--gallery", str(small_dataset), "--split", "nope",
+    res = _retrieve("index", "--model", str(untrained_model), "--gallery", str(small_dataset), "--split", "nope",
                     "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "has the splits train, val, test" in res.stderr
     # Same gallery and model again: nothing to embed, nothing to change.
-    res = _ok(_retrieve("index", "--model", str(model_file), "--gallery", str(small_dataset), "--split", "train",
+    res = _ok(_retrieve("index", "--model", str(untrained_model), "--gallery", str(small_dataset), "--split", "train",
                         "--out", str(one_rank_index)))
     assert "already indexes" in res.stdout
 
@@ -247,11 +232,11 @@ def test_the_flat_index_ranks_as_brute_force(one_rank_index, small_dataset):
         _same_ranking(hits, row_scores)
 
 
-def test_hnsw_rebuilt_from_stored_embeddings_and_rescored_exactly(one_rank_index, model_file, small_dataset, tmp_path):
+def test_hnsw_rebuilt_from_stored_embeddings_and_rescored_exactly(one_rank_index, untrained_model, small_dataset, tmp_path):
     # Another index type over the same folder: rebuilt from the stored embeddings, nothing embedded.
     out = tmp_path / "copy"
     shutil.copytree(one_rank_index, out)
-    res = _ok(_retrieve("index", "--model", str(model_file), "--gallery", str(small_dataset), "--split", "train",
+    res = _ok(_retrieve("index", "--model", str(untrained_model), "--gallery", str(small_dataset), "--split", "train",
                         "--out", str(out), "--index-type", "hnsw", "--pca-dim", "16"))
     assert "(hnsw index)" in res.stdout and "resuming" not in res.stdout
     index = Index(str(out))
@@ -305,7 +290,7 @@ EVIL = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture(scope="module")
-def evil_index(model_file, small_dataset, tmp_path_factory) -> Path:
+def evil_index(untrained_model, small_dataset, tmp_path_factory) -> Path:
     """A folder gallery whose file names are HTML."""
     import tarfile
 
@@ -316,7 +301,7 @@ def evil_index(model_file, small_dataset, tmp_path_factory) -> Path:
         for i, m in enumerate(jpgs):
             (folder / (f"{EVIL}{i}.jpg" if i % 2 else f"{i}.jpg")).write_bytes(t.extractfile(m).read())
     out = folder.parent / "index"
-    _ok(_retrieve("index", "--model", str(model_file), "--gallery", str(folder), "--out", str(out)))
+    _ok(_retrieve("index", "--model", str(untrained_model), "--gallery", str(folder), "--out", str(out)))
     return out
 
 

@@ -33,7 +33,7 @@ from .serve import MAX_QUERY_CHARS, SearchApp, serve
 from .vectors import DEFAULT_CANDIDATES, DEFAULT_EF_SEARCH, KINDS, IndexSpec
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m itself.retrieve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # The DeepSpeed launcher passes --local_rank=N before the command (LOCAL_RANK says the same).
@@ -99,7 +99,7 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         if args.command in ("index", "add"):
             return _build(args)
