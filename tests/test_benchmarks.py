@@ -1,5 +1,6 @@
 """The benchmarks run (--quick) and their comparisons hold: the naive references compute the same
-results as ours. No timing is asserted here; bench/README.md and BENCHMARKS.md hold the numbers."""
+results as ours (search: exact search returns the brute-force results). No timing is asserted
+here; bench/README.md and BENCHMARKS.md hold the numbers."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from runs import REPO
     ("bench/eval_bench.py", ["outputs identical: True", "11 fusion weights: identical True"]),
     ("bench/step_bench.py", ["naive reference matches ours", "gradients equal: True", "naive ITSELF (per-sample loops)"]),
     ("bench/loader_bench.py", ["map-style folder of JPEGs", "our shards, pre-resized", "our decode()"]),
+    ("bench/search_bench.py", ["exact == brute force: True", "hnsw ef=128 candidates=100", "recall@10 = "]),
 ])
 def test_benchmark_quick_run(script, expected):
     run = subprocess.run([sys.executable, script, "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -32,7 +32,7 @@ from .store import EmbeddingStore
 KINDS = ("flat", "hnsw")
 DEFAULT_EF_SEARCH = 128  # HNSW: graph nodes explored per query
 DEFAULT_CANDIDATES = 100  # HNSW: candidates re-scored exactly per query (at least top-k)
-PCA_TRAIN_IMAGES = 50_000  # images sampled to fit the PCA
+PCA_TRAIN_IMAGES = 25_000  # images sampled to fit the PCA
 
 
 @dataclasses.dataclass
@@ -105,15 +105,28 @@ def build_faiss(spec: IndexSpec, store: EmbeddingStore, a: float):
         index = faiss.IndexFlatIP(dim)
     else:
         sample = _training_sample(store, a)
-        pca_dim = min(spec.pca_dim, len(sample))  # (a PCA has at most as many axes as points)
-        graph_dim = pca_dim if pca_dim < dim else dim
-        index = faiss.IndexHNSWFlat(graph_dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        pca_dim = min(spec.pca_dim, *sample.shape)  # (a PCA has at most as many axes as points)
+        index = faiss.IndexHNSWFlat(pca_dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = spec.ef_construction
-        if graph_dim < dim:
-            index = faiss.IndexPreTransform(faiss.PCAMatrix(dim, graph_dim), index)
-            index.train(sample)
+        if pca_dim < dim:
+            index = faiss.IndexPreTransform(fit_pca(sample, pca_dim), index)
     add_to_faiss(index, store.blocks(), a)
     return index
+
+
+def fit_pca(sample: np.ndarray, dim: int):
+    """A FAISS PCAMatrix to `dim` axes, fitted by randomized SVD (torch.pca_lowrank): at 4,608 input
+    dimensions FAISS's own training (a full eigendecomposition) takes minutes, this seconds."""
+    faiss = import_faiss()
+    x = torch.from_numpy(sample)
+    _, s, v = torch.pca_lowrank(x, q=min(dim + 10, *x.shape), center=True, niter=4)
+    pca = faiss.PCAMatrix(x.shape[1], dim)
+    faiss.copy_array_to_vector(x.mean(0).numpy(), pca.mean)
+    faiss.copy_array_to_vector(np.ascontiguousarray(v[:, :dim].T.numpy()).ravel(), pca.PCAMat)
+    faiss.copy_array_to_vector((s[:dim] ** 2 / max(1, len(x) - 1)).numpy(), pca.eigenvalues)
+    pca.prepare_Ab()
+    pca.is_trained = True
+    return pca
 
 
 def add_to_faiss(index, blocks, a: float) -> None:
@@ -154,15 +167,24 @@ class VectorSearch:
         if index.ntotal != len(store):
             raise RetrieveError(f"the vector index holds {index.ntotal} images, the stored embeddings {len(store)}: "
                                 "the index folder is damaged; build it again")
+        faiss = import_faiss()
         self.index, self.store, self.a = index, store, a
-        self.approximate = not isinstance(index, import_faiss().IndexFlat)
+        self.approximate = not isinstance(index, faiss.IndexFlat)
+        # A query is projected here, not by FAISS: its per-call matrix product costs ~5 ms for one
+        # vector, a torch matmul a fraction of that.
+        self.graph, self.projection = index, None
+        if isinstance(index, faiss.IndexPreTransform):
+            pca = faiss.downcast_VectorTransform(index.chain.at(0))
+            a_mat = faiss.vector_to_array(pca.A).reshape(pca.d_out, pca.d_in)
+            self.projection = (torch.from_numpy(a_mat.T.copy()), torch.from_numpy(faiss.vector_to_array(pca.b)))
+            self.graph = faiss.downcast_index(index.index)
 
     def search(self, q_glob: np.ndarray, q_grab: np.ndarray | None, k: int, ef_search: int = DEFAULT_EF_SEARCH,
                candidates: int = DEFAULT_CANDIDATES) -> list[list[tuple[int, float]]]:
         """Per query, the best k (row, exact fused score), best first."""
-        q = fuse(q_glob, q_grab, self.a)
+        q = self.to_graph(fuse(q_glob, q_grab, self.a))
         wanted = max(k, candidates) if self.approximate else k
-        _, found = self.index.search(q, min(wanted, len(self.store)), params=self._params(ef_search))
+        _, found = self.graph.search(q, min(wanted, len(self.store)), params=self.search_params(ef_search))
         results = []
         for i, rows in enumerate(found):
             rows = rows[rows >= 0]
@@ -172,11 +194,14 @@ class VectorSearch:
             results.append([(int(rows[j]), float(s)) for s, j in zip(top.values, top.indices)])
         return results
 
-    def _params(self, ef_search: int):
+    def to_graph(self, fused: np.ndarray) -> np.ndarray:
+        """Fused vectors in the space the FAISS index searches (PCA-projected for hnsw with a PCA)."""
+        if self.projection is None:
+            return fused
+        return (torch.from_numpy(fused) @ self.projection[0] + self.projection[1]).numpy()
+
+    def search_params(self, ef_search: int):
+        """FAISS search parameters (None for the flat index)."""
         if not self.approximate:
             return None
-        faiss = import_faiss()
-        hnsw = faiss.SearchParametersHNSW(efSearch=ef_search)
-        if isinstance(self.index, faiss.IndexPreTransform):
-            return faiss.SearchParametersPreTransform(index_params=hnsw)
-        return hnsw
+        return import_faiss().SearchParametersHNSW(efSearch=ef_search)
