@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
+from itself.config import NAME
 from itself.retrieve.cli import parser as retrieve_parser
 from itself.retrieve.store import IndexDir
 from launch.job import IndexJob
@@ -46,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.nodes < 1:
             raise ProfileError("--nodes must be >= 1")
+        if args.name is not None and not NAME.fullmatch(args.name):
+            raise ProfileError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
         profile = resolve_profile(args)
     except ProfileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    name = args.name or f"{command[0]}-{Path(retrieve.out).name}"
+    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{command[0]}-{Path(retrieve.out).name}")
     folder = (Path(args.jobs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     executor = make_executor(folder, profile, args.nodes, name, args.local)
     world = args.nodes * profile.ranks_per_node

@@ -16,7 +16,7 @@ from runs import REPO
     ("bench/eval_bench.py", ["outputs identical: True", "11 fusion weights: identical True"]),
     ("bench/step_bench.py", ["naive reference matches ours", "gradients equal: True", "naive ITSELF (per-sample loops)"]),
     ("bench/loader_bench.py", ["map-style folder of JPEGs", "our shards, pre-resized", "our decode()"]),
-    ("bench/search_bench.py", ["exact == brute force: True", "hnsw ef=128 candidates=100", "recall@10 = "]),
+    ("bench/search_bench.py", ["exact == brute force: True", "hnsw ef=512 candidates=50", "recall@10 = "]),
 ])
 def test_benchmark_quick_run(script, expected):
     run = subprocess.run([sys.executable, script, "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -36,7 +36,7 @@ from ..model.export import load_exported
 from .errors import RetrieveError
 from .gallery import DEFAULT_PART_SIZE, IMAGE_SUFFIXES, Unit, plan_digest, plan_units, unit_items
 from .store import FORMAT, EmbeddingStore, IndexDir
-from .vectors import IndexSpec, add_to_faiss, build_faiss, read_faiss, write_faiss
+from .vectors import IndexSpec, add_to_faiss, build_faiss, import_faiss, read_faiss, write_faiss
 
 
 @dataclasses.dataclass
@@ -152,6 +152,7 @@ def plan_job(req: BuildRequest) -> Job:
     """Rank 0: the batch this run fills, checked against what the folder already holds."""
     if req.spec:
         req.spec.check()
+    import_faiss()  # (missing FAISS is found before the embedding, not after it)
     out = IndexDir(req.out)
     info = out.info() if out.exists() or req.add else None  # (add: an error when there is no index)
     model = str(Path(req.model or info["model"]).resolve())
@@ -181,9 +182,9 @@ def plan_job(req: BuildRequest) -> Job:
     if existing is None:
         batch.write_plan(plan)
     elif (existing["digest"], existing["model_sha256"]) != (digest, sha):
-        raise RetrieveError(f"{batch.dir} holds an unfinished {'add' if req.add else 'build'} of another gallery "
-                            f"or model ({existing['gallery']}): run that command again to finish it, or delete "
-                            f"{batch.dir}")
+        raise RetrieveError(f"{batch.dir} holds an unfinished {'add' if req.add else 'build'} of another gallery, "
+                            f"model or --part-size ({existing['gallery']}): run that command again to finish it, "
+                            f"or delete {batch.dir}")
     pending = [u for u in range(len(units)) if not batch.part(u).done()]
     if 0 < len(pending) < len(units):
         print(f"resuming: {len(units) - len(pending)} of {len(units)} parts already embedded", flush=True)

@@ -88,12 +88,6 @@ def unit_items(unit: Unit) -> Iterator[Item]:
         yield Item(name, file.read_bytes(), None, str(file))
 
 
-def gallery_items(source: str, split: str = "test") -> Iterator[Item]:
-    """Every image of a gallery, in order."""
-    for unit in plan_units(source, split):
-        yield from unit_items(unit)
-
-
 def read_image(locator: str) -> bytes:
     """The encoded image at a locator written by `unit_items`."""
     if "#" in locator and not os.path.exists(locator):
@@ -115,7 +109,7 @@ def read_image(locator: str) -> bytes:
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key / extension split
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _shard_members(url: str) -> dict[str, tuple[int, int]]:
     """{key: (offset, size)} of the images of a local shard: a thumbnail is then one seek, not a
     scan of the shard (the tar headers are read once per shard)."""

@@ -30,8 +30,11 @@ from .errors import RetrieveError
 from .store import EmbeddingStore
 
 KINDS = ("flat", "hnsw")
-DEFAULT_EF_SEARCH = 128  # HNSW: graph nodes explored per query
-DEFAULT_CANDIDATES = 100  # HNSW: candidates re-scored exactly per query (at least top-k)
+# HNSW search breadth and candidates re-scored exactly per query (at least top-k). The breadth is
+# what recall needs: the PCA keeps the ranking (the true top-10 are in the PCA top-50), the graph
+# search is what misses (bench/search_bench.py: recall@10 at 1M images, BENCHMARKS.md).
+DEFAULT_EF_SEARCH = 512
+DEFAULT_CANDIDATES = 50
 PCA_TRAIN_IMAGES = 25_000  # images sampled to fit the PCA
 
 
@@ -129,10 +132,14 @@ def fit_pca(sample: np.ndarray, dim: int):
     return pca
 
 
+ADD_ROWS = 16_384  # fused vectors made at a time while adding (bounds the build's extra memory)
+
+
 def add_to_faiss(index, blocks, a: float) -> None:
     """Append the images of `blocks` ((start, global, GRAB) as EmbeddingStore.blocks gives them)."""
     for _, glob, grab in blocks:
-        index.add(fuse(glob, grab, a))
+        for i in range(0, len(glob), ADD_ROWS):
+            index.add(fuse(glob[i:i + ADD_ROWS], None if grab is None else grab[i:i + ADD_ROWS], a))
 
 
 def _fused_dim(store: EmbeddingStore) -> int:
