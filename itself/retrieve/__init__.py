@@ -12,4 +12,11 @@
 from .errors import RetrieveError
 from .search import Index
 
-__all__ = ["Index", "RetrieveError"]
+__all__ = ["Index", "RetrieveError", "cli"]
+
+
+def cli() -> None:
+    """The `itself-retrieve` console script: `python -m itself.retrieve` under another name."""
+    from .cli import main
+
+    raise SystemExit(main())

@@ -99,14 +99,33 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # (argparse: `error: ...` and exit 2 for an unknown option)
     try:
+        _check_numbers(args)
         if args.command in ("index", "add"):
             return _build(args)
         return _use(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _check_numbers(args) -> None:
+    """Counts the user gives are positive: `--top-k 0` is refused, not turned into an empty or a
+    whole-gallery answer."""
+    for name in ("top_k", "ef_search", "candidates", "batch_size", "part_size", "pca_dim", "hnsw_m",
+                 "ef_construction", "max_query_chars", "sample_queries"):
+        value = getattr(args, name, None)
+        minimum = 0 if name == "sample_queries" else 1
+        if value is not None and value < minimum:
+            raise RetrieveError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    if getattr(args, "workers", 0) < 0:
+        raise RetrieveError(f"--workers must be >= 0, got {args.workers}")
+    if getattr(args, "command", None) == "serve" and not 0 <= args.port <= 65535:
+        raise RetrieveError(f"--port must be from 0 to 65535, got {args.port}")
+    for i, text in enumerate(getattr(args, "text", None) or []):
+        if not text.strip():
+            raise RetrieveError(f"--text: query {i + 1} is empty; describe the person, e.g. --text \"a man in a grey coat\"")
 
 
 def _build(args) -> int:

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from shards import schema
@@ -30,7 +29,7 @@ def overlay(model, data: bytes, size: tuple[int, int], scale: int = 2) -> Image.
     (none for a global-only model, which selects no patches)."""
     img = T.decode(data, size)
     h, w = size
-    base = Image.fromarray((T.resize(img, size).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).resize((w * scale, h * scale))
+    base = Image.fromarray(T.resize(img, size).permute(1, 2, 0).numpy()).resize((w * scale, h * scale))
     if model.cfg.global_only:
         return base
     _, keep = model.patch_selection(T.eval_image(img, size)[None])
@@ -148,12 +147,37 @@ def sample_queries(gallery: str, split: str, n: int, seed: int = 0) -> list[dict
 
 
 def read_queries(path: str) -> list[dict]:
-    """One query per line: plain text, or JSON {"text": ..., "pid": ...}."""
+    """One query per line: plain text, or JSON {"text": ..., "pid": ...}; blank lines are skipped.
+    A line that is not a query is refused with its number."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise RetrieveError(f"--queries {path}: no such file") from None
+    except IsADirectoryError:
+        raise RetrieveError(f"--queries {path}: a folder, not a file of queries") from None
+    except UnicodeDecodeError:
+        raise RetrieveError(f"--queries {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise RetrieveError(f"--queries {path}: cannot read it ({e.strerror})") from None
     queries = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(lines, 1):
         line = line.strip()
-        if line:
-            queries.append(json.loads(line) if line.startswith("{") else {"text": line})
+        if not line:
+            continue
+        if not line.startswith("{"):
+            queries.append({"text": line})
+            continue
+        try:
+            q = json.loads(line)
+        except ValueError as e:
+            raise RetrieveError(f"--queries {path}, line {n}: not valid JSON ({e.msg}); a line is plain text or "
+                                '{"text": "...", "pid": 12}') from None
+        if not isinstance(q, dict) or not isinstance(q.get("text"), str) or not q["text"].strip():
+            raise RetrieveError(f'--queries {path}, line {n}: a JSON line needs a non-empty "text" string')
+        pid = q.get("pid")
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, (int, str))):
+            raise RetrieveError(f'--queries {path}, line {n}: "pid" must be a number or a string, got {type(pid).__name__}')
+        queries.append({"text": q["text"].strip(), "pid": pid})
     if not queries:
         raise RetrieveError(f"--queries {path}: no queries in the file")
     return queries

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -62,9 +63,50 @@ class Part:
     @functools.cached_property
     def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(global, GRAB or None), memory-mapped: only the rows read come into memory."""
-        glob = np.load(self.global_file, mmap_mode="r")
-        grab = np.load(self.grab_file, mmap_mode="r") if self.grab_file.exists() else None
-        return glob, grab
+        return self._mapped[0].array, (self._mapped[1].array if self._mapped[1] else None)
+
+    @functools.cached_property
+    def _mapped(self) -> tuple["MappedArray", "MappedArray | None"]:
+        return MappedArray(self.global_file), (MappedArray(self.grab_file) if self.grab_file.exists() else None)
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        for mapped in self._mapped:
+            if mapped:
+                mapped.prefetch(rows)
+
+
+class MappedArray:
+    """A float32 .npy file mapped read-only, whose rows can be fetched ahead of reading them."""
+
+    def __init__(self, path: Path):
+        try:
+            self._open(path)
+        except (ValueError, OSError) as e:  # (a truncated or foreign file)
+            raise RetrieveError(f"{path}: unreadable ({e}); the index folder is damaged: build the index again with "
+                                "`index` (into a new --out)") from None
+
+    def _open(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if fortran or dtype != np.float32 or len(shape) != 2:
+                raise RetrieveError(f"{path}: not a 2-d float32 C-order array; the index folder is damaged")
+            offset = f.tell()
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if shape[0] else None
+        self.array = (np.frombuffer(self._map, np.float32, shape[0] * shape[1], offset).reshape(shape)
+                      if self._map else np.zeros(shape, np.float32))
+        self._offset, self._row_bytes = offset, shape[1] * 4
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Ask the kernel to read these rows now, all at once: on a gallery larger than the page cache
+        a candidate's row is otherwise one random read waiting for the one before."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        for row in np.unique(rows):
+            begin = self._offset + int(row) * self._row_bytes
+            page = begin - begin % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_WILLNEED, page, begin + self._row_bytes - page)
 
 
 class Batch:
@@ -112,6 +154,8 @@ class EmbeddingStore:
         ids = np.asarray(ids, dtype=np.int64)
         which = np.searchsorted(self.starts, ids, side="right") - 1
         glob, grab = None, None
+        for p in np.unique(which):  # (all reads asked for first: the kernel does them in parallel)
+            self.parts[p].prefetch(ids[which == p] - self.starts[p])
         for p in np.unique(which):
             sel = which == p
             g, l = self.parts[p].arrays
@@ -148,10 +192,16 @@ class IndexDir:
     def info(self) -> dict:
         if not self.exists():
             raise RetrieveError(f"{self.path} is not an index (no {INDEX_FILE}); build one with `index`")
-        info = json.loads(self.info_file.read_text())
+        try:
+            info = json.loads(self.info_file.read_text())
+        except (ValueError, OSError) as e:
+            raise RetrieveError(f"{self.info_file}: unreadable ({e}); the index folder is damaged: build the index "
+                                "with `index`") from None
+        if not isinstance(info, dict):
+            raise RetrieveError(f"{self.info_file}: not an index description; build the index again with `index`")
         if info.get("format") != FORMAT:
             raise RetrieveError(f"{self.path}: an index of format {info.get('format', 'itself-index/1')!r}, this "
-                                f"version reads {FORMAT!r}; build it again with `index`")
+                                f"version reads {FORMAT!r}; build the index again with `index` (into a new --out)")
         return info
 
     def write_info(self, info: dict) -> None:
@@ -165,5 +215,23 @@ class IndexDir:
 
     def embeddings(self, info: dict | None = None) -> EmbeddingStore:
         info = info or self.info()
-        parts = [p for b in info["batches"] for p in self.batch(b["number"]).parts()]
-        return EmbeddingStore(parts, [n for b in info["batches"] for n in b["part_images"]])
+        parts, counts = [], []
+        for b in info["batches"]:
+            batch = self.batch(b["number"])
+            if batch.read_plan() is None or len(batch.parts()) != len(b["part_images"]):
+                raise RetrieveError(f"{self.path}: {batch.plan_file} is missing or disagrees with {INDEX_FILE}; the "
+                                    "index folder is damaged: build the index again with `index` (into a new --out)")
+            parts += batch.parts()
+            counts += b["part_images"]
+        grab = bool(info.get("grab_dim"))
+        for part, count in zip(parts, counts):
+            # (cheap: file names and .npy headers; a missing or truncated part is named now, not mid-query)
+            files = [part.meta_file, part.global_file] + ([part.grab_file] if grab else [])
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise RetrieveError(f"{self.path}: {missing[0]} is missing; the index folder is damaged (copied in "
+                                    "part?): copy it again, or build the index again with `index` (into a new --out)")
+            if count and any(m is None or m.array.shape[0] != count for m in part._mapped[:1 + grab]):
+                raise RetrieveError(f"{self.path}: the embeddings of {part.meta_file.name} do not hold {count} rows; "
+                                    "the index folder is damaged: build the index again with `index` (into a new --out)")
+        return EmbeddingStore(parts, counts)

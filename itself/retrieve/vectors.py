@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,7 +164,15 @@ def write_faiss(index, path) -> None:
 
 
 def read_faiss(path):
-    return import_faiss().read_index(str(path))
+    faiss = import_faiss()
+    if not Path(path).is_file():
+        raise RetrieveError(f"{path} is missing; the index folder is damaged: build the index again with "
+                            "`index` (into a new --out)")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise RetrieveError(f"{path}: unreadable ({str(e).splitlines()[0][:200]}); the index folder is "
+                            "damaged: build the index again with `index` (into a new --out)") from None
 
 
 class VectorSearch:
