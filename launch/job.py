@@ -44,6 +44,21 @@ def resolve_master_addr(first_node: str) -> str:
                            "NodeAddr in slurm.conf") from None
 
 
+def set_rank_environment(env: "submitit.JobEnvironment") -> bool:
+    """This task's rank, world and rendezvous for torch.distributed, from SLURM via submitit;
+    True under submitit's local executor."""
+    local = os.environ.get("SUBMITIT_EXECUTOR") == "local"
+    os.environ.update({
+        "RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(env.num_tasks // max(1, env.num_nodes)),
+        "MASTER_ADDR": "127.0.0.1" if local else resolve_master_addr(env.hostnames[0]),
+        "MASTER_PORT": str(master_port(env.job_id)),
+    })
+    # Threads per rank: the CPUs Slurm gave the task (set before torch is imported).
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+    return local
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """Runs one rank of the training. Submitted once; re-run as is by every requeue, when it resumes
     from the run's latest complete checkpoint."""
@@ -55,15 +70,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from itself.train import train
 
         env = submitit.JobEnvironment()
-        local = os.environ.get("SUBMITIT_EXECUTOR") == "local"
-        os.environ.update({
-            "RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
-            "LOCAL_WORLD_SIZE": str(env.num_tasks // max(1, env.num_nodes)),
-            "MASTER_ADDR": "127.0.0.1" if local else resolve_master_addr(env.hostnames[0]),
-            "MASTER_PORT": str(master_port(env.job_id)),
-        })
-        # Threads per rank: the CPUs Slurm gave the task (set before torch is imported).
-        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        local = set_rank_environment(env)
         stop = {"requested": False}
 
         def on_warning(signum, frame):  # every rank gets it; train() stops all at the same step
@@ -104,3 +111,23 @@ class TrainJob(submitit.helpers.Checkpointable):
         event.update(job_id=str(env.job_id), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
         with open(Path(self.job_folder) / "attempts.jsonl", "a") as f:
             f.write(json.dumps(event) + "\n")
+
+
+class IndexJob(submitit.helpers.Checkpointable):
+    """One rank of `python -m itself.retrieve index` (or `add`) in a SLURM job. Requeued on the
+    time-limit / pre-emption warning (submitit's handler), it runs again and embeds only the parts
+    that are not finished."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+
+    def __call__(self) -> dict:
+        env = submitit.JobEnvironment()
+        set_rank_environment(env)
+        from itself.retrieve.cli import main
+
+        code = main(self.argv)
+        if code != 0:
+            raise RuntimeError(f"rank {env.global_rank}: python -m itself.retrieve {' '.join(self.argv)} exited with "
+                               f"status {code}; its error is in this task's log")
+        return {"rank": env.global_rank, "world_size": env.num_tasks, "hostname": socket.gethostname()}

@@ -34,6 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch/slurm.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Presets: " + ", ".join(PRESETS))
+    cluster_arguments(p)
+    t = p.add_argument_group("training (as itself/train.py)")
+    t.add_argument("--preset", default="synthetic")
+    t.add_argument("--config", help="YAML file of config sections")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """The job's shape and where it goes (shared with launch/index.py)."""
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--profile", default="default", help="cluster profile: cluster_configs/slurm/NAME.yaml or a path")
     o = p.add_argument_group("profile overrides")
@@ -54,11 +64,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and training config; submit nothing")
     p.add_argument("--local", action="store_true", help="run the same job with submitit's local executor here")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish and print its results")
-    t = p.add_argument_group("training (as itself/train.py)")
-    t.add_argument("--preset", default="synthetic")
-    t.add_argument("--config", help="YAML file of config sections")
-    t.add_argument("overrides", nargs="*", metavar="key=value")
-    return p
 
 
 def resolve_profile(args) -> SlurmProfile:

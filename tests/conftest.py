@@ -39,3 +39,23 @@ def trained_run(tmp_path_factory):
                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     return base / "run", base / "synthetic"
+
+
+@pytest.fixture(scope="session")
+def untrained_model(small_dataset, tmp_path_factory):
+    """model.pt of an ITSELF with random weights in the small test config (64-d global, 32-d GRAB):
+    enough to embed, index and search without training."""
+    import torch
+
+    from itself.config import to_dict
+    from itself.model import ITSELF
+    from itself.model.export import export
+    from itself.presets import resolve_config
+    from runs import small_run_args
+
+    cfg = resolve_config("synthetic", None, small_run_args(small_dataset))
+    torch.manual_seed(0)
+    model = ITSELF(cfg.model, 32, cfg.data.image_size)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    export(path, model.state_dict(), to_dict(cfg), 32, 0.4)
+    return path

@@ -1,5 +1,6 @@
 """The benchmarks run (--quick) and their comparisons hold: the naive references compute the same
-results as ours. No timing is asserted here; bench/README.md and BENCHMARKS.md hold the numbers."""
+results as ours (search: exact search returns the brute-force results). No timing is asserted
+here; bench/README.md and BENCHMARKS.md hold the numbers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from runs import REPO
     ("bench/step_bench.py", ["naive reference matches ours", "gradients equal: True", "naive ITSELF (per-sample loops)"]),
     ("bench/loader_bench.py", ["map-style folder of JPEGs", "our shards, pre-resized", "our decode()"]),
     ("bench/plan_bench.py", ["one reader of 64 ranks x 8 workers", "     20000 "]),
+    ("bench/search_bench.py", ["exact == brute force: True", "hnsw ef=512 candidates=50", "recall@10 = "]),
 ])
 def test_benchmark_quick_run(script, expected):
     run = subprocess.run([sys.executable, script, "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,7 +18,9 @@ import torch
 from itself.config import from_dict, to_dict
 from itself.model import ITSELF
 from itself.model.export import export
+from browser import HEADLESS_FLAGS, chromium_or_skip
 from itself.retrieve import Index
+from itself.retrieve.store import IndexDir
 from runs import REPO
 
 
@@ -47,10 +47,11 @@ def _test_captions(data: Path) -> list[tuple[str, int]]:
 def test_index_holds_both_embeddings_and_metadata(index_dir):
     info = json.loads((index_dir / "index.json").read_text())
     assert info["images"] == 160 and info["global_dim"] == 64 and info["grab_dim"] == 256
-    g, l = np.load(index_dir / "global.npy"), np.load(index_dir / "grab.npy")
+    store = IndexDir(index_dir).embeddings()
+    g, l = store.rows(np.arange(len(store)))
     assert g.shape == (160, 64) and l.shape == (160, 256)
-    assert np.allclose(np.linalg.norm(g, axis=1), 1, atol=1e-5)
-    items = [json.loads(x) for x in (index_dir / "items.jsonl").read_text().splitlines()]
+    assert np.allclose(np.linalg.norm(g, axis=1), 1, atol=1e-5) and np.allclose(np.linalg.norm(l, axis=1), 1, atol=1e-5)
+    items = store.items()
     assert len(items) == 160 and all(i["pid"] is not None and i["name"].startswith("synthetic/test/") for i in items)
 
 
@@ -90,7 +91,7 @@ def test_folder_gallery_and_errors(trained_run, index_dir, tmp_path):
                 (folder / m.name).write_bytes(t.extractfile(m).read())
     res = _cli("index", "--model", str(run / "model.pt"), "--gallery", str(folder), "--out", str(tmp_path / "fi"))
     assert res.returncode == 0 and "indexed 5 images" in res.stdout
-    assert all(json.loads(x)["pid"] is None for x in (tmp_path / "fi" / "items.jsonl").read_text().splitlines())
+    assert all(i["pid"] is None for i in IndexDir(tmp_path / "fi").embeddings().items())
     empty = tmp_path / "empty"
     empty.mkdir()
     res = _cli("index", "--model", str(run / "model.pt"), "--gallery", str(empty), "--out", str(tmp_path / "e"))
@@ -106,10 +107,6 @@ def test_folder_gallery_and_errors(trained_run, index_dir, tmp_path):
     assert res.returncode == 2 and "model/index mismatch" in res.stderr and "32 (GRAB)" in res.stderr and "64 / 256" in res.stderr
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_report_is_self_contained_and_renders_in_chromium(index_dir, trained_run, tmp_path):
     run, _ = trained_run
     out = tmp_path / "report"
@@ -122,14 +119,8 @@ def test_report_is_self_contained_and_renders_in_chromium(index_dir, trained_run
     for src in sources:
         assert not src.startswith(("/", "http", "file:")) and (out / src).is_file(), src
     assert page.count('class="hit"') + page.count('class="miss"') == 12  # identities known: outlined
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium missing in CI (.ci/run installs it)")
-        pytest.skip("chromium not installed here; .ci/run installs it")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    browser = chromium_or_skip()
+    flags = [*HEADLESS_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
     dom = subprocess.run([browser, *flags, "--dump-dom", (out / "index.html").as_uri()], capture_output=True,
                          text=True, timeout=120)
     check = re.search(r'id="image-check"[^>]*>([^<]*)<', dom.stdout)

@@ -184,3 +184,49 @@ def test_a_failed_run_continues_by_resubmitting_with_its_run_dir(small_dataset, 
     assert _events(folder / "attempts.jsonl")[0]["resume_from"] == tag_for(8)
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "results.json").read_text())["best_epoch"] in (1, 2)
+
+
+def _submit_index(env, jobs: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/index.py", "--jobs-dir", str(jobs), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_index_job_on_two_nodes_embeds_half_each_as_one_rank_would(slurm, small_dataset, untrained_model, tmp_path):
+    import numpy as np
+
+    from itself.retrieve.build import BuildRequest, run_build
+    from itself.retrieve.store import IndexDir
+
+    out = tmp_path / "index"
+    index = ["index", "--model", str(untrained_model), "--gallery", str(small_dataset), "--split", "train",
+             "--no-progress"]
+    run = _submit_index(slurm, tmp_path / "jobs", "--nodes", "2", "--profile", "local-test", "--wait", "--",
+                        *index, "--out", str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"index {out}: 64 images in 1 batch(es), flat index" in run.stdout
+    folder = _job_folder(tmp_path / "jobs")
+    job_id = json.loads((folder / "submission.json").read_text())["job_ids"][0]
+    for rank in range(2):  # each node embedded 4 of the 8 parts
+        assert f"rank {rank}: embedded 32 images in 4 parts" in (folder / f"{job_id}_{rank}_log.err").read_text()
+    reference = tmp_path / "one"
+    run_build(BuildRequest(gallery=str(small_dataset), out=str(reference), model=str(untrained_model), split="train",
+                           progress=False))
+    two, one = IndexDir(out).embeddings(), IndexDir(reference).embeddings()
+    assert two.items() == one.items()
+    for a, b in zip(two.rows(np.arange(64)), one.rows(np.arange(64))):
+        assert np.allclose(a, b, atol=1e-6)
+
+
+def test_index_dry_run_and_a_missing_command(tmp_path):
+    run = _submit_index(os.environ.copy(), tmp_path, "--nodes", "3", "--gpus-per-node", "4", "--dry-run", "--",
+                        "index", "--model", "m.pt", "--gallery", "g", "--out", "o", timeout=120)
+    assert run.returncode == 0, run.stderr
+    for line in ("#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --requeue"):
+        assert line in run.stdout
+    assert "12 ranks" in run.stdout and "every rank runs: python -m itself.retrieve index --model m.pt" in run.stdout
+    assert not list(tmp_path.iterdir()), "a dry run submits nothing"
+    run = _submit_index(os.environ.copy(), tmp_path, "--dry-run", "--", "query", "--index", "o", timeout=120)
+    assert run.returncode == 2 and "give the indexing command after --" in run.stderr
+    run = _submit_index(os.environ.copy(), tmp_path, "--dry-run", "--", "index", "--gallery", "g", timeout=120)
+    assert run.returncode == 2 and "required: --model, --out" in run.stderr

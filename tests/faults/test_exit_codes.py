@@ -30,8 +30,8 @@ CASES = [
     ("slurm", ["train.lr=abc"], "train.lr"),
     ("tune", ["--num-samples", "0"], "--num-samples must be >= 1"),
     ("tune", ["--bogus"], "unrecognized arguments: --bogus"),
-    ("retrieve", ["search", "--index", "/nonexistent/index", "--query", "a man"], "/nonexistent/index"),
-    ("retrieve", ["--bogus"], "--bogus"),
+    ("retrieve", ["query", "--index", "/nonexistent/index", "--text", "a man"], "/nonexistent/index"),
+    ("retrieve", ["query", "--index", "/nonexistent/index", "--bogus"], "unrecognized arguments: --bogus"),
     ("shards", ["--dataset", "nope", "--out", "OUT"], "invalid choice: 'nope'"),
     ("shards", ["--dataset", "synthetic", "--out", "OUT", "--num-ids", "-3"], "--num-ids"),
 ]

@@ -1,0 +1,87 @@
+"""Submit gallery indexing as one SLURM job over several nodes:
+
+    python launch/index.py --nodes 2 [--profile NAME] [cluster options] -- index --model M --gallery G --out DIR
+    python launch/index.py --nodes 2 -- add --index DIR --gallery MORE_IMAGES
+
+Every task (one per GPU, or --tasks-per-node on CPU nodes) is a rank of `python -m itself.retrieve
+index` (or `add`) with the arguments after `--`: each embeds its share of the gallery's parts on
+its device, rank 0 merges them into the index. On the time-limit / pre-emption warning the job is
+requeued and embeds only the parts it had not finished. The model, the gallery and the index
+folder must be on a file system every node sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from itself.config import NAME
+from itself.retrieve.cli import parser as retrieve_parser
+from itself.retrieve.store import IndexDir
+from launch.job import IndexJob
+from launch.profiles import ProfileError
+from launch.slurm import cluster_arguments, git_commit, make_executor, resolve_profile, sbatch_script, wait_for
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/index.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cluster_arguments(p)
+    p.add_argument("retrieve", nargs=argparse.REMAINDER, metavar="-- index|add ARGS",
+                   help="the arguments of python -m itself.retrieve index / add")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.retrieve[1:] if args.retrieve[:1] == ["--"] else args.retrieve
+    if command[:1] not in (["index"], ["add"]):
+        print("error: give the indexing command after --: `-- index --model M --gallery G --out DIR` or "
+              "`-- add --index DIR --gallery G`", file=sys.stderr)
+        return 2
+    retrieve = retrieve_parser().parse_args(command)  # (exits 2 with argparse's message when wrong)
+    try:
+        if args.nodes < 1:
+            raise ProfileError("--nodes must be >= 1")
+        if args.name is not None and not NAME.fullmatch(args.name):
+            raise ProfileError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
+        profile = resolve_profile(args)
+    except ProfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{command[0]}-{Path(retrieve.out).name}")
+    folder = (Path(args.jobs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    executor = make_executor(folder, profile, args.nodes, name, args.local)
+    world = args.nodes * profile.ranks_per_node
+    if args.dry_run:
+        print(f"# sbatch script ({args.nodes} nodes x {profile.ranks_per_node} tasks = {world} ranks)\n")
+        print(sbatch_script(executor) if not args.local else "# --local: no sbatch script (submitit local executor)")
+        print(f"\n# every rank runs: python -m itself.retrieve {' '.join(command)}")
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    job = executor.submit(IndexJob(command))
+    (folder / "submission.json").write_text(json.dumps({
+        "command": [sys.executable, *sys.argv], "retrieve": command, "job_ids": [str(job.job_id)],
+        "executor": "local" if args.local else "slurm", "nodes": args.nodes, "ranks": world,
+        "profile": dataclasses.asdict(profile), "git_commit": git_commit(), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }, indent=2) + "\n")
+    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s) indexing into {retrieve.out}")
+    print(f"job folder: {folder}")
+    print(f"follow: tail -f {folder}/{job.job_id}_0_log.out   (rank r: {job.job_id}_<r>_log.out/err)")
+    if args.wait:
+        if wait_for(job, folder, args.local) is None:
+            print(f"job {job.job_id} ended without results; see {folder}", file=sys.stderr)
+            return 1
+        info = IndexDir(retrieve.out).info()
+        print(f"index {retrieve.out}: {info['images']} images in {len(info['batches'])} batch(es), "
+              f"{info['index']['kind']} index")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
