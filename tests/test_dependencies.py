@@ -18,7 +18,7 @@ tomllib = pytest.importorskip("tomllib")  # (Python >= 3.11)
 
 # Import name -> distribution name, where they differ.
 DISTRIBUTION = {"open_clip": "open_clip_torch", "PIL": "pillow", "yaml": "pyyaml", "faiss": "faiss-cpu",
-                "tensorboardX": "tensorboardx"}
+                "tensorboardX": "tensorboardx", "websocket": "websocket-client"}
 OURS = {"itself", "shards", "launch", "tune", "bench", "cluster_configs"}
 # Where each folder's code may reach: the core, plus these extras.
 EXTRAS_OF = {"itself": ("search", "wandb"), "shards": (), "launch": ("slurm",), "tune": ("tune",),

@@ -111,6 +111,7 @@ CASES = [
     ("eval.selection=first", "eval.selection", "must be one of both, train, last_layer, got 'first'"),
     ("eval.test_roots=['']", "eval.test_roots", "every entry must be a dataset folder or URL"),
     ("eval.keep_ratio=0", "eval.keep_ratio", "must be in (0, 1], got 0.0"),
+    ("eval.panels=65", "eval.panels", "must be in [0, 64], got 65"),
     ("model.pretrained=openai", "model.pretrained", "tiny has no pretrained weights"),
     ("model.pretrained=/no/such/weights.pt", "model.pretrained", "file /no/such/weights.pt not found"),
 ]
