@@ -58,6 +58,8 @@ def plant(root: Path, images: int, seed: int = 0) -> list[str]:
         "key": pa.array(np.char.zfill(np.arange(images).astype(str), 9)),
         "pid": pid, "num_captions": np.full(images, 2, np.int32),
         "offset": row_in_shard * 20480, "size": np.full(images, 20480),
+        # (each image's digest, as a real manifest holds: the reader checks the images it reads)
+        "sha256": pa.array(np.char.zfill(np.arange(images).astype(str), 64)),
     })
     del first
     pq.write_table(table.replace_schema_metadata({schema.MANIFEST_VERSION_KEY: str(schema.SCHEMA_VERSION).encode()}),

@@ -407,8 +407,9 @@ class Trainer:
             self.log.info(f"results (best val epoch {s.best_epoch}, checkpoint {best.name}, fusion weight a={a:g} and "
                           f"selection {s.selection} chosen on val):\n{results_table(rows)}")
             self.log.info(f"test R@1 chance level: {summary['test_chance_R1']:.2f}")
-            self.log.info(f"written: {run}/ (model.pt, results.json, metrics.jsonl, train.log, config.yaml, "
-                          f"deepspeed_config.json, tensorboard/, checkpoints/)")
+            logs = {"tensorboard": ", tensorboard/", "wandb": ", wandb/"}.get(self.cfg.train.report_to, "")
+            self.log.info(f"written: {run}/ (model.pt, model.safetensors, config.json, results.json, metrics.jsonl, "
+                          f"train.log, config.yaml, deepspeed_config.json{logs}, checkpoints/)")
         self.log.close()
         return _broadcast(summary, self.rank)
 

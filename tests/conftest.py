@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 import shards
@@ -59,3 +61,23 @@ def untrained_model(small_dataset, tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.pt"
     export(path, model.state_dict(), to_dict(cfg), 32, 0.4)
     return path
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(options) -> a fresh tmpfs mounted with those options, unmounted afterwards (a real small,
+    full or read-only file system; the test is skipped where mounting needs root and we are not)."""
+    mounted = []
+
+    def make(options: str):
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)

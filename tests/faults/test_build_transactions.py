@@ -229,25 +229,18 @@ def test_a_killed_conversion_takes_its_workers_with_it(tmp_path):
     assert leftovers(out) == []
 
 
-def test_a_full_disk_fails_the_build_with_exit_1_and_keeps_the_old_dataset(tmp_path):
-    point = tmp_path / "mnt"
-    point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(point)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        out = point / "data"
-        assert build("--dataset", "synthetic", "--out", str(out), *SMALL).returncode == 0
-        before = snapshot(out)
-        run = build("--dataset", "synthetic", "--out", str(out), "--overwrite", "--num-ids", "400",
-                    "--image-size", "192x64")  # ~4 MiB of images: more than the disk holds
-        assert_refused(run, "the build failed", "No space left on device", f"{out} was left as it was", code=1)
-        assert snapshot(out) == before
-        assert leftovers(out) == []  # the work folder is gone: its space is free again
-        assert build("--dataset", "synthetic", "--out", str(out), "--overwrite", *SMALL, "--seed", "3").returncode == 0
-        assert assert_consistent(out)["builder"]["seed"] == 3
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=False)
+def test_a_full_disk_fails_the_build_with_exit_1_and_keeps_the_old_dataset(mount):
+    point = mount("size=3m")
+    out = point / "data"
+    assert build("--dataset", "synthetic", "--out", str(out), *SMALL).returncode == 0
+    before = snapshot(out)
+    run = build("--dataset", "synthetic", "--out", str(out), "--overwrite", "--num-ids", "400",
+                "--image-size", "192x64")  # ~4 MiB of images: more than the disk holds
+    assert_refused(run, "the build failed", "No space left on device", f"{out} was left as it was", code=1)
+    assert snapshot(out) == before
+    assert leftovers(out) == []  # the work folder is gone: its space is free again
+    assert build("--dataset", "synthetic", "--out", str(out), "--overwrite", *SMALL, "--seed", "3").returncode == 0
+    assert assert_consistent(out)["builder"]["seed"] == 3
 
 
 def test_without_an_atomic_exchange_a_build_killed_between_its_renames_is_put_back(tmp_path):

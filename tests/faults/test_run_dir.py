@@ -13,25 +13,6 @@ from itself.checkpoint import check_safe, latest_tag
 from runs import REPO, run_train, small_run_args, train_env, wait_until
 
 
-@pytest.fixture
-def mount(tmp_path):
-    """mount(options) -> a fresh tmpfs mounted with those options, unmounted afterwards."""
-    mounted = []
-
-    def make(options: str):
-        point = tmp_path / f"mnt{len(mounted)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield make
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def assert_refused_before_training(run, *fragments):
     assert run.returncode == 2, run.stderr[-3000:]
     error = run.stderr.strip().splitlines()[-1]
