@@ -34,7 +34,7 @@ def _step(model: ITSELF) -> tuple[dict, dict, dict]:
     total_loss(out).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
-    return {k: float(v.detach()) for k, v in out.items()}, grads, stats
+    return {k: float(torch.as_tensor(v).detach()) for k, v in out.items()}, grads, stats
 
 
 def _assert_same_step(a, b, rtol: float, atol: float) -> None:
