@@ -28,38 +28,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import re
 import secrets
-import shlex
 import shutil
-import socket
 import sys
-import time
 from pathlib import Path
 
 from . import schema
 from .errors import BuildError, OutputBusy
+from .locking import FolderLock, LockBusy, LockUnavailable
 
 LOCK_SUFFIX = ".build-lock"
 FAILED_REJECTS_SUFFIX = ".rejects.jsonl"
-
-_HELD_FDS: set[int] = set()  # lock fds of this process, closed in forked children
-
-
-def _close_held_in_child() -> None:
-    for fd in list(_HELD_FDS):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD_FDS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_held_in_child)
-
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -90,72 +71,18 @@ def _exchange(a: Path, b: Path) -> None:
 _CANNOT_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-def _command() -> str:
-    argv = list(sys.argv)
-    if argv and argv[0].endswith(os.path.join("shards", "__main__.py")):
-        argv[0:1] = ["python", "-m", "shards"]
-    return shlex.join(argv)
-
-
-class BuildLock:
-    """An exclusive, non-waiting lock on a file, which records who holds it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: int | None = None
+class BuildLock(FolderLock):
+    """The lock of a dataset build's output folder (see `shards.locking`)."""
 
     def acquire(self, what: str) -> None:
         """Take the lock or raise OutputBusy naming its holder. `what` names the locked thing."""
-        import fcntl
-
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-            except OSError as e:
-                raise BuildError(f"{what}: cannot write to {self.path.parent}: {e.strerror}; choose a writable --out")\
-                    from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise OutputBusy(f"{what} is being built by another build ({self.holder()}); wait for it to "
-                                 f"finish, or choose another --out (lock: {self.path})") from None
-            except OSError as e:
-                os.close(fd)
-                raise BuildError(f"{what}: cannot lock {self.path}: {e.strerror}") from None
-            # The file we locked must still be the one at the path: a build finishing removes it.
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self.fd = fd
-        _HELD_FDS.add(fd)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _command()[:500]}
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps(holder) + "\n").encode())
-
-    def holder(self) -> str:
-        """Who holds the lock, from what it wrote there."""
         try:
-            h = json.loads(self.path.read_text()[:4096])
-            return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "it has not written its details yet"
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)  # while still held: the next build creates a fresh file
-        except OSError:
-            pass
-        _HELD_FDS.discard(self.fd)
-        os.close(self.fd)
-        self.fd = None
+            super().acquire(what)
+        except LockBusy:
+            raise OutputBusy(f"{what} is being built by another build ({self.holder()}); wait for it to "
+                             f"finish, or choose another --out (lock: {self.path})") from None
+        except LockUnavailable as e:
+            raise BuildError(f"{e}; choose a writable --out") from None
 
 
 def _build_owned(folder: Path) -> list[str]:
