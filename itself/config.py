@@ -471,6 +471,13 @@ def to_dict(cfg) -> dict:
     return plain(cfg)
 
 
+def config_yaml(cfg) -> str:
+    """The config as YAML (sections in field order): what config.yaml holds, and what `--config` reads."""
+    import yaml
+
+    return yaml.safe_dump(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=False)
+
+
 def _coerce(value, hint, key: str):
     """`value` (from YAML) as the field's type, or a ConfigError naming `key`."""
     import typing

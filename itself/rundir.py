@@ -26,6 +26,11 @@ from .errors import ConfigError
 from .metrics import fused_at
 
 
+def timestamped(name: str) -> str:
+    """`<name>-YYYYmmdd-HHMMSS`: the folder name of a new run, job or search."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 @dataclasses.dataclass
 class EvalRecord:
     """One evaluation as metrics.jsonl holds it."""
@@ -83,7 +88,7 @@ class RunDir:
 
     @staticmethod
     def default_path(name: str) -> str:
-        return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return f"runs/{timestamped(name)}"
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from itself.checkpoint import (COMPLETE, Checkpointer, TrainState, dataset_fingerprint, full_state_dict,
                                incomplete_tags, saved_state, saved_world_size)
-from itself.config import Config, ConfigError, describe, to_dict
+from itself.config import Config, ConfigError, config_yaml, describe, to_dict
 from itself.data import dataset_info, ensure_dataset, train_loader
 from itself.dist import ensure_process_env, world_info_from_env
 from itself.engine import (build_engine, checkpoint_bytes, deepspeed_config, resolve_device, resolve_precision,
@@ -152,7 +152,7 @@ class Trainer:
                           + (f" (written by {saved} rank(s), now {self.world})" if saved != self.world else ""))
         self.state.config, self.state.dataset = to_dict(cfg), dataset
         if self.rank == 0:  # (after a resume was found possible: a refused one leaves its run as it was)
-            self.run.write_text(RunDir.CONFIG, _yaml(to_dict(cfg)))
+            self.run.write_text(RunDir.CONFIG, config_yaml(cfg))
             self.run.write_text(RunDir.DEEPSPEED_CONFIG, json.dumps(ds_config, indent=2) + "\n")
         self.log.info(
             f"run {self.run} | {self.world} rank(s) on {self.device.type}, {self.precision} | {cfg.model.arch} "
@@ -569,12 +569,6 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _yaml(d: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False)
-
-
 # ----------------------------------------------------------------------------------- script
 
 
@@ -601,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.print_config:
             cfg.validate(world_info_from_env().world_size)
-            print(_yaml(to_dict(cfg)), end="")
+            print(config_yaml(cfg), end="")
             return 0
         train(cfg)
     except UserError as e:

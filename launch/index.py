@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from itself.config import NAME
+from itself.rundir import timestamped
 from itself.retrieve.cli import parser as retrieve_parser
 from itself.retrieve.store import IndexDir
 from launch.job import IndexJob
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{command[0]}-{Path(retrieve.out).name}")
-    folder = (Path(args.jobs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    folder = (Path(args.jobs_dir) / timestamped(name)).resolve()
     executor = make_executor(folder, profile, args.nodes, name, args.local)
     world = args.nodes * profile.ranks_per_node
     if args.dry_run:

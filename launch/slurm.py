@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
-from itself.config import NAME, ConfigError, to_dict
+from itself.config import NAME, ConfigError, config_yaml, to_dict
+from itself.rundir import timestamped
 from itself.presets import PRESETS, resolve_config
 from launch.job import TrainJob
 from itself.rundir import RunDir
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.name or cfg.name
-    folder = (Path(args.jobs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    folder = (Path(args.jobs_dir) / timestamped(name)).resolve()
     # The run lives in the job folder, unless run_dir is given: to continue a failed run, resubmit
     # with run_dir=<its run folder> (a job resumes from the latest complete checkpoint it finds).
     cfg.run_dir = str(Path(cfg.run_dir).resolve()) if cfg.run_dir else str(folder / "run")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{profile.gpus_per_node} GPUs per node)\n")
         print(sbatch_script(executor) if not args.local else "# --local: no sbatch script (submitit local executor)")
         print("\n# training config\n")
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(config_yaml(cfg), end="")
         return 0
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
         print(f"error: the job was not submitted: {submit_error(e)}", file=sys.stderr)
         return 1
-    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (folder / "config.yaml").write_text(config_yaml(cfg))
     (folder / "submission.json").write_text(json.dumps({
         "command": [sys.executable, *sys.argv], "job_ids": [str(job.job_id)], "executor": "local" if args.local else "slurm",
         "nodes": args.nodes, "ranks": world, "profile": dataclasses.asdict(profile), "git_commit": git_commit(),

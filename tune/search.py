@@ -32,11 +32,11 @@ import copy
 import json
 import os
 import tempfile
-import time
 
 import yaml
 
-from itself.config import Config, ConfigError, ModelConfig, from_dict, to_dict
+from itself.config import Config, ConfigError, ModelConfig, config_yaml, from_dict, to_dict
+from itself.rundir import timestamped
 from itself.errors import UserError
 from itself.presets import PRESETS, resolve_config
 from tune import rungs, table
@@ -220,7 +220,7 @@ def write_outputs(search_results, confirm_results, base: Config, s: dict, exp_di
     ranking.to_csv(exp_dir / "results.csv", index=False)
     best_cfg = apply_params(copy.deepcopy(base), ranking.iloc[0].to_dict())
     best_cfg.name, best_cfg.run_dir, best_cfg.train.resume = f"{base.name}-best", "", ""
-    (exp_dir / "best_config.yaml").write_text(yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
+    (exp_dir / "best_config.yaml").write_text(config_yaml(best_cfg))
     table.plot(ranking, metric, searched, PAPER, exp_dir / f"{metric}_vs_params.png", exp_dir.name)
     return ranking
 
@@ -317,7 +317,7 @@ def _experiment_dir(args) -> Path:
         if not runs:
             raise ConfigError(f"--resume: no experiment to resume in {storage}")
         return runs[-1]
-    return storage / f"search-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return storage / timestamped(f"search-{args.preset}")
 
 
 def _check_args(args) -> None:
@@ -390,7 +390,7 @@ def check_fits(s: dict) -> None:
 
 def save_settings(exp_dir: Path, base: Config, s: dict) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / BASE_CONFIG).write_text(yaml.safe_dump(to_dict(base), sort_keys=False))
+    (exp_dir / BASE_CONFIG).write_text(config_yaml(base))
     (exp_dir / SETTINGS).write_text(json.dumps(s, indent=2) + "\n")
 
 

@@ -30,10 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from itself.checkpoint import COMPLETE, tag_for
-from itself.config import Config, from_dict, to_dict
+from itself.config import Config, config_yaml, from_dict
 from itself.rundir import EvalRecord, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +114,7 @@ class SeedRun:
         cfg.seed, cfg.run_dir, cfg.train.keep_last = self.seed, str(self.run.path), 2
         cfg.train.resume = str(resume_from) if resume_from else ""
         cfg_file = self.attempt / f"seed{self.seed}.yaml"
-        cfg_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        cfg_file.write_text(config_yaml(cfg))
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen([*launcher, "-m", "itself.train", "--config", str(cfg_file)],
                                          cwd=self.attempt, env=env, stdout=out, stderr=subprocess.STDOUT,
