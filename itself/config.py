@@ -284,7 +284,9 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept besides the best one."""
     resume: str = ""
-    """`latest` (newest complete checkpoint of run_dir), a checkpoint directory, or "" to start fresh."""
+    """`latest` (newest complete checkpoint of run_dir; an error when there is none), `auto` (the
+    newest complete checkpoint if there is one, else start: what SLURM jobs use), a checkpoint
+    directory, or "" to start fresh (refused when run_dir already holds checkpoints)."""
     log_every: int = 10
     """Optimizer steps between training log lines in metrics.jsonl."""
     report_to: str = "tensorboard"

@@ -116,8 +116,13 @@ class RunDir:
             raise ConfigError(f"run_dir: {self.path} already holds checkpoints; pass train.resume=latest to "
                               "continue that run, or choose another run_dir")
 
-    def resume_source(self, resume: str) -> Path:
-        """The checkpoint folder `train.resume` names: `latest` of this run, or a folder."""
+    def resume_source(self, resume: str) -> Path | None:
+        """The one resume decision: the checkpoint folder `train.resume` names (`latest` of this
+        run, `auto`: latest if any, or a folder), or None to start from the beginning."""
+        if not resume:
+            return None
+        if resume == "auto":
+            return self.latest_checkpoint()
         if resume == "latest":
             found = self.latest_checkpoint()
             if found is None:

@@ -143,8 +143,8 @@ class Trainer:
         self.check_grads = self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
         self.skips_in_a_row = 0
         dataset = dataset_fingerprint([dataset_info(root) for root in (cfg.data.root, *cfg.data.mix)])
-        if t.resume:
-            source = self._resume_source()
+        source = self._resume_source()
+        if source is not None:
             self._check_resumable(source, model, dataset)
             saved = saved_world_size(source)
             self.state = self.ckpt.load(source)
@@ -190,9 +190,11 @@ class Trainer:
                               f"{' (+ data.mix)' if self.cfg.data.mix else ''} (other shards or identities); resume "
                               "with the data it was trained on, or start a new run")
 
-    def _resume_source(self) -> Path:
-        """The checkpoint to resume from (half-written ones of this run reported and removed)."""
+    def _resume_source(self) -> Path | None:
+        """The checkpoint to resume from, or None (half-written ones of this run reported and removed)."""
         source = self.run.resume_source(self.cfg.train.resume)
+        if source is None:
+            return None
         ours = source.parent == self.run.checkpoints
         for partial in incomplete_tags(source.parent):
             self.log.info(f"ignoring incomplete checkpoint {source.parent / partial} (no {COMPLETE} marker: "
