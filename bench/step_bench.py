@@ -30,10 +30,8 @@ from bench.common import PeakRSS, gib  # noqa: E402
 from bench.naive_itself import naive  # noqa: E402
 from itself.config import ModelConfig  # noqa: E402
 from itself.losses import total_loss  # noqa: E402
+from itself.meter import gpu_peak_tflops  # noqa: E402
 from itself.model import ITSELF  # noqa: E402
-
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
-
 
 def make_batch(n: int, size, device, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
@@ -123,9 +121,8 @@ def loop_vs_step(gpu: bool, quick: bool) -> int:
     import tempfile
 
     import shards
-    from itself.dist import ensure_process_env
     from itself.presets import get_preset
-    from itself.train import Trainer
+    from itself.train import Trainer, claim_run_dir, start_training
     from shards.synthetic import SyntheticSpec
 
     cfg = get_preset("synthetic")
@@ -137,18 +134,11 @@ def loop_vs_step(gpu: bool, quick: bool) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         shards.build_synthetic(Path(tmp) / "data", spec, progress=False)
         cfg.data.root, cfg.run_dir = str(Path(tmp) / "data"), str(Path(tmp) / "run")
-        cfg.train.log_every = 10
-        cfg.validate()
-        where = ensure_process_env()
-        import deepspeed
-
-        from itself.engine import resolve_device, skip_shm_all_reduce
-
-        device = resolve_device("auto", where.local_rank)
-        skip_shm_all_reduce(deepspeed)
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-        trainer = Trainer(cfg, 0, 1, device)
-        trainer.setup()
+        cfg.train.log_every, cfg.train.report_to = 10, "none"
+        proc, _ = start_training(cfg)
+        run, _, lock = claim_run_dir(cfg, proc)
+        trainer = Trainer(cfg, proc, run, run.open_log(proc.rank, "none"))
+        device = proc.device
         trainer.train_epoch()  # warm-up: workers started, allocations made
         trainer.state.epoch, trainer.state.micro_step = 1, 0
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -199,7 +189,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if args.gpu else f"CPU x{torch.get_num_threads()} threads"
     print(f"{args.arch} {size[0]}x{size[1]}, batch {batch_size}, {'bf16 autocast' if args.bf16 else 'fp32'}, on {name}")
     ok = check_naive_matches(args, device, size, batch) if not args.gpu or args.quick else True
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if args.gpu else None
+    peak_tflops = gpu_peak_tflops(name, "bf16") if args.gpu else None
     base = None
     print(f"{'setting':<34} {'ms/step':>9} {'x base':>7} {'samples/s':>10} {'GFLOP/step':>11} {'MFU':>6} {'peak mem':>10}")
     rows = [("baseline", "global only (baseline)"), ("itself", "full ITSELF (MARS 2 layers)"),

@@ -7,4 +7,3 @@ from pathlib import Path
 DIR = Path(__file__).resolve().parent
 DEEPSPEED = DIR / "deepspeed"
 SLURM = DIR / "slurm"
-RAY = DIR / "ray"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .errors import DataError
+from .records import EvalRecord
 from .safeio import UnsafeCheckpointError, fsync_dir, safe_load, write_atomic
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 
@@ -48,33 +51,42 @@ class TrainState:
     """Optimizer steps taken (skipped ones included: they consumed their data)."""
     skipped_steps: int = 0
     """Steps whose update was dropped (non-finite loss or gradients)."""
-    best_score: list | None = None
-    """(val R@1, val mAP) of the best evaluation so far."""
-    best_epoch: int | None = None
-    """1-based epoch of the best evaluation."""
-    fusion_weight: float = 1.0
-    """The weight a of a * S_global + (1 - a) * S_grab chosen on val at the best evaluation."""
-    selection: str = "train"
-    """The GRAB token selection chosen on val at the best evaluation (`train` or `last_layer@<ratio>`)."""
-    best_val: dict | None = None
-    """Every val metric of the best evaluation."""
+    best: EvalRecord | None = None
+    """The best val evaluation so far (its weight, selection and metrics), or None."""
+    init_from: dict | None = None
+    """Where the weights started (`model.init_from`: path, sha256, what was loaded), or None."""
+    zero_shot: dict | None = None
+    """With init_from: test metrics of the initial weights, measured before the first step."""
     config: dict | None = None
     """The run's resolved config when the checkpoint was written (a resume compares)."""
     dataset: str = ""
     """A fingerprint of the train data (`dataset_fingerprint`): a resume on other data is refused."""
+
+    @property
+    def best_epoch(self) -> int | None:
+        """1-based epoch of the best evaluation."""
+        return self.best.epoch + 1 if self.best else None
+
+    @property
+    def fusion_weight(self) -> float:
+        return self.best.fusion_weight if self.best else 1.0
+
+    @property
+    def selection(self) -> str:
+        return self.best.selection if self.best else "train"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        """From a checkpoint's client state; checkpoints written before the typed `best` kept it as
+        `best_val` (a record) beside its parts: read either."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"best"}
+        state = cls(**{k: v for k, v in values.items() if k in names})
+        best = values.get("best") or values.get("best_val")
+        state.best = EvalRecord.from_record(best) if isinstance(best, dict) else None
+        return state
 
 
 def is_complete(ckpt_dir: Path, tag: str) -> bool:
@@ -89,6 +101,10 @@ def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
     if pointed and is_complete(ckpt_dir, pointed):
         return pointed
     tags = complete_tags(ckpt_dir)
+    if (ckpt_dir / "latest").exists() or (ckpt_dir / "latest").is_symlink():
+        log.warning("%s names %s, not a complete checkpoint of this run: ignored; taking the newest complete one "
+                    "(%s)", ckpt_dir / "latest", "something else" if pointed is None else pointed,
+                    tags[-1] if tags else "none")
     return tags[-1] if tags else None
 
 
@@ -106,8 +122,8 @@ def read_pointer(ckpt_dir: str | os.PathLike, name: str) -> str | None:
     """The checkpoint a pointer file names, or None (no pointer, or one that names no checkpoint
     folder of this run: `../elsewhere` is never followed)."""
     p = Path(ckpt_dir) / name
-    try:
-        tag = p.read_text(errors="replace").strip() if p.is_file() else None
+    try:  # (a link is never followed: the pointer is a small file this run wrote)
+        tag = p.read_text(errors="replace")[:64].strip() if p.is_file() and not p.is_symlink() else None
     except OSError:
         return None
     return tag if tag and TAG.fullmatch(tag) else None
@@ -137,8 +153,9 @@ class Checkpointer:
     Every rank calls `save` at the same step: each writes its part, then rank 0 marks the folder
     COMPLETE, moves `latest` (and `best`) and prunes all but the last `keep_last` and the best."""
 
-    def __init__(self, engine, ckpt_dir: str | os.PathLike, keep_last: int, rank: int, world: int):
-        self.engine, self.dir, self.keep_last, self.rank, self.world = engine, Path(ckpt_dir), keep_last, rank, world
+    def __init__(self, engine, ckpt_dir: str | os.PathLike, keep_last: int, proc):
+        self.engine, self.dir, self.keep_last, self.proc = engine, Path(ckpt_dir), keep_last, proc
+        self.rank, self.world = proc.rank, proc.world
 
     def save(self, state: TrainState, is_best: bool = False) -> str:
         tag = tag_for(state.global_step)
@@ -146,18 +163,18 @@ class Checkpointer:
         if self.rank == 0 and folder.exists():  # a leftover of this step (a resumed run redoing it)
             (folder / COMPLETE).unlink(missing_ok=True)  # unmark first: never complete while rewritten
             shutil.rmtree(folder)
-        _barrier()
+        self.proc.barrier()
         self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=state.to_dict(), save_latest=False)
         torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
         _fsync_tree(folder)  # every rank, for what it wrote (on NFS only the writer's fsync counts)
-        _barrier()
+        self.proc.barrier()
         if self.rank == 0:  # durable before it is marked complete; the marker lists every file's size
             write_atomic(folder / COMPLETE, json.dumps(_file_sizes(folder), indent=0))
             write_atomic(self.dir / "latest", tag)
             if is_best:
                 write_atomic(self.dir / "best", tag)
             self._prune(tag)
-        _barrier()
+        self.proc.barrier()
         return tag
 
     def _prune(self, newest: str) -> None:
@@ -178,10 +195,7 @@ class Checkpointer:
         verify_files(folder)
         universal = self.engine.zero_optimization_stage() > 0 and saved_world_size(folder) != self.world
         if universal:
-            made = [str(to_universal(folder)) if self.rank == 0 else None]
-            if dist.is_available() and dist.is_initialized():
-                dist.broadcast_object_list(made, src=0)
-            folder = Path(made[0])
+            folder = Path(self.proc.decide(lambda: str(to_universal(folder))))
         # (DeepSpeed reads this flag when loading only: set it for this checkpoint's kind)
         self.engine._config.load_universal_checkpoint = universal
         _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,

@@ -22,6 +22,8 @@ from .layout import DataLayout, data_layout
 __all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "TrainConfig"]
 
 NONFINITE_POLICIES = ("skip", "stop")
+SCHEDULES = ("epochs", "steps")
+"""Learning-rate and evaluation schedules: per epoch (the paper), or per step (pre-training)."""
 ATS_MODES = ("step", "epoch", "fixed")
 """Token schedulers: ATS per step (the paper's best), ATS per epoch, or a fixed keep ratio."""
 SELECTION_STRATEGIES = ("mars", "mean_max", "mean_min", "std_max", "std_min")
@@ -148,6 +150,11 @@ class ModelConfig:
     """Train with the CID loss (cross-modal identity classification with hard negatives)."""
     id_loss: bool = True
     """Train with the ID loss (identity classification of image and text embeddings)."""
+    init_from: str = ""
+    """Start from another run's exported weights: a run directory (its model.pt), a model.pt or a
+    model.safetensors. The towers and GRAB (where their shapes match) are loaded, the classifier
+    heads start fresh, `pretrained` is not read; results.json records the source and its test
+    metrics before fine-tuning (`zero_shot`). The pre-train -> fine-tune step."""
 
     def _check_pretrained_tag(self) -> None:
         """An open_clip tag must exist for `arch` and agree with `activation` (files are checked when
@@ -206,6 +213,8 @@ class ModelConfig:
             raise ConfigError(f"model.discard_ratio: must be in [0, 1), got {self.discard_ratio}")
         if self.grab_dim < 2 or self.grab_dim % 2:
             raise ConfigError(f"model.grab_dim: must be a positive even number, got {self.grab_dim}")
+        if self.init_from and not (Path(self.init_from).is_file() or Path(self.init_from).is_dir()):
+            raise ConfigError(f"model.init_from: {_short(self.init_from)} is neither a run directory nor a model file")
         if self.tau <= 0:
             raise ConfigError(f"model.tau: must be > 0, got {self.tau}")
         if self.margin < 0:
@@ -296,7 +305,15 @@ class TrainConfig:
     wandb_project: str = "itself"
     """The W&B project of `report_to=wandb` runs."""
     max_steps: int = 0
-    """Stop training after this many optimizer steps (0 = all epochs); evaluation still runs."""
+    """Stop training after this many optimizer steps (0 = all epochs); evaluation still runs. With
+    `schedule=steps`, the length of the run."""
+    schedule: str = "epochs"
+    """`epochs`: warm-up over `warmup_epochs`, cosine to the end of `epochs`, evaluation every
+    `eval.every` epochs (the paper). `steps`: for corpora of millions of pairs (pre-training): warm-up
+    over `warmup_steps`, cosine to `max_steps`, evaluation every `eval.every_steps`; the data is
+    cycled epoch after epoch until `max_steps` (`epochs` is not read); resumable mid-epoch."""
+    warmup_steps: int = 0
+    """Warm-up length in optimizer steps with `schedule=steps`."""
     nonfinite: str = "skip"
     """What a step with a non-finite loss or gradient does: `skip` (the update is dropped, the
     weights and optimizer state stay as they were, the skip is counted) or `stop` (save a
@@ -315,11 +332,17 @@ class TrainConfig:
         for field in ("lr", "grab_lr", "head_lr_mult", "bias_lr_mult", "adam_eps"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"train.{field}: must be > 0, got {getattr(self, field)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule: must be one of {', '.join(SCHEDULES)}, got {_short(self.schedule)}")
+        if self.schedule == "steps" and not self.max_steps:
+            raise ConfigError("train.max_steps: train.schedule=steps needs the run's length in optimizer steps (> 0)")
+        if self.schedule == "steps" and self.warmup_steps >= self.max_steps:
+            raise ConfigError(f"train.warmup_steps: must be below train.max_steps={self.max_steps}, got {self.warmup_steps}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"train.nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}, "
                               f"got {_short(self.nonfinite)}")
         for field in ("weight_decay", "grad_clip", "warmup_epochs", "max_skipped_steps", "checkpoint_every",
-                      "max_steps"):
+                      "max_steps", "warmup_steps"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"train.{field}: must be >= 0, got {getattr(self, field)}")
         if not 1 <= self.collective_timeout_s <= 7 * 86400:
@@ -348,7 +371,10 @@ class EvalConfig:
     fusion_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     """Candidate weights a of the fused similarity a * S_global + (1 - a) * S_grab, chosen on val."""
     every: int = 1
-    """Evaluate on val every this many epochs (and after the last)."""
+    """Evaluate on val every this many epochs (and after the last) with `train.schedule=epochs`."""
+    every_steps: int = 0
+    """With `train.schedule=steps`: evaluate on val (and checkpoint) every this many optimizer steps
+    (and after the last); 0 = after the last only."""
     block_mb: int = 256
     """Working memory of the blocked ranking, in MiB."""
     test_roots: tuple[str, ...] = ()
@@ -370,6 +396,8 @@ class EvalConfig:
         if not self.fusion_weights or any(not 0 <= a <= 1 for a in self.fusion_weights):
             raise ConfigError(f"eval.fusion_weights: need one or more weights, each in [0, 1], "
                               f"got {self.fusion_weights}")
+        if self.every_steps < 0:
+            raise ConfigError(f"eval.every_steps: must be >= 0, got {self.every_steps}")
         for field in ("batch_size", "every", "block_mb"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"eval.{field}: must be >= 1, got {getattr(self, field)}")

@@ -37,9 +37,15 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str, device: torch
     """The cluster file (ZeRO stage, offload) with everything else filled in from the train config."""
     t = cfg.train
     path = Path(t.deepspeed) if t.deepspeed.endswith(".json") else DEEPSPEED_CONFIGS / f"{t.deepspeed}.json"
-    if not path.exists():  # (names are checked by Config.validate; a path may be missing)
-        raise ConfigError(f"train.deepspeed: {path} not found")
-    ds = json.loads(path.read_text())
+    if not path.is_file():  # (names are checked by Config.validate; a path may be missing)
+        raise ConfigError(f"train.deepspeed: {path} not found (or not a file)")
+    try:
+        with open(path, "rb") as f:
+            ds = json.loads(f.read((1 << 20) + 1))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.deepspeed: {path} is not a readable DeepSpeed JSON config ({str(e)[:200]})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object (the DeepSpeed config)")
     adam = {"lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
             "torch_adam": True, "adam_w_mode": False}  # Adam with L2 weight decay, as the reference code
     if device.type == "cuda":
@@ -84,7 +90,10 @@ def param_groups(model, cfg: Config) -> list[dict]:
 def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
     """Linear warm-up from warmup_factor to 1, then cosine decay to min_lr_ratio (per optimizer step)."""
     t = cfg.train
-    warm, total = t.warmup_epochs * steps_per_epoch, t.epochs * steps_per_epoch
+    if t.schedule == "steps":
+        warm, total = t.warmup_steps, t.max_steps
+    else:
+        warm, total = t.warmup_epochs * steps_per_epoch, t.epochs * steps_per_epoch
     if step < warm:
         return t.warmup_factor + (1 - t.warmup_factor) * step / warm
     progress = min(1.0, (step - warm) / max(1.0, total - warm))

@@ -16,6 +16,7 @@ from .config import Config
 from .data import ensure_dataset, eval_loaders
 from .metrics import best_fusion, fused_metrics
 from .model.itself import TRAIN, last_layer_selection
+from .records import Counts, EvalRecord, Evaluation
 
 
 def selections_of(cfg: Config) -> tuple[str, ...]:
@@ -90,10 +91,9 @@ def embed_split(model, cfg: Config, split: str, rank: int, world: int, device, s
 
 
 def evaluate(model, cfg: Config, split: str, rank: int, world: int, device, selections=None,
-             root: str | None = None, keep_embeddings: bool = False) -> dict | None:
-    """On rank 0 {"counts": {...}, "selections": {selection: {"global", "grab", "fused@a" ...}}}
-    (and "embeddings": (queries, gallery) with `keep_embeddings`); None elsewhere. `selections`
-    default to `selections_of(cfg)`; `root` to data.root."""
+             root: str | None = None, keep_embeddings: bool = False) -> Evaluation | None:
+    """The `Evaluation` of a split of `root` (default: data.root) on rank 0 (with the embeddings
+    when `keep_embeddings`); None elsewhere. `selections` default to `selections_of(cfg)`."""
     selections = tuple(selections or selections_of(cfg))
     root = root or cfg.data.root
     queries, gallery = embed_split(model, cfg, split, rank, world, device, selections, root)
@@ -106,33 +106,24 @@ def evaluate(model, cfg: Config, split: str, rank: int, world: int, device, sele
         by_selection[s] = fused_metrics(q, g, cfg.eval.fusion_weights, block_bytes=cfg.eval.block_mb << 20)
     listed = ensure_dataset(root)["splits"][split]
     # Undecodable gallery images are skipped (and printed); the count says how many, never silently.
-    counts = {"gallery": len(gallery["pids"]), "queries": len(queries["pids"]),
-              "gallery_skipped": listed["images"] - len(gallery["pids"])}
-    return {"counts": counts, "selections": by_selection, **({"embeddings": (queries, gallery)} if keep_embeddings else {})}
+    counts = Counts(gallery=len(gallery["pids"]), queries=len(queries["pids"]),
+                    gallery_skipped=listed["images"] - len(gallery["pids"]))
+    return Evaluation(counts, by_selection, (queries, gallery) if keep_embeddings else None)
 
 
-@dataclasses.dataclass
-class Choice:
-    selection: str
-    fusion_weight: float
-    metrics: dict
-    """The chosen selection's results ({"global", "grab", "fused@a" ...})."""
-    candidates: dict
-    """Per selection: its best fused R1 / mAP and weight."""
-
-    @property
-    def score(self) -> tuple[float, float]:
-        fused = self.candidates[self.selection]
-        return fused["R1"], fused["mAP"]
-
-
-def choose(results: dict, metric: str = "R1") -> Choice:
-    """The selection and fusion weight with the highest fused `metric` (ties: higher mAP, then the
-    order of `eval.selection`)."""
+def choose(evaluation: Evaluation, split: str, epoch: int, step: int, metric: str = "R1") -> EvalRecord:
+    """The evaluation's record with the selection and fusion weight of the highest fused `metric`
+    (ties: higher mAP, then the order of `eval.selection`); `candidates` says how it was chosen."""
     candidates = {}
-    for s, res in results["selections"].items():
+    for s, res in evaluation.selections.items():
         a, row = best_fusion(res, metric)
         candidates[s] = {"fusion_weight": a, "R1": row["R1"], "mAP": row["mAP"]}
     best = max(candidates, key=lambda s: (candidates[s][metric], candidates[s]["mAP"],
                                           -list(candidates).index(s)))
-    return Choice(best, candidates[best]["fusion_weight"], results["selections"][best], candidates)
+    return EvalRecord(split, epoch, step, candidates[best]["fusion_weight"], evaluation.selections[best], best,
+                      candidates, dataclasses.asdict(evaluation.counts))
+
+
+def chance_r1(info: dict, split: str) -> float:
+    """R@1 of a random ranking: the share of the gallery that matches a query, about 1 / identities."""
+    return 100.0 / info["splits"][split]["identities"]

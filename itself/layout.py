@@ -23,10 +23,6 @@ class DataLayout:
     slot_batch: int
     """Pairs each slot adds to every global micro-batch (a multiple of num_instance)."""
 
-    @property
-    def slots_per_rank(self) -> int:
-        return self.micro_batch // self.slot_batch
-
 
 def data_layout(batch_size: int, world_size: int, grad_accum: int, num_instance: int, num_workers: int,
                 num_slots: int) -> DataLayout:

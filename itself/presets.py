@@ -55,6 +55,38 @@ def rstpreid() -> Config:
     return _paper("rstpreid", "data/rstpreid")
 
 
+def _pretrain(name: str, root: str, num_instance: int = 2) -> Callable[[], Config]:
+    """Person pre-training on a large image-caption corpus: identity-free (no CID or ID classifier:
+    at millions of pseudo-identities one would hold billions of parameters), TAL over the gathered
+    global batch on both branches, MARS and ATS as in the paper; a step schedule (the corpus is
+    too large for epochs to be the unit). Fine-tune after with `--preset cuhk-pedes
+    model.init_from=<this run>`."""
+    def preset() -> Config:
+        cfg = Config(name=name)
+        cfg.data.root, cfg.data.num_instance = root, num_instance
+        cfg.model.cid, cfg.model.id_loss = False, False
+        cfg.model.t_small = "2000 steps"
+        t = cfg.train
+        t.schedule, t.max_steps, t.warmup_steps, t.checkpoint_every = "steps", 40000, 2000, 2000
+        cfg.eval.every_steps = 2000
+        return cfg
+    preset.__doc__ = f"pre-training on {root} (identity-free, {num_instance} pairs per identity per batch)"
+    return preset
+
+
+def synthetic_pretrain() -> Config:
+    """Pre-training, CPU-sized: the tiny CLIP of `synthetic` on the synthetic pre-training corpus
+    (pseudo-identities, other people and phrasings than the embedded benchmark)."""
+    cfg = synthetic()
+    cfg.name = "pretrain-synthetic"
+    cfg.data.root, cfg.data.build_synthetic = "data/synthetic-pretrain", False
+    cfg.model.cid, cfg.model.id_loss, cfg.model.t_small = False, False, "200 steps"
+    t = cfg.train
+    t.schedule, t.max_steps, t.warmup_steps, t.checkpoint_every = "steps", 1500, 100, 500
+    cfg.eval.every_steps = 500
+    return cfg
+
+
 def _ablation(name: str, **model) -> Callable[[], Config]:
     def preset() -> Config:
         cfg = rstpreid()
@@ -79,6 +111,13 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "icfg-pedes": icfg_pedes,
     "rstpreid": rstpreid,
     "baseline": baseline,
+    # Person pre-training on the published corpora (itself-shards build --dataset <corpus>), then
+    # fine-tune with a benchmark preset and model.init_from=<the pre-training run>
+    "pretrain-webperson": _pretrain("pretrain-webperson", "data/webperson"),
+    "pretrain-synth-pedes": _pretrain("pretrain-synth-pedes", "data/synth-pedes"),
+    "pretrain-mals": _pretrain("pretrain-mals", "data/mals"),
+    "pretrain-luperson-t": _pretrain("pretrain-luperson-t", "data/luperson-t"),
+    "pretrain-synthetic": synthetic_pretrain,
     # Supplementary Tab. 1: the token scheduler
     "ats-none": _ablation("ats-none", ats="fixed", fixed_ratio=0.5),
     "ats-epoch": _ablation("ats-epoch", ats="epoch"),
@@ -109,7 +148,11 @@ def resolve_config(preset: str = "synthetic", config_file: str | None = None, ov
     default_root, explicit = cfg.data.root, set()
     if config_file:
         try:
-            text = Path(config_file).read_text()
+            path = Path(config_file)
+            if path.exists() and not path.is_file():  # (a FIFO or a device such as /dev/zero: never read)
+                raise ConfigError(f"--config: {config_file} is not a regular file")
+            with open(path, "rb") as f:
+                text = f.read((1 << 20) + 1).decode()  # (load_yaml refuses more than 1 MiB)
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"--config: cannot read {config_file}: {getattr(e, 'strerror', None) or e}") from None
         values = load_yaml(text, f"--config: {config_file}") or {}
@@ -135,11 +178,19 @@ def resolve_references(cfg: Config) -> None:
     best val epoch, the paper's rule for ATS's horizon T."""
     from .rundir import RunDir
 
+    source = cfg.model.init_from
+    if source and Path(source).is_dir():  # a run directory: its exported model
+        model = RunDir(source).file(RunDir.MODEL)
+        if not model.is_file():
+            raise ConfigError(f"model.init_from={source}: no {RunDir.MODEL} there: not a finished training run")
+        cfg.model.init_from = str(model)
     ref = str(cfg.model.t_small)
     if ref.startswith("from:"):
         run = RunDir(ref.removeprefix("from:"))
         try:
-            best = run.results()["best_epoch"]
+            best = run.results().best_epoch
+            if best is None:
+                raise ValueError("no best_epoch in its results.json")
         except (ConfigError, KeyError, ValueError) as e:
             raise ConfigError(f"model.t_small={ref}: {run} is not a finished training run ({e})") from None
         cfg.model.t_small = f"{best} epochs"

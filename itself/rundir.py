@@ -5,64 +5,40 @@ through it.
     config.yaml            the resolved config (runs again as --config)
     deepspeed_config.json  the resolved DeepSpeed dict
     train.log              the text log
-    metrics.jsonl          one JSON record per line: train (losses, lr, samples/s), data, eval, test, ...
-    tensorboard/           TensorBoard events
+    metrics.jsonl          one JSON record per line: train (losses, lr, samples/s, step time, MFU,
+                           memory), data, eval, test, ...
+    tensorboard/           TensorBoard events;  wandb/  the W&B run (unless WANDB_DIR says elsewhere)
     checkpoints/           stepNNNNNNNN/ (COMPLETE-marked), latest, best   (see itself.checkpoint)
-    model.pt               the exported model (see itself.model.export)
-    results.json           the final summary: val (best epoch) and test metrics
+    model.pt               the exported model (see itself.model.export), and the same as
+    model.safetensors      weights, with
+    config.json            the rest of model.pt
+    results.json           the final summary: val (best epoch) and test metrics (itself.records.Results)
+    .itself-run.lock       held while a training writes here: one writer per run directory
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
+from shards.locking import FolderLock, LockBusy, LockUnavailable
+
 from . import checkpoint as ckpt
 from .errors import ConfigError
-from .metrics import fused_at
+from .logs import add_file, remove
+from .records import EvalRecord, Results
+
+log = logging.getLogger(__name__)
+__all__ = ["EvalRecord", "RunDir", "RunLog", "timestamped"]
 
 
 def timestamped(name: str) -> str:
     """`<name>-YYYYmmdd-HHMMSS`: the folder name of a new run, job or search."""
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-@dataclasses.dataclass
-class EvalRecord:
-    """One evaluation as metrics.jsonl holds it."""
-
-    split: str
-    epoch: int
-    """0-based epoch after which it ran."""
-    step: int
-    """Optimizer steps taken when it ran (the checkpoint of that step holds the evaluated weights)."""
-    fusion_weight: float
-    """The weight a chosen on this evaluation (on val) or carried from val (on test)."""
-    metrics: dict
-    """{"global", "grab", "fused@a" ...} of the chosen selection (`itself.metrics.fused_metrics`)."""
-    selection: str = "train"
-    """Which tokens GRAB embedded (`train` or `last_layer@<ratio>`), chosen on val."""
-    candidates: dict = dataclasses.field(default_factory=dict)
-    """Per selection evaluated: its best fused R1 / mAP and weight (how the choice was made)."""
-    counts: dict = dataclasses.field(default_factory=dict)
-    """Gallery and query sizes, and gallery images skipped as undecodable."""
-
-    @property
-    def fused(self) -> dict:
-        """The metrics at the chosen fusion weight (the global ones for a global-only model)."""
-        return fused_at(self.metrics, self.fusion_weight)
-
-    @classmethod
-    def from_record(cls, record: dict) -> "EvalRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in names})
-
-    def to_record(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class RunDir:
@@ -75,7 +51,11 @@ class RunDir:
     TENSORBOARD = "tensorboard"
     CHECKPOINTS = "checkpoints"
     MODEL = "model.pt"
-    RESULTS = "results.json"
+    WEIGHTS = "model.safetensors"
+    EXPORT_CONFIG = "config.json"
+    RESULTS = Results.FILE
+    WANDB = "wandb"
+    LOCK = ".itself-run.lock"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -161,17 +141,17 @@ class RunDir:
                 pass
         return None
 
-    def lacks_room(self, checkpoint_bytes: int, model_bytes: int, keep_last: int) -> str | None:
-        """Why this folder cannot hold the run's checkpoints (the last `keep_last`, the best, the one
-        being written) and the exported model, or None."""
+    def check_room(self, checkpoint_bytes: int, model_bytes: int, keep_last: int) -> None:
+        """A ConfigError when this folder cannot hold the run's checkpoints (the last `keep_last`, the
+        best, the one being written) and the exported model."""
         need = checkpoint_bytes * (keep_last + 2) + model_bytes
         # A resumed run's checkpoints are already there, and give their room to the new ones.
         held = sum(f.stat().st_size for f in self.checkpoints.rglob("*") if f.is_file())
         free = shutil.disk_usage(self.path).free
         if free + held >= need:
-            return None
+            return
         mib = 2 ** 20
-        return (f"run_dir: {self.path} has {free / mib:.1f} MiB free"
+        raise ConfigError(f"run_dir: {self.path} has {free / mib:.1f} MiB free"
                 f"{f' (+{held / mib:.1f} MiB of checkpoints)' if held else ''}, but this run needs about "
                 f"{need / mib:.1f} MiB ({keep_last + 2} checkpoints of {checkpoint_bytes / mib:.1f} MiB: "
                 f"train.keep_last={keep_last}, the best, the one being written; and {self.MODEL}). Free space, "
@@ -197,11 +177,40 @@ class RunDir:
     def evals(self, split: str = "val") -> list[EvalRecord]:
         return [EvalRecord.from_record(r) for r in self.records("eval") if r["split"] == split]
 
-    def results(self) -> dict:
-        path = self.file(self.RESULTS)
-        if not path.exists():
-            raise ConfigError(f"{path} not found: the run {self.path} has not finished")
-        return json.loads(path.read_text())
+    def results(self) -> Results:
+        return Results.read(self.file(self.RESULTS))
+
+    def config(self) -> dict | None:
+        """The run's config.yaml as a dict, or None when there is none (a run that never started)."""
+        from .config import load_yaml
+
+        path = self.file(self.CONFIG)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+        values = load_yaml(text, str(path))
+        return values if isinstance(values, dict) else None
+
+    # -- one writer ----------------------------------------------------------------------------------
+
+    def claim(self) -> FolderLock:
+        """Check that this folder can be written and take it for one training (see `lock`)."""
+        problem = self.unwritable()
+        if problem:
+            raise ConfigError(problem)
+        return self.lock()
+
+    def lock(self) -> FolderLock:
+        """Take this run directory for one training (held until released or the process ends): a
+        second training into it is refused at once, naming the first (host, pid, command)."""
+        try:
+            return FolderLock(self.file(self.LOCK)).acquire(
+                f"run_dir {self.path}", "wait for it to finish, or choose another run_dir")
+        except (LockBusy, LockUnavailable) as e:
+            raise ConfigError(str(e)) from None
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -222,17 +231,17 @@ class RunDir:
 
 
 class RunLog:
-    """Rank 0's text log (train.log), metrics.jsonl, and TensorBoard events or a Weights & Biases
-    run (`report_to`); silent on the other ranks."""
+    """Rank 0's text log (train.log: the project's log records, as on the console), metrics.jsonl,
+    and TensorBoard events or a Weights & Biases run (`report_to`); silent on the other ranks."""
 
     def __init__(self, run: RunDir, rank: int, report_to: str = "tensorboard", config: dict | None = None,
                  project: str = "itself"):
         self.active = rank == 0
-        self.tb = self.wandb = None
+        self.tb = self.wandb = self.text = None
         if not self.active:
             return
         run.path.mkdir(parents=True, exist_ok=True)
-        self.text = open(run.file(RunDir.LOG), "a")
+        self.text = add_file(run.file(RunDir.LOG))
         self.jsonl = open(run.file(RunDir.METRICS), "a")
         if report_to == "tensorboard":
             from tensorboardX import SummaryWriter
@@ -241,15 +250,16 @@ class RunLog:
         elif report_to == "wandb":  # (offline with WANDB_MODE=offline: written under the run directory)
             import wandb
 
-            self.wandb = wandb.init(project=project, name=run.path.name, dir=str(run.path), config=config or {},
-                                    id=run.wandb_id(), resume="allow")
+            # The user's WANDB_DIR wins (W&B's own variable); else the run directory holds it.
+            self.wandb = wandb.init(project=project, name=run.path.name, dir=os.environ.get("WANDB_DIR") or
+                                    str(run.path), config=config or {}, id=run.wandb_id(), resume="allow")
 
-    def info(self, msg: str) -> None:
-        if self.active:
-            line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-            print(line, flush=True)
-            self.text.write(line + "\n")
-            self.text.flush()
+    def info(self, msg: str, *args) -> None:
+        """A line of the run's story: on the console and in train.log (rank 0)."""
+        log.info(msg, *args)
+
+    def warning(self, msg: str, *args) -> None:
+        log.warning(msg, *args)
 
     def record(self, kind: str, step: int, values: dict) -> None:
         if not self.active:
@@ -283,8 +293,9 @@ class RunLog:
         self.record(kind, values.pop("step"), values)
 
     def close(self) -> None:
-        if self.active:
-            self.text.close()
+        if self.active and self.text is not None:
+            remove(self.text)
+            self.text = None
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 import submitit
 
 from itself.config import from_dict
+from itself.records import Interrupted
 from itself.rundir import RunDir
 
 
@@ -86,15 +88,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._record(env, {"event": "start", "attempt": restarts + 1, "resume_from": resumed,
                            "hostnames": env.hostnames, "world_size": env.num_tasks})
         result = train(cfg, should_stop=lambda: stop["requested"])
-        if not result.get("interrupted"):
+        if not isinstance(result, Interrupted):
             self._record(env, {"event": "completed", "attempt": restarts + 1})
-            return result
+            return dataclasses.asdict(result)  # (plain data in submitit's result file)
         if local or restarts >= self.max_requeues:
             why = "local executor" if local else f"max_requeues={self.max_requeues} reached"
             self._record(env, {"event": "stopped", "attempt": restarts + 1, "reason": why,
-                               "checkpoint": result["checkpoint"]})
-            return result
-        self._record(env, {"event": "requeue", "attempt": restarts + 1, "checkpoint": result["checkpoint"]})
+                               "checkpoint": result.checkpoint})
+            return dataclasses.asdict(result)
+        self._record(env, {"event": "requeue", "attempt": restarts + 1, "checkpoint": result.checkpoint})
         if env.global_rank == 0:
             subprocess.run(["scontrol", "requeue", str(env.job_id)], check=True, timeout=60)
         time.sleep(300)  # Slurm ends this attempt now; never report a result for it

@@ -103,6 +103,40 @@ def test_imports_only_go_down_the_layers():
         assert not names & {"ray", "submitit", "launch", "tune"}, path
 
 
+# Inside `itself/`, lowest first (docs/ARCHITECTURE.md's table): a module imports only modules of
+# lower layers, or of its own group (the modules of one subpackage: data/, model/, retrieve/).
+ITSELF_LAYERS = [
+    {"errors", "logs", "safeio", "archs", "cpus"},
+    {"dist", "layout"},
+    {"config", "metrics", "collectives"},
+    {"records", "losses", "data"},
+    {"checkpoint", "model"},
+    {"rundir", "engine", "evaluate", "panels", "meter", "nonfinite"},
+    {"presets", "outcome", "resume"},
+    {"train"},
+    {"retrieve"},
+]
+
+
+def itself_group(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "itself" and len(parts) > 1 else None
+
+
+def test_inside_itself_imports_only_go_down_the_layer_table():
+    layer = {group: i for i, groups in enumerate(ITSELF_LAYERS) for group in groups}
+    groups = {itself_group(m) for m in modules()} - {None}
+    assert groups == set(layer), f"modules missing from ITSELF_LAYERS: {sorted(groups - set(layer))}; " \
+                                 f"listed but gone: {sorted(set(layer) - groups)}"
+    for name, targets in graph().items():
+        source = itself_group(name)
+        for target in targets:
+            to = itself_group(target)
+            if source is None or to is None or to == source:
+                continue
+            assert layer[to] < layer[source], f"{name} (layer {layer[source]}) imports {target} (layer {layer[to]})"
+
+
 IMPORT_EACH_FIRST = """
 import importlib, sys
 names = sys.argv[1:]

@@ -60,8 +60,8 @@ def test_four_nodes_train_with_world_size_four(slurm, tmp_path):
     assert len(run_dir.records("train")) == 2 and len(run_dir.evals("val")) == 1  # 20 steps, logged every 10
     assert run_dir.records("data")[0]["steps"] == 20  # 32 data slots over 4 ranks: the 1-rank batches
     results = run_dir.results()
-    assert results["test_counts"] == {"gallery": 160, "queries": 320, "gallery_skipped": 0}
-    assert set(results["test"]) == {"global", "grab", "fused"}
+    assert results.test_counts == {"gallery": 160, "queries": 320, "gallery_skipped": 0}
+    assert set(results.test) == {"global", "grab", "fused"}
     for rank in range(4):  # per-rank logs
         assert (folder / f"{job_id}_{rank}_log.out").exists() and (folder / f"{job_id}_{rank}_log.err").exists()
     assert "train:" in (folder / "config.yaml").read_text()

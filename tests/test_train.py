@@ -84,10 +84,11 @@ def test_exported_model_reproduces_the_test_metrics_without_deepspeed(straight_r
     model, cfg, a = load_exported(straight_run / "model.pt")
     assert a == results["fusion_weight"] and model.selection == results["selection"]
     metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"),
-                       selections=(model.selection,))["selections"][model.selection]
+                       selections=(model.selection,)).selections[model.selection]
+    # results.json's test metrics are those of the exported weights themselves: equal, not close.
     for branch, key in (("global", "global"), ("grab", "grab"), ("fused", fused_key(a))):
         for name, value in results["test"][branch].items():
-            assert metrics[key][name] == pytest.approx(value, abs=1e-4), (branch, name)
+            assert metrics[key][name] == value, (branch, name)
 
 
 def test_safetensors_and_config_json_load_to_the_same_model(straight_run):
@@ -155,5 +156,5 @@ def test_zero_stages_train_and_export(small_dataset, tmp_path, stage):
     results = json.loads((run_dir / "results.json").read_text())
     model, cfg, a = load_exported(run_dir / "model.pt")  # ZeRO-3 partitions are gathered for the export
     metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"),
-                       selections=(model.selection,))["selections"][model.selection]
+                       selections=(model.selection,)).selections[model.selection]
     assert fused_at(metrics, a)["mAP"] == pytest.approx(results["test"]["fused"]["mAP"], abs=1e-4)

@@ -84,7 +84,7 @@ def derive_settings(args, base: Config) -> dict:
     """Everything the search decides before its first trial, written to search.json: a resumed
     search reads it back, so it continues with the same seeds, rungs and noise floor."""
     from itself.data import ensure_dataset
-    from itself.train import chance_r1
+    from itself.evaluate import chance_r1
 
     world = max(1, args.gpus_per_trial)
     info = ensure_dataset(base.data.root)

@@ -18,6 +18,7 @@ from itself.data import DataError, eval_loaders, train_loader
 from itself.evaluate import evaluate
 from itself.model import ITSELF
 from itself.presets import resolve_config
+from itself.records import Counts
 from runs import plant_undecodable_image, run_train, small_run_args
 from shards import schema
 
@@ -126,7 +127,7 @@ def test_corrupt_gallery_image_is_skipped_and_counted_in_the_results(dataset, ca
     torch.manual_seed(0)
     model = ITSELF(config.model, 32, config.data.image_size).eval()
     results = evaluate(model, config, "val", rank=0, world=1, device=torch.device("cpu"))
-    assert results["counts"] == {"gallery": 15, "queries": 32, "gallery_skipped": 1}
+    assert results.counts == Counts(gallery=15, queries=32, gallery_skipped=1)
     assert "skipped corrupt gallery image" in capfd.readouterr().err
 
 
