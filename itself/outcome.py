@@ -59,11 +59,13 @@ class Outcome:
                       + ("  * best" if is_best else "")
                       + (f"  ({skipped} corrupt gallery images skipped)" if skipped else ""))
 
-    def evaluate_zero_shot(self, module) -> dict:
+    def evaluate_zero_shot(self, module) -> dict | None:
         """Test metrics of the initial weights (`model.init_from`), before any step: the "direct
         transfer" of a pre-trained model, reported beside the fine-tuned numbers. The fusion weight
         and GRAB selection are chosen on val, as for the trained model."""
         p = self.proc
+        if "test" not in self.info["splits"]:
+            return None
         val, test = (evaluate(module, self.cfg, split, p.rank, p.world, p.device) for split in ("val", "test"))
         zero_shot = None
         if p.is_main:
@@ -87,16 +89,18 @@ class Outcome:
         model = self._exported_model(weights)
         best = state.best
         selection, a = best.selection, best.fusion_weight
+        # (a pre-training corpus has no test split: the benchmarks of eval.test_roots are its tests)
+        own_test = "test" in self.info["splits"]
+        roots = ([self.cfg.data.root] if own_test else []) + list(self.cfg.eval.test_roots)
         tests = {root: evaluate(model, self.cfg, "test", self.proc.rank, self.proc.world, self.proc.device,
-                                selections=(selection,), root=root)
-                 for root in (self.cfg.data.root, *self.cfg.eval.test_roots)}
+                                selections=(selection,), root=root) for root in roots}
         results = None
         if self.proc.is_main:
-            own = tests.pop(self.cfg.data.root)
-            metrics = own.selections[selection]
-            test = branches(metrics, a)
-            self.log.record_eval(EvalRecord("test", best.epoch, state.global_step, a, metrics, selection,
-                                            counts=dataclasses.asdict(own.counts)), kind="test")
+            own = tests.pop(self.cfg.data.root) if own_test else None
+            test = branches(own.selections[selection], a) if own else {}
+            if own:
+                self.log.record_eval(EvalRecord("test", best.epoch, state.global_step, a, own.selections[selection],
+                                                selection, counts=dataclasses.asdict(own.counts)), kind="test")
             model_path = self.run.file(RunDir.MODEL)
             from .model.export import export
 
@@ -104,7 +108,8 @@ class Outcome:
             results = Results(
                 run_dir=str(self.run), best_epoch=state.best_epoch, checkpoint=best_ckpt.name, fusion_weight=a,
                 selection=selection, selection_candidates=best.candidates, val=best.branches, test=test,
-                test_counts=dataclasses.asdict(own.counts), test_chance_R1=chance_r1(self.info, "test"),
+                test_counts=dataclasses.asdict(own.counts) if own else {},
+                test_chance_R1=chance_r1(self.info, "test") if own else None,
                 test_datasets={root: {"metrics": branches(r.selections[selection], a),
                                       "counts": dataclasses.asdict(r.counts)} for root, r in tests.items()},
                 model=str(model_path), init_from=state.init_from, zero_shot=state.zero_shot, best_step=best.step)
@@ -129,7 +134,10 @@ class Outcome:
         self.log.info(f"results (best val epoch {results.best_epoch}, checkpoint {results.checkpoint}, fusion weight "
                       f"a={results.fusion_weight:g} and selection {results.selection} chosen on val):\n"
                       f"{results_table(rows)}")
-        self.log.info(f"test R@1 chance level: {results.test_chance_R1:.2f}")
+        if results.test_chance_R1 is not None:
+            self.log.info(f"test R@1 chance level: {results.test_chance_R1:.2f}")
+        else:
+            self.log.info(f"{self.cfg.data.root} has no test split: tested on eval.test_roots only")
         logs = {"tensorboard": ", tensorboard/", "wandb": ", wandb/"}.get(self.cfg.train.report_to, "")
         self.log.info(f"written: {self.run}/ (model.pt, model.safetensors, config.json, results.json, metrics.jsonl, "
                       f"train.log, config.yaml, deepspeed_config.json{logs}, checkpoints/)")

@@ -109,8 +109,9 @@ class Results:
     test: dict = dataclasses.field(default_factory=dict)
     """The same on test, computed with the exported weights (model.pt)."""
     test_counts: dict = dataclasses.field(default_factory=dict)
-    test_chance_R1: float = 0.0
-    """R@1 of a random ranking of the test gallery."""
+    test_chance_R1: float | None = None
+    """R@1 of a random ranking of the test gallery (None: data.root has no test split, as a
+    pre-training corpus; its tests are `test_datasets`)."""
     test_datasets: dict = dataclasses.field(default_factory=dict)
     """{data root: {"metrics", "counts"}} of `eval.test_roots` (cross-dataset or zero-shot tables)."""
     model: str = ""
