@@ -14,6 +14,7 @@ import errno
 import os
 import pickle
 import re
+import reprlib
 import stat
 import tempfile
 import zipfile
@@ -115,10 +116,18 @@ class UnsafePath(UserError):
 MAX_ENTRY_CHARS = 4096  # longest relative path accepted from a folder's files (shards.validate's limit)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 6, 6, 80, 80, 40
+
+
 def shown(value, limit: int = 200) -> str:
-    """A value from a foreign file as a message or a page may show it: Python's repr of strings
-    (control characters and lone surrogates escaped: nothing reaches a terminal raw), cut to `limit`."""
-    text = repr(value) if isinstance(value, str) else f"<{type(value).__name__}>"
+    """A value from a foreign file as a message may show it: Python's repr (control characters and
+    lone surrogates escaped: nothing reaches a terminal raw), big or deep containers shortened, cut
+    to `limit` characters."""
+    try:
+        text = repr(value) if isinstance(value, str) else _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an integer too long to print
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 5] + "...'"
 
 

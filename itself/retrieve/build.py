@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -377,6 +378,11 @@ def merge(req: BuildRequest, job: Job) -> dict:
     metas = [p.read_meta() for p in batch.parts(len(job.units), root)]
     counts = [m["images"] for m in metas]
     if not sum(counts):
+        shutil.rmtree(batch.dir)  # (nothing in it worth resuming: the next attempt plans anew)
+        copies = sum(m["duplicates"] for m in metas)
+        if copies:
+            raise RetrieveError(f"{req.gallery}: nothing to add: its {copies + job.already} images are already in the "
+                                "index (the new files are copies of indexed images)")
         raise _nothing_readable(req)
     entry = {"number": job.batch, "gallery": job.plan["gallery"], "root": root, "split": req.split,
              "digest": job.plan["digest"], "part_images": counts, "images": sum(counts),

@@ -119,8 +119,11 @@ def write_report(index: "Index", queries: list[dict], out: str, top_k: int = 5, 
         check_out(index, out, overwrite)  # (again, holding the lock: another report may have just written it)
         _remove_leftovers(out)
         aside = Path(tempfile.mkdtemp(prefix=_LEFTOVERS[0], dir=out))
-        _write_pages(index, queries, results, aside, metrics)
-        _move_in(aside, out)
+        try:
+            _write_pages(index, queries, results, aside, metrics)
+            _move_in(aside, out)
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         lock.release()
     return out / "index.html"
@@ -170,7 +173,6 @@ def _move_in(aside: Path, out: Path) -> None:
     write_atomic(out / MARKER, json.dumps({"format": "itself-report/1"}) + "\n")
     os.replace(aside / "index.html", out / "index.html")
     shutil.rmtree(old)
-    shutil.rmtree(aside)
 
 
 def _metrics_file(run_dir: str) -> Path:

@@ -63,6 +63,8 @@ def read_json(path: Path, where) -> object:
         return json.loads(read_regular(path, str(where), MAX_JSON_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise RetrieveError(f"{where} is missing; {DAMAGED}") from None
+    except UnsafePath as e:
+        raise RetrieveError(f"{e}; {DAMAGED}") from None
     except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
         raise RetrieveError(f"{where}: unreadable ({type(e).__name__}: {str(e)[:200]}); {DAMAGED}") from None
 
@@ -452,6 +454,8 @@ class IndexDir:
             if missing:
                 raise RetrieveError(f"{self.path}: {missing[0]} is missing; the index folder is damaged (copied "
                                     "in part?): copy it again, or build the index again with `index` (into a new --out)")
+            if not stat.S_ISREG(os.lstat(part.meta_file).st_mode):  # (its items are read later: refused now)
+                raise RetrieveError(f"{part.meta_file}: not a regular file (a link?); {DAMAGED}")
             part.arrays  # noqa: B018 - maps and checks the arrays now
         return parts
 
