@@ -96,7 +96,7 @@ _UPRIGHT = {
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation (1..8) of encoded image bytes; 1 (upright) when there is none. Only
     images carrying EXIF are opened for it (a JPEG's EXIF segment comes before its pixels)."""
-    if b"Exif" not in data[:1 << 16] and b"eXIf" not in data:
+    if data.find(b"Exif", 0, 1 << 16) < 0 and data.find(b"eXIf") < 0:
         return 1
     try:
         with Image.open(io.BytesIO(data)) as im:

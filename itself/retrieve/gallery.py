@@ -137,7 +137,7 @@ def _dataset_units(root: Path, split: str) -> Gallery:
         name = check_relative(s.get("name") if isinstance(s, dict) else s, entry)
         rel = check_relative(f"{split}/{name}", entry)
         resolve_inside(root, rel, entry)
-        samples = s.get("samples")
+        samples = s.get("samples") if isinstance(s, dict) else None
         units.append(Unit(str(root), shard=rel, images=samples if isinstance(samples, int) and samples >= 0 else None))
     return Gallery(str(root), units)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..data import transforms as T
 from ..errors import UserError
 from ..model.export import load_exported
-from ..safeio import shown
+from ..safeio import printable, shown
 from .errors import RetrieveError
 from .gallery import read_image, stamp
 from .store import IndexDir
@@ -47,9 +47,9 @@ def model_file(path: str | os.PathLike, what: str) -> str:
     try:
         mode = os.stat(target).st_mode
     except OSError as e:
-        raise RetrieveError(f"{what} {shown(target)}: {e.strerror.lower() if e.strerror else 'unreadable'}") from None
+        raise RetrieveError(f"{what} {printable(target)}: {e.strerror.lower() if e.strerror else 'unreadable'}") from None
     if not stat.S_ISREG(mode):
-        raise RetrieveError(f"{what} {shown(target)}: not a regular file")
+        raise RetrieveError(f"{what} {printable(target)}: not a regular file")
     return target
 
 
