@@ -326,8 +326,8 @@ def stamp(root: str, items: list[dict]) -> str | None:
     places = sorted({it["shard"] for it in items if "shard" in it} | {it["file"] for it in items if "file" in it})
     h = hashlib.sha256()
     for rel in places:
-        try:
-            st = os.stat(resolve_inside(root, rel, "gallery"))
+        try:  # (no link resolution here: a stamp is cheap; reading an image resolves it inside the root)
+            st = os.stat(os.path.join(root, check_relative(rel, "gallery")))
         except (UnsafePath, OSError):
             return "gone"
         h.update(f"{rel}\x00{st.st_size}\x00{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
