@@ -218,7 +218,7 @@ def unit_items(unit: Unit) -> Iterator[Item]:
         for sample in iter_shard(url):
             try:
                 meta = json.loads(sample[schema.META_EXT])
-            except ValueError:
+            except (ValueError, RecursionError):
                 meta = None
             meta = meta if isinstance(meta, dict) else {}
             pid, name = meta.get("pid"), meta.get("source")
@@ -278,6 +278,8 @@ def _read_member(root: str, shard: str, key: str, what: str) -> bytes:
         raise RetrieveError(f"image {shown(key)} not found in {url}")
     path = resolve_inside(root, rel, f"{what}: entry shard")
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # (a FIFO would block the tar reader forever)
+        raise UnsafePath(f"{what}: {path} is not a regular file")
     offset, size = _shard_members(str(path), st.st_size, st.st_mtime_ns).get(key, (None, None))
     if offset is None:
         raise RetrieveError(f"image {shown(key)} not found in {path}")

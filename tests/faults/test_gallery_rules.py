@@ -169,6 +169,9 @@ def test_a_shard_with_a_key_twice_is_refused(untrained_model, small_dataset, tmp
             "test-000000.tar", f"key '{key}' appears twice")
     with Served(tmp_path / "index") as server:
         assert server.get("/thumb/0.png")[0] == 404
+        (shards / "test-000000.tar").unlink()
+        os.mkfifo(shards / "test-000000.tar")  # (a tar reader would wait on it forever)
+        assert server.get("/thumb/1.png")[0] == 404
 
 
 # ----------------------------------------------------------------------------------- names, changes, add

@@ -298,3 +298,18 @@ def test_an_index_lock_planted_as_a_link_is_not_followed(folder_index, untrained
     refused(cli("index", "--model", untrained_model, "--gallery", photos, "--out", d, "--index-type", "hnsw"),
             "cannot create the lock", "index.lock")
     assert victim.read_text() == "keep\n" and os.path.islink(d / "index.lock")
+
+
+@pytest.mark.parametrize("name,message", [
+    ("index.json", "index.json is a FIFO, not a regular file"),
+    ("vectors-0001.faiss", "vectors-0001.faiss: not a regular file"),
+    ("batches/000/part-000000.global.npy", "part-000000.global.npy: not a regular file"),
+    ("batches/000/part-000000.json", "part-000000.json: not a regular file"),
+])
+def test_fifos_in_place_of_files_are_refused_without_blocking(folder_index, tmp_path, name, message):
+    d = copy_index(folder_index, tmp_path / "index")
+    (d / name).unlink()
+    os.mkfifo(d / name)  # (opening one for reading blocks until a writer comes: none will)
+    start = time.monotonic()
+    refused(cli("query", "--index", d, "--text", "a man"), message)
+    assert time.monotonic() - start < 60
