@@ -86,19 +86,28 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def write_gallery(data: Synthetic, folder: Path) -> EmbeddingStore:
+ROOT = "/synthetic"  # (a gallery root for the items' places: no image is read here)
+
+
+def write_gallery(data: Synthetic, folder: Path, name: str) -> EmbeddingStore:
     """The synthetic gallery as the stored parts of an index (what `index` writes after embedding)."""
     batch = IndexDir(folder).batch(0)
     starts = range(0, data.images, PART)
-    batch.write_plan({"units": len(starts)})
+    batch.write_plan({"gallery": name, "root": ROOT, "split": "test", "model": f"{ROOT}/model.pt", "model_sha256": "0" * 64,
+                      "digest": "0" * 64, "units": len(starts)})
     counts = []
     for u, start in enumerate(starts):
         end = min(data.images, start + PART)
         glob, grab = data.gallery(start, end)
-        batch.part(u).write(glob, grab, [{"name": f"img{i}", "pid": i // data.per_id, "locator": ""}
-                                         for i in range(start, end)], 0)
+        batch.part(u).write(glob, grab, [{"name": f"img{i}", "pid": i // data.per_id, "file": f"img{i}.jpg",
+                                          "sha256": "0" * 64, "bytes": 0} for i in range(start, end)], 0)
         counts.append(end - start)
-    return EmbeddingStore(batch.parts(), counts)
+    return _store(folder, counts)
+
+
+def _store(folder: Path, counts: list[int]) -> EmbeddingStore:
+    index = IndexDir(folder)
+    return EmbeddingStore(index.batch_parts(index.batch(0), counts, ROOT, DIMS), counts)
 
 
 def latencies(fn, n: int) -> np.ndarray:
@@ -128,13 +137,12 @@ def recall(found, truth_rows) -> float:
 def stored_gallery(data: Synthetic, folder: Path, name: str) -> EmbeddingStore:
     """The gallery's stored parts in `folder`: written, or reused when a previous run left them."""
     batch = IndexDir(folder).batch(0)
-    plan = batch.read_plan()
-    if plan and plan.get("gallery") == name and all(p.done() for p in batch.parts()):
+    plan = batch.read_plan() if batch.plan_file.exists() and "root" in batch.plan_file.read_text() else None
+    if plan and plan["gallery"] == name and all(p.done() for p in batch.parts()):
         print(f"stored embeddings: reused from {folder}", flush=True)
-        return EmbeddingStore(batch.parts(), [p.read_meta()["images"] for p in batch.parts()])
+        return _store(folder, [p.read_meta()["images"] for p in batch.parts()])
     start = time.perf_counter()
-    store = write_gallery(data, folder)
-    batch.write_plan({**batch.read_plan(), "gallery": name})
+    store = write_gallery(data, folder, name)
     print(f"stored embeddings: written in {time.perf_counter() - start:.0f} s", flush=True)
     return store
 

@@ -5,10 +5,20 @@
 `I` in older Pillow) comes out almost white; `to_rgb8` scales them. Readers that decode shard
 images (the training pipeline) should use it instead of `convert("RGB")`.
 
-`prepare_image(data)` is what the builder does with every image before writing it: decode it
-fully, check that it converts to RGB, and store it as it came if readers can decode it as it is
-(JPEG, PNG, WebP, BMP with 8-bit samples), else re-encoded losslessly as an 8-bit RGB PNG
-(16-bit and 32-bit grayscale, float images, TIFF, GIF, ...); with `resize`, as a resized JPEG.
+`decode_array(data)` is the one decoder of the project: the builder validates every image with
+it, and the training reader, evaluation, galleries and thumbnails decode with it, so an image the
+build accepts is one the readers read, pixel for pixel. Its policy: the pixel count is checked
+against Pillow's decompression-bomb limit from the header, before any pixel is decoded; JPEGs go
+through libjpeg-turbo (simplejpeg, 2-3x faster than Pillow), and through Pillow when libjpeg-turbo
+refuses one (a damaged stream Pillow still decodes, a sampling libjpeg-turbo's API does not take);
+other formats through Pillow; the EXIF orientation is applied (a phone photo stored sideways comes
+out upright); samples become 8-bit RGB with `to_rgb8`.
+
+`prepare_image(data)` is what the builder does with every image before writing it: decode it with
+`decode_array`, and store it as it came if readers decode it to the same pixels (JPEG, PNG, WebP,
+BMP with 8-bit samples and no EXIF rotation), else re-encoded losslessly as an 8-bit RGB PNG,
+upright (16-bit and 32-bit grayscale, float images, TIFF, GIF, EXIF-rotated photos, ...); with
+`resize`, as a resized JPEG.
 """
 
 from __future__ import annotations
@@ -19,6 +29,11 @@ import warnings
 
 import numpy as np
 from PIL import Image
+
+try:  # libjpeg-turbo (a declared dependency); Pillow alone where it is missing
+    import simplejpeg
+except ImportError:  # pragma: no cover - exercised where simplejpeg is not installed
+    simplejpeg = None
 
 # Pillow format -> the shard member extension of images stored as they came (schema.IMAGE_EXTS).
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
@@ -69,6 +84,78 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return to_rgb8(image.getchannel(0))  # (the first band as grey; raises if even that is impossible)
 
 
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the numpy steps that make the stored pixels upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) of encoded image bytes; 1 (upright) when there is none. Only
+    images carrying EXIF are opened for it (a JPEG's EXIF segment comes before its pixels)."""
+    if data.find(b"Exif", 0, 1 << 16) < 0 and data.find(b"eXIf") < 0:
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            value = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF is no rotation; the decode judges the image
+        return 1
+    return value if isinstance(value, int) and value in range(1, 9) else 1
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Image.DecompressionBombError unless width x height is within Pillow's limit
+    (`Image.MAX_IMAGE_PIXELS`, about 89 million): checked from the header, before decoding."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise Image.DecompressionBombError(f"{width}x{height} pixels, more than the {limit} accepted "
+                                           "(Pillow's decompression-bomb limit)")
+
+
+def decode_array(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 array [H, W, 3] (RGB, upright): the project's one decoder (see
+    the module docstring). With `size` (H, W), a large JPEG may be decoded at a reduced scale that
+    still covers it. Raises on corrupt data and on images over the pixel limit."""
+    orientation = exif_orientation(data)
+    if size is not None and orientation >= 5:  # (stored sideways: the stored width becomes the height)
+        size = (size[1], size[0])
+    arr = _decode_jpeg(data, size) if simplejpeg is not None and data[:2] == b"\xff\xd8" else None
+    if arr is None:
+        arr = _decode_pillow(data, size)
+    if orientation != 1:
+        arr = _UPRIGHT[orientation](arr)
+    return np.ascontiguousarray(arr)
+
+
+def _decode_jpeg(data: bytes, size) -> np.ndarray | None:
+    """libjpeg-turbo's decode, or None where it refuses the stream (Pillow then decides)."""
+    try:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    check_pixels(w, h)
+    try:
+        if size is not None and h >= 2 * size[0] and w >= 2 * size[1]:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size[0], min_width=size[1])
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ValueError:
+        return None
+
+
+def _decode_pillow(data: bytes, size) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            check_pixels(*im.size)
+            if size is not None:
+                im.draft("RGB", (size[1], size[0]))
+            im.load()  # (every pixel: a truncated file raises here)
+            return np.array(to_rgb8(im))
+
+
 def decode_rgb8(data: bytes) -> Image.Image:
     """Encoded image bytes -> an 8-bit RGB Pillow image (see `to_rgb8`); raises on corrupt data."""
     with Image.open(io.BytesIO(data)) as im:
@@ -98,19 +185,21 @@ def prepare_image(data: bytes, resize: tuple[int, int] | None = None) -> Prepare
 
 
 def _prepare(data: bytes, resize: tuple[int, int] | None) -> PreparedImage:
+    pixels = decode_array(data)  # what every reader will decode: it must work
     with Image.open(io.BytesIO(data)) as im:
-        im.load()  # decodes everything: catches truncated files, not only bad headers
         fmt, mode = im.format or "?", im.mode
-        if resize is not None:
-            out = io.BytesIO()
-            to_rgb8(im).resize((resize[1], resize[0]), Image.BICUBIC).save(out, format="JPEG", quality=95)
-            return PreparedImage(out.getvalue(), "jpg", resize[1], resize[0])
-        rgb = to_rgb8(im)  # the conversion a reader does: it must work
-        if fmt in STORED_FORMATS and mode not in HIGH_DEPTH_MODES:
-            return PreparedImage(data, STORED_FORMATS[fmt], *im.size)
+    rgb = Image.fromarray(pixels, "RGB")
+    if resize is not None:
         out = io.BytesIO()
-        rgb.save(out, format="PNG")
-        return PreparedImage(out.getvalue(), "png", *im.size, converted=f"{fmt} {mode} -> PNG RGB")
+        rgb.resize((resize[1], resize[0]), Image.BICUBIC).save(out, format="JPEG", quality=95)
+        return PreparedImage(out.getvalue(), "jpg", resize[1], resize[0])
+    orientation = exif_orientation(data)
+    if fmt in STORED_FORMATS and mode not in HIGH_DEPTH_MODES and orientation == 1:
+        return PreparedImage(data, STORED_FORMATS[fmt], rgb.width, rgb.height)
+    out = io.BytesIO()
+    rgb.save(out, format="PNG")
+    turned = f" (EXIF orientation {orientation} applied)" if orientation != 1 else ""
+    return PreparedImage(out.getvalue(), "png", rgb.width, rgb.height, converted=f"{fmt} {mode} -> PNG RGB{turned}")
 
 
 def failure_reason(error: BaseException) -> tuple[str, str]:

@@ -31,6 +31,12 @@ def chromium_or_skip() -> str:
     return browser
 
 
+# What the page's images came to, once loaded (the pages themselves show no such counters).
+IMAGE_CHECK_JS = ("(() => { const imgs = [...document.images]; const broken = imgs.filter(i => !(i.complete && "
+                  "i.naturalWidth > 0)); return `images: ${imgs.length} loaded: ${imgs.length - broken.length} "
+                  "broken: ${broken.length}`; })()")
+
+
 class DevTools:
     """`with DevTools(tmp_path) as page:` a headless Chromium page driven over the DevTools protocol."""
 
@@ -88,6 +94,11 @@ class DevTools:
     def wait_loaded(self, url_prefix: str = "") -> None:
         wait_until(lambda: self.evaluate(f"document.readyState === 'complete' && "
                                          f"location.href.startsWith({json.dumps(url_prefix)})"), 120, "the page to load")
+
+    def image_check(self) -> str:
+        """`images: N loaded: L broken: B` of the page, once every image finished loading or failing."""
+        wait_until(lambda: self.evaluate("[...document.images].every(i => i.complete)"), 120, "the page's images")
+        return self.evaluate(IMAGE_CHECK_JS)
 
     def type_text(self, selector: str, text: str) -> None:
         """Focus an element and type into it as a user would (insertText: one input event per call)."""

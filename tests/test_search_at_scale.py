@@ -347,11 +347,9 @@ def test_search_page_in_chromium(one_rank_index, small_dataset, tmp_path):
         page.type_text("#q", query)
         page.press_enter()  # submits the form: the browser goes to /?q=...
         page.wait_loaded(server.url + "?q=")
-        wait_until(lambda: page.evaluate("document.getElementById('image-check').dataset.broken !== undefined"),
-                   120, "the thumbnails")
+        assert page.image_check() == "images: 10 loaded: 10 broken: 0"
         assert page.evaluate("new URLSearchParams(location.search).get('q')") == query
         assert page.evaluate("document.querySelector('#summary .q').textContent") == query
-        assert page.evaluate("document.getElementById('image-check').textContent") == "images: 10 loaded: 10 broken: 0"
         captions = page.evaluate("[...document.querySelectorAll('figcaption')].map(f => f.textContent)")
         shown = [re.match(r"#(\d+) (-?\d\.\d{3})", c).groups() for c in captions]
         expected = Index(str(one_rank_index)).search([query], 10)[0]

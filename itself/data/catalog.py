@@ -80,9 +80,19 @@ def read_range(url: str, start: int, end: int) -> bytes:
     return data
 
 
-def open_stream(url: str):
-    """A whole shard as a byte stream: local files and fsspec URLs; `pipe:` commands through webdataset."""
-    if url.startswith("pipe:"):
+def is_command(url: str) -> bool:
+    """A `pipe:CMD` shard URL: webdataset runs CMD through a shell to read it."""
+    return str(url).startswith("pipe:")
+
+
+def open_stream(url: str, commands: bool = False):
+    """A whole shard as a byte stream: local files and fsspec URLs; `pipe:` commands through
+    webdataset only with `commands` (shard URLs the user typed, `data.train_shards`), never for
+    a URL read from a file (an index, a dataset.json): data is never run."""
+    if is_command(url):
+        if not commands:
+            raise DataError(f"shard {url[:200]!r}: a command (pipe:), refused: commands are run only when "
+                            "typed as data.train_shards, never when read from a file")
         from webdataset.gopen import gopen
 
         return gopen(url)
@@ -94,25 +104,42 @@ def open_stream(url: str):
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = the path up to the first dot of the file name
 
 
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member's name as webdataset splits it, or None for a name that is
+    no sample member."""
+    m = _MEMBER.match(name)
+    return m.groups() if m else None
+
+
 def tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples ({'__key__', '__url__', ext: bytes}) of a tar stream, in order; errors name the shard."""
+    """Samples ({'__key__', '__url__', ext: bytes}) of a tar stream, in order; errors name the shard.
+    A key met again after another one, or a member twice in one sample, is refused: which of the
+    two is the sample would otherwise depend on the reader (a scan keeps the first, an index of
+    members the last)."""
     sample: dict | None = None
+    seen: set[str] = set()
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                m = _MEMBER.match(member.name)
-                if m is None:
+                parts = split_member(member.name)
+                if parts is None:
                     continue
-                key, ext = m.groups()
+                key, ext = parts
                 if key.startswith("/") or ".." in key.split("/"):  # read, never unpacked; refuse anyway
                     raise DataError(f"cannot read shard {url}: member {key!r} has an unsafe path (absolute or '..')")
                 if sample is not None and sample["__key__"] != key:
                     yield _checked(sample, url)
                     sample = None
                 if sample is None:
+                    if key in seen:
+                        raise DataError(f"cannot read shard {url}: key {key!r} appears twice (two samples with "
+                                        "one key); rebuild the shard")
+                    seen.add(key)
                     sample = {"__key__": key, "__url__": url}
+                if ext in sample:
+                    raise DataError(f"cannot read shard {url}: member {key}.{ext} appears twice; rebuild the shard")
                 sample[ext] = tar.extractfile(member).read()
     except DataError:
         raise
@@ -130,10 +157,10 @@ def _checked(sample: dict, url: str) -> dict:
     return sample
 
 
-def iter_shard(url: str) -> Iterator[dict]:
-    """Every sample of one shard, streamed."""
+def iter_shard(url: str, commands: bool = False) -> Iterator[dict]:
+    """Every sample of one shard, streamed (`commands`: see `open_stream`)."""
     try:
-        stream = open_stream(url)
+        stream = open_stream(url, commands)
     except FileNotFoundError:
         raise DataError(f"shard not found: {url}") from None
     except OSError as e:
@@ -419,7 +446,8 @@ class TrainData:
             stream = io.BytesIO(read_range(rows.url, *span))
             samples = tar_samples(stream, rows.url)
         else:
-            samples = (s for i, s in enumerate(iter_shard(rows.url)) if i >= lo)
+            # (train shard URLs come from the config: data.train_shards may be a command the user typed)
+            samples = (s for i, s in enumerate(iter_shard(rows.url, commands=True)) if i >= lo)
         for row in range(lo, hi):
             sample = next(samples, None)
             if sample is None:

@@ -7,20 +7,12 @@ augmentation: runs are reproducible and a resumed run sees the same data it woul
 from __future__ import annotations
 
 import functools
-import io
 import math
 import random
 
-import numpy as np
 import torch
-from PIL import Image
 
-from shards.imaging import to_rgb8
-
-try:  # the fastest JPEG decoder on PyPI (libjpeg-turbo); Pillow when it is missing
-    import simplejpeg
-except ImportError:  # pragma: no cover - exercised where simplejpeg is not installed
-    simplejpeg = None
+from shards.imaging import decode_array
 
 # CLIP's normalisation constants.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,24 +31,15 @@ PAD_TOKEN = 0
 
 
 def decode(data: bytes, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Encoded image bytes -> uint8 tensor [3, H, W] (RGB). Raises on corrupt data.
+    """Encoded image bytes -> uint8 tensor [3, H, W] (RGB, upright). Raises on corrupt data.
 
-    JPEGs go through libjpeg-turbo (simplejpeg) when it is installed, 2-3x faster than Pillow
-    (bench/loader_bench.py). With `size` (H, W), a JPEG at least twice that size is decoded at a
-    reduced DCT scale that still covers it: much less work when shards hold large images.
+    The project's one decoder (`shards.imaging.decode_array`), so what the dataset builder
+    accepted is what this reads: JPEGs through libjpeg-turbo (simplejpeg, 2-3x faster than Pillow,
+    bench/loader_bench.py; Pillow for a stream it refuses), EXIF orientation applied, images over
+    Pillow's pixel limit refused from their header. With `size` (H, W), a JPEG at least twice that
+    size is decoded at a reduced DCT scale that still covers it.
     """
-    if simplejpeg is not None and data[:2] == b"\xff\xd8":
-        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-        if size is not None and h >= 2 * size[0] and w >= 2 * size[1]:
-            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size[0], min_width=size[1])
-        else:
-            arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        return torch.from_numpy(arr).permute(2, 0, 1)
-    with Image.open(io.BytesIO(data)) as im:
-        if size is not None:
-            im.draft("RGB", (size[1], size[0]))
-        arr = np.asarray(to_rgb8(im))  # 16-bit images scaled, not clipped (datasets built before the builder converted them)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return torch.from_numpy(decode_array(data, size)).permute(2, 0, 1)
 
 
 _MEAN255 = torch.tensor(CLIP_MEAN).view(3, 1, 1) * 255

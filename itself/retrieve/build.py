@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
+import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -28,15 +31,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shards.locking import FolderLock, LockBusy, LockUnavailable
+
 from ..data import transforms as T
 from ..dist import WorldInfo, ensure_process_env, world_info_from_env
 from ..engine import resolve_device, share_cpu_threads
 from ..errors import UserError
-from ..model.export import load_exported
+from ..safeio import shown
 from .errors import RetrieveError
-from .gallery import DEFAULT_PART_SIZE, IMAGE_SUFFIXES, Unit, plan_digest, plan_units, unit_items
-from .store import FORMAT, EmbeddingStore, IndexDir
-from .vectors import IndexSpec, add_to_faiss, build_faiss, import_faiss, read_faiss, write_faiss
+from .gallery import (
+    DEFAULT_PART_SIZE,
+    IMAGE_SUFFIXES,
+    Gallery,
+    Unit,
+    is_remote,
+    plan_digest,
+    plan_gallery,
+    stamp,
+    unit_items,
+)
+from .search import file_sha256, load_model, model_file
+from .store import FORMAT, LOCK_FILE, EmbeddingStore, IndexDir
+from .vectors import (
+    IndexSpec,
+    add_to_faiss,
+    build_faiss,
+    import_faiss,
+    read_faiss,
+    write_faiss,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -66,13 +91,19 @@ class Job:
     pending: list[int]
     model: str
     plan: dict
+    known: frozenset = frozenset()  # add: sha256 of the images already in the index (copies are skipped)
+    already: int = 0  # add: images left out because their file or shard is already indexed
+    refused: int = 0  # gallery files the builder's rules leave out (links leaving it, FIFOs, > 64 MiB)
 
 
 def run_build(req: BuildRequest) -> dict | None:
-    """Index (or add) a gallery with every rank of this job; the index info on rank 0, None elsewhere."""
+    """Index (or add) a gallery with every rank of this job; the index info on rank 0, None elsewhere.
+    Rank 0 holds the index folder's lock from the plan to the commit: one writer per folder."""
     group = Group(world_info_from_env(), req.wait_timeout_min)
+    lock = FolderLock(Path(req.out) / LOCK_FILE) if group.rank == 0 else None
+    created = not os.path.lexists(req.out)
     try:
-        job = group.share(lambda: plan_job(req))
+        job = group.share(lambda: plan_job(req, lock))
         device = _device(req.device, group.where)
         try:
             embed_pending(req, job, group.rank, group.world, device)
@@ -83,6 +114,10 @@ def run_build(req: BuildRequest) -> dict | None:
         group.barrier(req.out)
         return merge(req, job) if group.rank == 0 else None
     finally:
+        if lock is not None:
+            lock.release()
+            if created and os.path.isdir(req.out) and not os.listdir(req.out):
+                os.rmdir(req.out)  # (refused before anything was written: leave no empty folder)
         group.close()
 
 
@@ -148,60 +183,105 @@ def _device(name: str, where: WorldInfo) -> torch.device:
 # ----------------------------------------------------------------------------------- plan
 
 
-def plan_job(req: BuildRequest) -> Job:
+def plan_job(req: BuildRequest, lock: FolderLock) -> Job:
     """Rank 0: the batch this run fills, checked against what the folder already holds."""
     if req.spec:
         req.spec.check()
     import_faiss()  # (missing FAISS is found before the embedding, not after it)
+    gallery = plan_gallery(req.gallery, req.split, req.part_size)
     out = IndexDir(req.out)
+    _lock(out, gallery, lock)
     info = out.info() if out.exists() or req.add else None  # (add: an error when there is no index)
-    model = str(Path(req.model or info["model"]).resolve())
-    if not Path(model).is_file():
-        raise RetrieveError(f"--model {model}: no such file")
+    what = "--model" if req.model else f"the model {out.info_file} names:"
+    model = model_file(req.model or info["model"], what)
     sha = file_sha256(model)
-    units = plan_units(req.gallery, req.split, req.part_size)
+    if info is not None and info["model_sha256"] != sha:
+        raise RetrieveError(f"{req.out} was built with another model ({shown(info['model'])}); its images and new ones "
+                            "must come from the same model: pass that model, or build a new index with this one")
+    units, known, already = gallery.units, frozenset(), 0
+    if req.add:
+        units, known, already = _not_yet_indexed(out, info, gallery, req)
     if not units:
         raise _nothing_readable(req)
     digest = plan_digest(units)
-    if info is not None and info["model_sha256"] != sha:
-        raise RetrieveError(f"{req.out} was built with another model ({info['model']}); its images and new ones "
-                            "must come from the same model: pass that model, or build a new index with this one")
-    number = 0
-    if req.add:
-        done = [b for b in info["batches"] if b["digest"] == digest]
-        if done:
-            raise RetrieveError(f"{req.gallery} (split {req.split}) is already in the index (batch {done[0]['number']})")
-        number = len(info["batches"])
-    elif info is not None and info["batches"][0]["digest"] != digest:
-        raise RetrieveError(f"{req.out} already holds an index of another gallery ({info['gallery']}); use `add` "
-                            "to add images to it, or choose another --out")
+    number = len(info["batches"]) if req.add else 0
+    if not req.add and info is not None and info["batches"][0]["digest"] != digest:
+        raise RetrieveError(f"{req.out} already holds an index of another gallery ({shown(info['gallery'])}); use "
+                            "`add` to add images to it, or choose another --out")
+    for name, why in gallery.refused[:5]:
+        log.warning("left out of the gallery: %s: %s (as the dataset builder would)", shown(name), why)
+    if len(gallery.refused) > 5:
+        log.warning("left out of the gallery: %d more files (links leaving it, non-regular or too large files)",
+                    len(gallery.refused) - 5)
     batch = out.batch(number)
-    plan = {"gallery": _absolute(req.gallery), "split": req.split, "model": model, "model_sha256": sha, "digest": digest,
-            "units": len(units)}
+    plan = {"gallery": _absolute(req.gallery), "root": gallery.root, "split": req.split, "model": model,
+            "model_sha256": sha, "digest": digest, "units": len(units)}
     existing = batch.read_plan()
     if existing is None:
         batch.write_plan(plan)
     elif (existing["digest"], existing["model_sha256"]) != (digest, sha):
         raise RetrieveError(f"{batch.dir} holds an unfinished {'add' if req.add else 'build'} of another gallery, "
-                            f"model or --part-size ({existing['gallery']}): run that command again to finish it, "
-                            f"or delete {batch.dir}")
+                            f"model or --part-size ({shown(existing['gallery'])}): run that command again to finish "
+                            f"it, or delete {batch.dir}")
     pending = [u for u in range(len(units)) if not batch.part(u).done()]
     if 0 < len(pending) < len(units):
         print(f"resuming: {len(units) - len(pending)} of {len(units)} parts already embedded", flush=True)
-    return Job(number, units, pending, model, plan)
+    return Job(number, units, pending, model, plan, known, already, len(gallery.refused))
+
+
+def _lock(out: IndexDir, gallery: Gallery, lock: FolderLock) -> None:
+    """Make the index folder (not inside the gallery, nor holding it) and take its lock."""
+    if not is_remote(gallery.root):
+        out.check_apart(gallery.root, "the gallery")
+    if os.path.lexists(out.path) and not out.path.is_dir():
+        raise RetrieveError(f"--out {out.path}: a file, not a folder")
+    out.path.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.acquire(f"the index folder {out.path}", "wait for it to finish, or use another --out")
+    except (LockBusy, LockUnavailable) as e:
+        raise RetrieveError(str(e)) from None
+
+
+def _not_yet_indexed(out: IndexDir, info: dict, gallery: Gallery, req: BuildRequest) -> tuple[list[Unit], frozenset, int]:
+    """`add`: the gallery's units without the files and shards already in the index (the folder
+    that gained two files embeds two), the digests of every indexed image (a copy under another
+    name is skipped while embedding) and how many images were left out."""
+    places: dict[tuple, int] = {}  # (root, file or shard) -> the batch that indexed it
+    per_shard: dict[tuple, int] = {}
+    digests = set()
+    for b in info["batches"]:
+        for part in out.batch(b["number"]).parts(len(b["part_images"]), b["root"]):
+            for item in part.read_meta()["items"]:
+                place = (b["root"], item.get("file") or item.get("shard"))
+                places.setdefault(place, b["number"])
+                per_shard[place] = per_shard.get(place, 0) + 1
+                digests.add(item["sha256"])
+    units, files, already, first = [], [], 0, None
+    for unit in gallery.units:
+        if unit.shard is not None:
+            if (unit.root, unit.shard) in places:
+                already += per_shard[(unit.root, unit.shard)]
+                first = first if first is not None else places[(unit.root, unit.shard)]
+            else:
+                units.append(unit)
+            continue
+        for f in unit.files:
+            if (unit.root, f) in places:
+                already += 1
+                first = first if first is not None else places[(unit.root, f)]
+            else:
+                files.append(f)
+    units += [Unit(gallery.root, files=tuple(files[i:i + req.part_size]), images=len(files[i:i + req.part_size]))
+              for i in range(0, len(files), req.part_size)]
+    if not units and first is not None:
+        raise RetrieveError(f"{req.gallery} (split {req.split}) is already in the index (batch {first}): all its "
+                            f"{already} images are; nothing to add")
+    return units, frozenset(digests), already
 
 
 def _absolute(gallery: str) -> str:
     """A local folder or file as an absolute path (the index is used from other folders); a pattern as given."""
     return str(Path(gallery).resolve()) if Path(gallery).exists() else gallery
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _nothing_readable(req: BuildRequest) -> RetrieveError:
@@ -219,7 +299,7 @@ def embed_pending(req: BuildRequest, job: Job, rank: int, world: int, device: to
         return
     from tqdm import tqdm
 
-    model, cfg, _ = load_exported(job.model)
+    model, cfg, _ = load_model(job.model, "--model")
     model.to(device)
     size = tuple(cfg.data.image_size)
     dims = (model.backbone.embed_dim, 0 if cfg.model.global_only else cfg.model.grab_dim)
@@ -231,8 +311,10 @@ def embed_pending(req: BuildRequest, job: Job, rank: int, world: int, device: to
     with tqdm(total=total, desc=f"embedding (rank 0 of {world})" if world > 1 else "embedding", unit="img",
               disable=not (req.progress and rank == 0)) as bar:
         for u in mine:
-            glob, grab, items, skipped = embed_unit(model, job.units[u], size, dims, device, req.batch_size, pool, bar)
-            batch.part(u).write(glob, grab, items, skipped)
+            unit = job.units[u]
+            glob, grab, items, skipped, duplicates = embed_unit(model, unit, size, dims, device, req.batch_size, pool,
+                                                                bar, job.known)
+            batch.part(u).write(glob, grab, items, skipped, duplicates, stamp(unit.root, items))
             images += len(items)
     if pool:
         pool.shutdown()
@@ -240,24 +322,31 @@ def embed_pending(req: BuildRequest, job: Job, rank: int, world: int, device: to
         print(f"rank {rank}: embedded {images} images in {len(mine)} parts", file=sys.stderr, flush=True)
 
 
-def embed_unit(model, unit: Unit, size, dims, device, batch_size: int, pool, bar):
-    """(global [n, E], GRAB [n, G] or None, items, unreadable count) of one unit, L2-normalised.
-    Batches never cross units, so every part is the same whichever rank embeds it."""
+def embed_unit(model, unit: Unit, size, dims, device, batch_size: int, pool, bar, known: frozenset = frozenset()):
+    """(global [n, E], GRAB [n, G] or None, items, unreadable count, copies skipped) of one unit,
+    L2-normalised; images whose sha256 is in `known` (already indexed) are skipped. Batches never
+    cross units, so every part is the same whichever rank embeds it."""
     globs, grabs, items, skipped = [], [], [], 0
+    duplicates = 0
     for chunk in _chunks(unit_items(unit), batch_size):
-        images = list(pool.map(lambda it: _prepare(it.data, size), chunk)) if pool else [_prepare(it.data, size) for it in chunk]
-        keep = [(it, x) for it, x in zip(chunk, images) if x is not None]
-        skipped += len(chunk) - len(keep)
+        bar.update(len(chunk))
+        digests = [hashlib.sha256(it.data).hexdigest() for it in chunk]
+        fresh = [(it, d) for it, d in zip(chunk, digests) if d not in known]
+        duplicates += len(chunk) - len(fresh)
+        images = (list(pool.map(lambda f: _prepare(f[0].data, size), fresh)) if pool
+                  else [_prepare(it.data, size) for it, _ in fresh])
+        keep = [(it, d, x) for (it, d), x in zip(fresh, images) if x is not None]
+        skipped += len(fresh) - len(keep)
         if keep:
-            g, l = model.encode_image(torch.stack([x for _, x in keep]).to(device))
+            g, l = model.encode_image(torch.stack([x for _, _, x in keep]).to(device))
             globs.append(F.normalize(g.float(), dim=-1).cpu().numpy())
             if l is not None:
                 grabs.append(F.normalize(l.float(), dim=-1).cpu().numpy())
-            items += [{"name": it.name, "pid": it.pid, "locator": it.locator} for it, _ in keep]
-        bar.update(len(chunk))
+            items += [{"name": it.name, "pid": it.pid, **it.where, "sha256": d, "bytes": len(it.data)}
+                      for it, d, _ in keep]
     glob = np.concatenate(globs) if globs else np.zeros((0, dims[0]), np.float32)
     grab = (np.concatenate(grabs) if grabs else np.zeros((0, dims[1]), np.float32)) if dims[1] else None
-    return glob, grab, items, skipped
+    return glob, grab, items, skipped, duplicates
 
 
 def _prepare(data: bytes, size):
@@ -285,16 +374,26 @@ def merge(req: BuildRequest, job: Job) -> dict:
     """Rank 0, every part written: fold the batch into the vector index and commit index.json."""
     out = IndexDir(req.out)
     batch = out.batch(job.batch)
-    metas = [p.read_meta() for p in batch.parts()]
+    root = job.plan["root"]
+    metas = [p.read_meta() for p in batch.parts(len(job.units), root)]
     counts = [m["images"] for m in metas]
     if not sum(counts):
+        shutil.rmtree(batch.dir)  # (nothing in it worth resuming: the next attempt plans anew)
+        copies = sum(m["duplicates"] for m in metas)
+        if copies:
+            raise RetrieveError(f"{req.gallery}: nothing to add: its {copies + job.already} images are already in the "
+                                "index (the new files are copies of indexed images)")
         raise _nothing_readable(req)
-    entry = {"number": job.batch, "gallery": job.plan["gallery"], "split": req.split, "digest": job.plan["digest"],
-             "part_images": counts, "images": sum(counts), "skipped": sum(m["skipped"] for m in metas)}
+    entry = {"number": job.batch, "gallery": job.plan["gallery"], "root": root, "split": req.split,
+             "digest": job.plan["digest"], "part_images": counts, "images": sum(counts),
+             "skipped": sum(m["skipped"] for m in metas), "duplicates": sum(m["duplicates"] for m in metas),
+             "already": job.already, "refused": job.refused}
     if req.add:
         info = out.info()
-        index = read_faiss(out.path / info["vectors"])
-        add_to_faiss(index, EmbeddingStore(batch.parts(), counts).blocks(), info["fusion_weight"])
+        spec = IndexSpec(**info["index"])
+        index = read_faiss(out.vectors(info), out.embeddings(info), spec)
+        new = out.batch_parts(batch, counts, root, (info["global_dim"], info["grab_dim"]))
+        add_to_faiss(index, EmbeddingStore(new, counts).blocks(), info["fusion_weight"] if info["grab_dim"] else 1.0)
         info["batches"].append(entry)
     else:
         info = out.info() if out.exists() else new_info(job)
@@ -308,7 +407,7 @@ def merge(req: BuildRequest, job: Job) -> dict:
 
 
 def new_info(job: Job) -> dict:
-    model, cfg, a = load_exported(job.model)
+    model, cfg, a = load_model(job.model, "--model")
     return {"format": FORMAT, "model": job.model, "model_sha256": job.plan["model_sha256"], "arch": cfg.model.arch,
             "image_size": list(cfg.data.image_size), "global_dim": model.backbone.embed_dim,
             "grab_dim": 0 if cfg.model.global_only else cfg.model.grab_dim, "fusion_weight": a,
@@ -317,14 +416,18 @@ def new_info(job: Job) -> dict:
 
 def commit(out: IndexDir, info: dict, index) -> dict:
     """Write the vector index under a new name, then index.json naming it (the commit point), then
-    drop the previous vector file: a crash at any moment leaves a consistent index."""
-    old = info.get("vectors")
+    drop the previous vector file: a crash at any moment leaves a consistent index. The previous
+    name was checked when index.json was read (this index's pattern, inside the folder): a changed
+    index.json cannot make this delete anything else."""
+    old = out.vectors(info) if info.get("vectors") else None
     info["generation"] = info.get("generation", 0) + 1
     write_faiss(index, out.vectors_file(info["generation"]))
     info["vectors"] = out.vectors_file(info["generation"]).name
     info["images"] = sum(b["images"] for b in info["batches"])
     info["skipped"] = sum(b["skipped"] for b in info["batches"])
     out.write_info(info)
-    if old and old != info["vectors"]:
-        (out.path / old).unlink(missing_ok=True)
+    if old is not None and old.name != info["vectors"]:
+        old.unlink(missing_ok=True)
+    for stale in out.path.glob(".vectors-*.faiss.*.partial"):  # (left by a killed writer: ours, by their name)
+        stale.unlink(missing_ok=True)
     return info

@@ -5,7 +5,7 @@
     python -m itself.retrieve add    --index INDEX_DIR --gallery MORE_IMAGES
     python -m itself.retrieve query  --index INDEX_DIR --text "a man in a grey coat" [--top-k 10] [--json]
     python -m itself.retrieve report --index INDEX_DIR (--queries FILE | --sample-queries N) --out REPORT_DIR
-                                     [--run RUN_DIR] [--top-k 5]
+                                     [--run RUN_DIR] [--top-k 5] [--overwrite]
     python -m itself.retrieve serve  --index INDEX_DIR [--host 127.0.0.1] [--port 8000]
 
 `index` and `add` run under torchrun, deepspeed (itself/retrieve/__main__.py) and SLURM
@@ -15,22 +15,32 @@ pattern, or a plain folder of images. Scores are the fused similarity a * S_glob
 with the fusion weight chosen on val during training, searched with FAISS: exactly (flat, the
 default) or approximately (hnsw) with the candidates re-scored exactly. The report is a
 self-contained HTML folder, `serve` a search page: ranked thumbnails with the patches MARS kept.
+
+An index folder may come from someone else: its files are data, checked before use, and every
+image it names is read inside its gallery and must be the image indexed (sha256). query, report
+and serve refuse a model other than the one that built the index (`--allow-model-mismatch` to
+search anyway). Mistakes and environment faults end in one `error:` line and exit 2; anything
+else that fails exits 1 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from ..errors import UserError
+from ..safeio import printable
 from .build import BuildRequest, run_build
 from .errors import RetrieveError
 from .gallery import DEFAULT_PART_SIZE
 from .report import read_queries, sample_queries, write_report
 from .search import Index
-from .serve import MAX_QUERY_CHARS, SearchApp, serve
+from .serve import IDLE_TIMEOUT_S, MAX_CONNECTIONS, MAX_QUERY_CHARS, SearchApp, serve
 from .vectors import DEFAULT_CANDIDATES, DEFAULT_EF_SEARCH, KINDS, IndexSpec
+
+log = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--sample-queries", type=int, default=0, help="draw N captions of the indexed split as queries")
     r.add_argument("--run", help="a training run folder: adds its loss and val curves")
     r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds other files (its index.html, img/ and curves are replaced)")
     s = sub.add_parser("serve", help="the search page: a text box, ranked thumbnails with MARS patches")
     _index_arguments(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -74,6 +86,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=10, help="results per query unless the page asks for another k")
     s.add_argument("--max-query-chars", type=int, default=MAX_QUERY_CHARS,
                    help="longer queries are refused (default %(default)s)")
+    s.add_argument("--idle-timeout-s", type=float, default=IDLE_TIMEOUT_S,
+                   help="a connection silent this long is closed (default %(default)s)")
+    s.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help="connections served at once; more are answered 503 (default %(default)s)")
     return p
 
 
@@ -96,9 +112,15 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef-search", type=int, default=DEFAULT_EF_SEARCH, help="hnsw: search breadth (default %(default)s)")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                    help="hnsw: candidates re-scored exactly per query (default %(default)s)")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="search with a model other than the one that built the index (its rankings are not meaningful "
+                   "unless the weights are the same)")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit code: 0 done, 2 a mistake or an environment fault (`error: ...`, one
+    line: a bad flag, a damaged or hostile index folder, a port in use, a full disk, no permission),
+    1 anything else that failed (one line; the traceback is logged at debug level)."""
     args = parser().parse_args(argv)  # (argparse: `error: ...` and exit 2 for an unknown option)
     try:
         _check_numbers(args)
@@ -106,8 +128,24 @@ def main(argv: list[str] | None = None) -> int:
             return _build(args)
         return _use(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the environment: a full disk, no permission, a read-only or vanished file
+        where = f"{printable(str(e.filename), 300)}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a runtime failure: one line, the traceback for debugging
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"{args.command} failed: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one printable line (no control character reaches the terminal)."""
+    return printable(" ".join(str(e).split()), 2000)
 
 
 def _check_numbers(args) -> None:
@@ -119,6 +157,8 @@ def _check_numbers(args) -> None:
         minimum = 0 if name == "sample_queries" else 1
         if value is not None and value < minimum:
             raise RetrieveError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    if getattr(args, "max_connections", 1) < 1 or not getattr(args, "idle_timeout_s", 1) > 0:
+        raise RetrieveError("--max-connections must be >= 1 and --idle-timeout-s > 0")
     if getattr(args, "workers", 0) < 0:
         raise RetrieveError(f"--workers must be >= 0, got {args.workers}")
     if getattr(args, "command", None) == "serve" and not 0 <= args.port <= 65535:
@@ -142,8 +182,11 @@ def _build(args) -> int:
     if info.get("unchanged"):
         print(f"{args.out} already indexes {args.gallery} ({info['images']} images, {info['index']['kind']} index)")
     elif args.command == "add":
+        known = batch["already"] + batch["duplicates"]
         print(f"added {batch['images']} images ({batch['skipped']} unreadable skipped) to {args.out}: "
-              f"{info['images']} images now")
+              f"{info['images']} images now; {known} already in the index skipped"
+              + (f" ({batch['already']} indexed files or shards, {batch['duplicates']} copies of indexed images)"
+                 if known else ""))
     else:
         print(f"indexed {info['images']} images ({info['skipped']} unreadable skipped) into {args.out} "
               f"({info['index']['kind']} index)")
@@ -151,19 +194,24 @@ def _build(args) -> int:
 
 
 def _use(args) -> int:
-    index = Index(args.index, args.model)
+    index = Index(args.index, args.model, args.allow_model_mismatch)
+    changed = index.gallery_changes()
+    if changed:
+        print(f"warning: the gallery changed since it was indexed ({printable(changed, 500)}): results may name "
+              "images that are gone or changed (those are never shown); build the index again", file=sys.stderr)
     if args.command == "serve":
-        serve(SearchApp(index, args.top_k, args.max_query_chars, args.ef_search, args.candidates), args.host, args.port)
+        serve(SearchApp(index, args.top_k, args.max_query_chars, args.ef_search, args.candidates), args.host, args.port,
+              args.idle_timeout_s, args.max_connections)
         return 0
     queries = [{"text": t} for t in (args.text or [])]
     if args.queries:
         queries += read_queries(args.queries)
     if args.command == "report" and args.sample_queries:
-        queries += sample_queries(index.info["gallery"], index.info["split"], args.sample_queries)
+        queries += sample_queries(index, args.sample_queries)
     if not queries:
         raise RetrieveError("no queries: pass --text, --queries FILE" + (" or --sample-queries N" if args.command == "report" else ""))
     if args.command == "report":
-        print(f"report: {write_report(index, queries, args.out, args.top_k, args.run)}")
+        print(f"report: {write_report(index, queries, args.out, args.top_k, args.run, args.overwrite)}")
         return 0
     results = index.search([q["text"] for q in queries], args.top_k, args.ef_search, args.candidates)
     if args.json:
@@ -172,5 +220,6 @@ def _use(args) -> int:
     for q, hits in zip(queries, results):
         print(f"\n{q['text']}")
         for h in hits:
-            print(f"  {h['rank']:>3}  {h['score']:.4f}  {h['name']}" + (f"  (id {h['pid']})" if h["pid"] is not None else ""))
+            pid = f"  (id {printable(str(h['pid']), 300)})" if h["pid"] is not None else ""
+            print(f"  {h['rank']:>3}  {h['score']:.4f}  {printable(h['name'])}{pid}")
     return 0

@@ -3,16 +3,20 @@
     GET /                         a text box; with ?q=TEXT[&k=N] the ranked thumbnails below it
     GET /api/search?q=TEXT[&k=N]  the same results as JSON
     GET /thumb/ROW.png            gallery image ROW with the patches MARS kept (rendered once, cached)
-    GET /page.js                  the page's script (the page allows no inline script)
 
 The standard library's ThreadingHTTPServer, bound to 127.0.0.1 unless told otherwise: there is no
 authentication, and whoever reaches the port sees the gallery. Queries longer than
 `max_query_chars` are refused (400). Everything that comes from the user or the gallery (the
-query, names, identities) is escaped into the page.
+query, names, identities) is made printable and escaped into the page, which shows the query, the
+result count and the time taken, never a server path. A connection that sends nothing for
+`idle_timeout_s` is closed, and at most `max_connections` are served at once (more get 503 at
+once): a client cannot hold the server's threads. A thumbnail is the image that was indexed or
+nothing: one whose bytes changed since is refused (410), one that cannot be read is 404.
 """
 
 from __future__ import annotations
 
+import errno
 import html
 import io
 import json
@@ -24,15 +28,19 @@ from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from .gallery import read_image
 from ..panels import overlay
-from .report import IMAGE_CHECK_JS, PAGE_STYLE, hit_figure
+from ..safeio import UnsafePath
+from .errors import RetrieveError
+from .gallery import GalleryChanged
+from .report import PAGE_STYLE, hit_figure, page
 from .search import Index
 from .vectors import DEFAULT_CANDIDATES, DEFAULT_EF_SEARCH
 
 MAX_QUERY_CHARS = 300  # CLIP's text tower reads 77 tokens (~300 characters); longer is refused
 MAX_TOP_K = 100
 THUMBNAILS_CACHED = 1024
+IDLE_TIMEOUT_S = 30.0  # a connection silent this long is closed
+MAX_CONNECTIONS = 64  # connections served at once; more are answered 503 and closed
 SECURITY_HEADERS = {
     # Only this server's own script, images and forms; inline styles only (no inline script).
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; img-src 'self'; style-src 'unsafe-inline'; "
@@ -80,11 +88,8 @@ class SearchApp:
             results = self.search(query, k)
             took = time.perf_counter() - start
         info = self.index.info
-        added = len(info["batches"]) - 1
-        body = [f"<h1>Person search</h1><p>{html.escape(str(info['gallery']))}"
-                + (f" and {added} added batch(es)" if added else "")
-                + f": {info['images']} images, {html.escape(info['index']['kind'])} index, fused score "
-                f"a={self.index.fusion_weight:g}. Highlighted patches: the tokens MARS kept for GRAB.</p>",
+        body = [f"<h1>Person search</h1><p>{info['images']} images. Highlighted patches: the tokens MARS kept "
+                "for GRAB.</p>",
                 '<form method="get" action="/"><input id="q" name="q" type="search" size="70" autofocus '
                 f'maxlength="{self.max_query_chars}" placeholder="describe the person" value="{html.escape(query)}"> '
                 f'<label>top <input id="k" name="k" type="number" min="1" max="{MAX_TOP_K}" value="{k}"></label> '
@@ -95,20 +100,19 @@ class SearchApp:
             body.append(f'<p id="summary">{len(results)} results for <span class="q">{html.escape(query)}</span> '
                         f'({took * 1000:.0f} ms)</p><div class="row">'
                         + "".join(hit_figure(h, f"/thumb/{h['row']}.png") for h in results) + "</div>")
-        body.append('<p id="image-check">images: not checked</p>')
         style = PAGE_STYLE + " .error{color:#d22} #q{font-size:15px;padding:4px}"
-        return (f"<!doctype html><html><head><meta charset=utf-8><title>ITSELF person search</title>"
-                f"<style>{style}</style></head><body>{''.join(body)}<script src=\"/page.js\"></script></body></html>")
+        return page("ITSELF person search", style, body)
 
     def thumbnail(self, row: int) -> bytes:
-        """PNG of gallery image `row` with the patches MARS kept (KeyError: no such row)."""
+        """PNG of gallery image `row` with the patches MARS kept (KeyError: no such row;
+        GalleryChanged: its bytes are not the indexed ones; RetrieveError, OSError: unreadable)."""
         if not 0 <= row < len(self.index):
             raise KeyError(row)
         with self._thumbs_lock:
             if row in self._thumbs:
                 self._thumbs.move_to_end(row)
                 return self._thumbs[row]
-        data = read_image(self.index.item(row)["locator"])
+        data = self.index.image(row)
         with self.index.model_lock:
             image = overlay(self.index.model, data, tuple(self.index.cfg.data.image_size))
         buf = io.BytesIO()
@@ -144,14 +148,18 @@ class Handler(BaseHTTPRequestHandler):
                     self._send(200, "application/json", json.dumps(body).encode())
                 except BadRequest as e:
                     self._send(400, "application/json", json.dumps({"error": str(e)}).encode())
-            elif url.path == "/page.js":
-                self._send(200, "text/javascript; charset=utf-8", IMAGE_CHECK_JS.encode())
             elif (m := THUMB_PATH.fullmatch(url.path)):
                 self._send(200, "image/png", self.app.thumbnail(int(m.group(1))), cache=True)
             else:
                 self._send(404, "text/plain; charset=utf-8", b"not found")
         except KeyError:
             self._send(404, "text/plain; charset=utf-8", b"no such image")
+        except GalleryChanged as e:
+            self.log_error("refused %s: %s", self.path, e)
+            self._send(410, "text/plain; charset=utf-8", b"this image changed since it was indexed; rebuild the index")
+        except (RetrieveError, UnsafePath, OSError) as e:
+            self.log_error("unreadable %s: %s", self.path, e)
+            self._send(404, "text/plain; charset=utf-8", b"this image cannot be read")
         except Exception as e:  # noqa: BLE001 - the server keeps serving; the log says what failed
             self.log_error("failed %s: %s: %s", self.path, type(e).__name__, e)
             self._send(500, "text/plain; charset=utf-8", b"internal error (see the server's log)")
@@ -172,19 +180,58 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write(f"[{self.log_date_time_string()}] {line}\n")
 
 
-def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+class BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer serving at most `max_connections` connections at once (one thread
+    each); a connection beyond is answered 503 and closed at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 8\r\nConnection: close\r\n"
+                                b"Retry-After: 1\r\n\r\ntoo busy")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8000, idle_timeout_s: float = IDLE_TIMEOUT_S,
+                max_connections: int = MAX_CONNECTIONS) -> ThreadingHTTPServer:
+    """The server, bound (RetrieveError, one line, when the port is taken or the host cannot be bound)."""
+    handler = type("BoundHandler", (Handler,), {"app": app, "timeout": idle_timeout_s})
+    try:
+        return BoundedServer((host, port), handler, max_connections)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise RetrieveError(f"cannot serve on {host}: port {port} is in use (by another program); choose another "
+                                "--port (0: any free port)") from None
+        if e.errno == errno.EACCES:
+            raise RetrieveError(f"cannot serve on {host}: port {port} needs privileges; choose a --port above 1023") from None
+        raise RetrieveError(f"cannot serve on --host {host} --port {port}: {e.strerror or e}; choose another --host "
+                            "(127.0.0.1: this machine only)") from None
 
 
 def search_url(host: str, port: int, query: str = "") -> str:
     return f"http://{host}:{port}/" + (f"?{urlencode({'q': query})}" if query else "")
 
 
-def serve(app: SearchApp, host: str, port: int) -> None:
-    server = make_server(app, host, port)
+def serve(app: SearchApp, host: str, port: int, idle_timeout_s: float = IDLE_TIMEOUT_S,
+          max_connections: int = MAX_CONNECTIONS) -> None:
+    server = make_server(app, host, port, idle_timeout_s, max_connections)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: no authentication, anyone who reaches port {server.server_port} "
               "can search and see the gallery", file=sys.stderr)

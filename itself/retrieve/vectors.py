@@ -20,6 +20,7 @@ index ranks exactly as scoring every image does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -27,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..safeio import temp_beside
 from .errors import RetrieveError
-from .store import EmbeddingStore
+from .store import DAMAGED, KINDS, EmbeddingStore
 
-KINDS = ("flat", "hnsw")
 # HNSW search breadth and candidates re-scored exactly per query (at least top-k). The breadth is
 # what recall needs: the PCA keeps the ranking (the true top-10 are in the PCA top-50), the graph
 # search is what misses (bench/search_bench.py: recall@10 at 1M images, BENCHMARKS.md).
@@ -156,23 +157,107 @@ def _training_sample(store: EmbeddingStore, a: float) -> np.ndarray:
 
 
 def write_faiss(index, path) -> None:
-    """Write to a temporary name, then rename: a crash leaves the old file or the new one."""
+    """Write to a new temporary name (unique, created by us: never a planted link), then rename: a
+    crash leaves the old file or the new one."""
     faiss = import_faiss()
-    tmp = f"{path}.partial"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
-
-
-def read_faiss(path):
-    faiss = import_faiss()
-    if not Path(path).is_file():
-        raise RetrieveError(f"{path} is missing; the index folder is damaged: build the index again with "
-                            "`index` (into a new --out)")
+    tmp = temp_beside(path)
     try:
-        return faiss.read_index(str(path))
-    except RuntimeError as e:
-        raise RetrieveError(f"{path}: unreadable ({str(e).splitlines()[0][:200]}); the index folder is "
-                            "damaged: build the index again with `index` (into a new --out)") from None
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_faiss(path: Path, store: EmbeddingStore, spec: IndexSpec):
+    """The FAISS index at `path`, which must be the one this index wrote for `store` with `spec`:
+    a regular file (not a link) of a size that fits the images and dimensions, read with a bound on
+    the memory FAISS may take (a header claiming a huge array fails at once instead of filling
+    memory), and then checked: type, dimensions, image count, and for hnsw every link of the graph
+    (a search follows them without bounds checks)."""
+    faiss = import_faiss()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise RetrieveError(f"{path} is missing; {DAMAGED}") from None
+    if not os.path.isfile(path) or os.path.islink(path):
+        raise RetrieveError(f"{path}: not a regular file; {DAMAGED}")
+    n, dim = len(store), _fused_dim(store)
+    bound = _size_bound(n, dim, spec)
+    if st.st_size > bound:
+        raise RetrieveError(f"{path}: {st.st_size} bytes, more than an index of {n} images of {dim} dimensions takes "
+                            f"({bound}); {DAMAGED}")
+    try:
+        with _memory_headroom(2 * st.st_size + (256 << 20)):
+            index = faiss.read_index(str(path))
+        check_faiss(index, n, dim, spec.kind)
+    except (RuntimeError, MemoryError, AssertionError) as e:
+        raise RetrieveError(f"{path}: unreadable ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+                            f"{DAMAGED}") from None
+    return index
+
+
+def _size_bound(n: int, dim: int, spec: IndexSpec) -> int:
+    """The most bytes a FAISS file of `spec` over n images of `dim` fused dimensions takes (generous)."""
+    if spec.kind == "flat":
+        return 4 * n * dim + (64 << 10)
+    return 2 * n * (4 * dim + 16 * spec.hnsw_m + 16) + 8 * dim * dim + (1 << 20)
+
+
+@contextlib.contextmanager
+def _memory_headroom(extra: int):
+    """Let this process's address space grow by at most `extra` bytes inside the block (RLIMIT_AS,
+    restored after): an allocation beyond fails with an error instead of exhausting the machine."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):  # (not Linux: no bound)
+        yield
+        return
+    limit = used + extra if hard == resource.RLIM_INFINITY else min(used + extra, hard)
+    if soft != resource.RLIM_INFINITY and soft <= limit:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def check_faiss(index, n: int, dim: int, kind: str) -> None:
+    """AssertionError unless `index` is what this module builds: a flat inner-product index, or an
+    HNSW graph (behind a PCA) whose every link points at one of its n images."""
+    faiss = import_faiss()
+    index = faiss.downcast_index(index)
+    assert index.ntotal == n and index.d == dim, f"{index.ntotal} images of {index.d} dimensions, expected {n} of {dim}"
+    if kind == "flat":
+        assert type(index) is faiss.IndexFlatIP, f"a {type(index).__name__}, expected a flat index"
+        assert index.code_size == 4 * dim and index.codes.size() == n * 4 * dim, "its vectors do not fit its size"
+        return
+    graph = index
+    if isinstance(index, faiss.IndexPreTransform):
+        assert index.chain.size() == 1, "more than one transform"
+        pca = faiss.downcast_VectorTransform(index.chain.at(0))
+        graph = faiss.downcast_index(index.index)
+        assert type(pca) is faiss.PCAMatrix and pca.is_trained and pca.d_in == dim and pca.d_out == graph.d, "bad PCA"
+        assert pca.A.size() == pca.d_in * pca.d_out and pca.b.size() == pca.d_out, "bad PCA matrix"
+    assert type(graph) is faiss.IndexHNSWFlat and graph.ntotal == n, f"a {type(graph).__name__}, expected HNSW"
+    storage = faiss.downcast_index(graph.storage)
+    assert type(storage) is faiss.IndexFlatIP and storage.ntotal == n and storage.d == graph.d, "bad HNSW storage"
+    assert storage.codes.size() == n * 4 * graph.d, "bad HNSW storage"
+    h = graph.hnsw
+    levels, offsets = faiss.vector_to_array(h.levels), faiss.vector_to_array(h.offsets).astype(np.int64)
+    cum, links = faiss.vector_to_array(h.cum_nneighbor_per_level), faiss.vector_to_array(h.neighbors)
+    assert len(levels) == n and len(offsets) == n + 1 and len(cum) >= 2 and cum[0] == 0, "bad HNSW tables"
+    assert (np.diff(cum) >= 0).all() and (levels >= 1).all() and (levels < len(cum)).all(), "bad HNSW levels"
+    assert offsets[0] == 0 and (np.diff(offsets) == cum[levels]).all() and offsets[-1] == len(links), "bad HNSW offsets"
+    assert ((links >= -1) & (links < n)).all(), "an HNSW link to no image"
+    if n:
+        assert 0 <= h.entry_point < n and h.max_level == levels[h.entry_point] - 1 == levels.max() - 1, "bad HNSW entry"
 
 
 class VectorSearch:

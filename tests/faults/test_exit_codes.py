@@ -32,6 +32,9 @@ CASES = [
     ("tune", ["--bogus"], "unrecognized arguments: --bogus"),
     ("retrieve", ["query", "--index", "/nonexistent/index", "--text", "a man"], "/nonexistent/index"),
     ("retrieve", ["query", "--index", "/nonexistent/index", "--bogus"], "unrecognized arguments: --bogus"),
+    ("retrieve", ["index", "--model", "/nonexistent/m.pt", "--gallery", "pipe:touch x", "--out", "OUT"],
+     "a command (pipe:) cannot be a gallery"),
+    ("retrieve", ["serve", "--index", "/nonexistent/index", "--max-connections", "0"], "--max-connections must be >= 1"),
     ("shards", ["--dataset", "nope", "--out", "OUT"], "invalid choice: 'nope'"),
     ("shards", ["--dataset", "synthetic", "--out", "OUT", "--num-ids", "-3"], "--num-ids"),
 ]

@@ -127,7 +127,7 @@ def _old_format(d: Path) -> str:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     (d / "index.json").write_text('{"model": "m.pt", "images": 1}')
     (d / "items.jsonl").write_text('{"name": "a.jpg"}\n')
-    return "an index of format 'itself-index/1', this version reads 'itself-index/2'; build the index again"
+    return "an index of format 'itself-index/1', this version reads 'itself-index/3'; build the index again"
 
 
 def _old_format_without_items(d: Path) -> str:
