@@ -1,11 +1,10 @@
-"""The DeepSpeed engine of a run: device and precision, the DeepSpeed config, the optimizer's
+"""The DeepSpeed engine of a run: precision, the DeepSpeed config, the optimizer's
 parameter groups and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -13,24 +12,8 @@ import torch
 from .config import DEEPSPEED_CONFIGS, Config, ConfigError
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is visible")
-    torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def resolve_precision(name: str, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if name == "auto" else name
-
-
-def share_cpu_threads(world_size: int) -> None:
-    """On CPU, split this host's cores among its ranks (oversubscription is ruinous)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(world_size, os.cpu_count() or 1)
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1) // local_world
-    torch.set_num_threads(max(1, threads))
 
 
 def deepspeed_config(cfg: Config, world_size: int, precision: str, device: torch.device) -> dict:

@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,7 @@ import torch.nn.functional as F
 from shards.locking import FolderLock, LockBusy, LockUnavailable
 
 from ..data import transforms as T
-from ..dist import WorldInfo, ensure_process_env, world_info_from_env
-from ..engine import resolve_device, share_cpu_threads
-from ..errors import UserError
+from ..dist import Process, start
 from ..safeio import shown
 from .errors import RetrieveError
 from .gallery import (
@@ -99,85 +96,37 @@ class Job:
 def run_build(req: BuildRequest) -> dict | None:
     """Index (or add) a gallery with every rank of this job; the index info on rank 0, None elsewhere.
     Rank 0 holds the index folder's lock from the plan to the commit: one writer per folder."""
-    group = Group(world_info_from_env(), req.wait_timeout_min)
-    lock = FolderLock(Path(req.out) / LOCK_FILE) if group.rank == 0 else None
+    if req.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RetrieveError("--device cuda: no CUDA device is visible; use --device cpu")
+    proc = start("cuda" if req.device.startswith("cuda") else req.device, req.wait_timeout_min * 60)
+    lock = FolderLock(Path(req.out) / LOCK_FILE) if proc.is_main else None
     created = not os.path.lexists(req.out)
     try:
-        job = group.share(lambda: plan_job(req, lock))
-        device = _device(req.device, group.where)
+        job = proc.decide(lambda: plan_job(req, lock))
         try:
-            embed_pending(req, job, group.rank, group.world, device)
+            embed_pending(req, job, proc.rank, proc.world, proc.device)
         except BaseException:
-            print(f"rank {group.rank}: embedding stopped; the finished parts are kept in {req.out}: run the same "
+            print(f"rank {proc.rank}: embedding stopped; the finished parts are kept in {req.out}: run the same "
                   "command again to embed only the rest", file=sys.stderr, flush=True)
             raise
-        group.barrier(req.out)
-        return merge(req, job) if group.rank == 0 else None
+        _wait_for_the_others(proc, req)
+        return merge(req, job) if proc.is_main else None
     finally:
         if lock is not None:
             lock.release()
             if created and os.path.isdir(req.out) and not os.listdir(req.out):
                 os.rmdir(req.out)  # (refused before anything was written: leave no empty folder)
-        group.close()
+        proc.close()
 
 
-# ----------------------------------------------------------------------------------- ranks
-
-
-class Group:
-    """The ranks of an index job: a world of one needs nothing, more talk over gloo."""
-
-    def __init__(self, where: WorldInfo, wait_timeout_min: float):
-        self.where, self.rank, self.world = where, where.rank, where.world_size
-        self.timeout_min = wait_timeout_min
-        if self.world > 1:
-            ensure_process_env()
-            torch.distributed.init_process_group("gloo", timeout=timedelta(minutes=wait_timeout_min))
-
-    def share(self, make):
-        """make() run on rank 0, its value (or its error) on every rank."""
-        box = [None]
-        if self.rank == 0:
-            try:
-                box = [("ok", make())]
-            except UserError as e:
-                box = [("error", str(e))]
-            except Exception as e:
-                if self.world > 1:  # tell the others before failing here
-                    torch.distributed.broadcast_object_list([("failed", f"{type(e).__name__}: {e}")], src=0)
-                raise
-        if self.world > 1:
-            torch.distributed.broadcast_object_list(box, src=0)
-        status, value = box[0]
-        if status == "error":
-            raise RetrieveError(value)
-        if status == "failed":
-            raise RuntimeError(f"rank 0 failed while planning the index: {value}")
-        return value
-
-    def barrier(self, out: str) -> None:
-        if self.world == 1:
-            return
-        try:
-            torch.distributed.barrier()
-        except Exception as e:  # a dead rank (connection lost) or one slower than the timeout
-            raise RuntimeError(
-                f"rank {self.rank}: another rank failed or did not finish within {self.timeout_min:g} min "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the finished parts are kept "
-                f"in {out}: run the same command again to embed only the rest") from None
-
-    def close(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _device(name: str, where: WorldInfo) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RetrieveError("--device cuda: no CUDA device is visible; use --device cpu")
-    device = resolve_device("cuda" if name.startswith("cuda") else name, where.local_rank)
-    if device.type == "cpu":
-        share_cpu_threads(where.world_size)
-    return device
+def _wait_for_the_others(proc: Process, req: BuildRequest) -> None:
+    try:
+        proc.barrier()
+    except Exception as e:  # a dead rank (connection lost) or one slower than the timeout
+        raise RuntimeError(
+            f"rank {proc.rank}: another rank failed or did not finish within {req.wait_timeout_min:g} min "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the finished parts are kept "
+            f"in {req.out}: run the same command again to embed only the rest") from None
 
 
 # ----------------------------------------------------------------------------------- plan
