@@ -49,10 +49,19 @@ class RangeHandler(SimpleHTTPRequestHandler):
             left -= len(chunk)
 
 
+class PlainHandler(SimpleHTTPRequestHandler):
+    """Python's own file server (`python -m http.server`): no Range requests."""
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
 @contextlib.contextmanager
-def serve(folder):
-    """`with serve(folder) as url:` -> http://127.0.0.1:<port> serving `folder`."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(folder)))
+def serve(folder, ranges: bool = True):
+    """`with serve(folder) as url:` -> http://127.0.0.1:<port> serving `folder` (with `ranges=False`,
+    as `python -m http.server` does: every request answered with the whole file)."""
+    handler = RangeHandler if ranges else PlainHandler
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

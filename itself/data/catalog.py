@@ -4,6 +4,7 @@ streamed, or a sample range read from its offsets)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -66,12 +67,59 @@ def read_json(path: str) -> dict:
         raise DataError(f"cannot read {path}: {e}") from None
 
 
-def read_range(url: str, start: int, end: int) -> bytes:
-    """Bytes [start, end) of a file (a ranged request for URLs)."""
+@functools.lru_cache(maxsize=64)
+def serves_ranges(url: str) -> bool:
+    """Whether the server of an http(s) URL answers byte-range requests (object stores and most web
+    servers do; `python -m http.server` does not). Other URLs and local files: True. Asked once per
+    server; without ranges, manifests are read whole and shards streamed."""
+    if not str(url).startswith(("http://", "https://")):
+        return True
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Range": "bytes=0-0"})
     try:
-        with _open(url) as f:
-            f.seek(start)
-            data = f.read(end - start)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status == 206
+    except (urllib.error.URLError, OSError, ValueError):
+        return True  # (unknown: fsspec's own error will say what is wrong)
+
+
+def _server(url: str) -> str:
+    """The scheme and host of a URL: range support is a property of the server."""
+    scheme, _, rest = str(url).partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}/"
+
+
+def ranged(url: str) -> bool:
+    return serves_ranges(_server(url)) if is_url(url) else True
+
+
+def read_whole(url: str) -> bytes:
+    """A whole file (one plain GET for a URL)."""
+    if not is_url(url):
+        with open(url, "rb") as f:
+            return f.read()
+    fs, p = _fs(url)
+    return fs.cat_file(p)
+
+
+def open_random_access(path: str):
+    """A file to seek in (Parquet): the file or URL itself, or its bytes in memory where the server
+    answers no ranges (the manifest is then streamed once)."""
+    return _open(path) if ranged(path) else io.BytesIO(read_whole(path))
+
+
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file (a ranged request for URLs; the whole file read and cut where the
+    server answers no ranges)."""
+    try:
+        if not ranged(url):
+            data = read_whole(url)[start:end]
+        else:
+            with _open(url) as f:
+                f.seek(start)
+                data = f.read(end - start)
     except Exception as e:  # noqa: BLE001 - IO errors of any kind
         raise DataError(f"cannot read shard {url}: {type(e).__name__}: {e}") from None
     if len(data) != end - start:
@@ -234,7 +282,7 @@ def _identity_runs(root: str, index_of: dict[str, int], pid_offset: int, batch_r
     if not exists(path):
         raise DataError(f"{path} not found: the train pipeline plans batches from the manifest")
     try:
-        with _open(path) as f:
+        with open_random_access(path) as f:
             pf = pq.ParquetFile(f, read_dictionary=["split", "shard"])
             _check_manifest_version(pf.schema_arrow.metadata, path)
             v2 = all(c in pf.schema_arrow.names for c in schema.V2_COLUMNS)
@@ -303,11 +351,16 @@ def read_manifest(root: str, columns: list[str] | None = None, filters=None):
     """The manifest's rows (a pyarrow Table) of a built dataset, local or URL, its version checked."""
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     path = join(root, schema.MANIFEST_FILE)
     fs, where = _fs(path) if is_url(path) else (None, path)
     try:
-        _check_manifest_version(pq.read_schema(where, filesystem=fs).metadata, path)
-        return pq.read_table(where, filesystem=fs, columns=columns, filters=filters)
+        if fs is not None and not ranged(path):  # (Parquet is read by range: without ranges, read it whole)
+            fs, where = None, pa.py_buffer(read_whole(path))
+        source = (lambda: pa.BufferReader(where)) if isinstance(where, pa.Buffer) else (lambda: where)
+        _check_manifest_version(pq.read_schema(source(), filesystem=fs).metadata, path)
+        return pq.read_table(source(), filesystem=fs, columns=columns, filters=filters)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file
@@ -331,7 +384,7 @@ def _shard_rows(root: str, names: list[str]) -> dict[str, dict]:
 
     path = join(root, schema.MANIFEST_FILE)
     try:
-        with _open(path) as f:
+        with open_random_access(path) as f:
             pf = pq.ParquetFile(f)
             _check_manifest_version(pf.schema_arrow.metadata, path)
             column = pf.schema_arrow.get_field_index("shard")
@@ -441,7 +494,7 @@ class TrainData:
         """The samples of rows [lo, hi) of a shard: one ranged read when the manifest has byte
         offsets, else the shard streamed up to them. Each is checked against the manifest's key."""
         rows = self.rows(shard)
-        span = rows.byte_range(lo, hi)
+        span = rows.byte_range(lo, hi) if ranged(rows.url) else None
         if span is not None:
             stream = io.BytesIO(read_range(rows.url, *span))
             samples = tar_samples(stream, rows.url)
