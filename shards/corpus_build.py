@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def _start(dataset: str, root, out, options: CorpusOptions, overwrite: bool, pro
     """Lock `out` and make (or resume) the plan: (transaction, work folder, plan)."""
     settings, files = settings_of(dataset, root, options)
     txn = OutputTransaction(out, overwrite)
+    started = time.perf_counter()
     try:
         work = work_folder(txn.out)
         plan = prepare(work, settings, files, progress)
@@ -103,6 +105,9 @@ def _start(dataset: str, root, out, options: CorpusOptions, overwrite: bool, pro
     done = sum(chunk_done(work, i) for i in range(len(plan["chunks"])))
     if done:
         log.info("resuming: %d of %d chunks already converted (%s)", done, len(plan["chunks"]), work)
+    else:
+        log.info("planned %d records into %d chunks in %.1f s", plan["read"], len(plan["chunks"]),
+                 time.perf_counter() - started)
     return txn, work, plan
 
 
@@ -114,11 +119,20 @@ def convert_corpus(dataset: str, root, out, options: CorpusOptions | None = None
     call again converts only the rest. Raises as `shards.converters.convert` does."""
     options = options or CorpusOptions()
     check_options(None, workers, options.val_fraction)
+    begun = time.perf_counter()
     txn, work, plan = _start(dataset, root, out, options, overwrite, progress)
     try:
         todo = [i for i in range(len(plan["chunks"])) if not chunk_done(work, i)]
-        convert_chunks(work, todo, workers or os.cpu_count() or 1, progress)
-        return _merge(work, txn, plan, strict, allow_rejects)
+        workers = workers or os.cpu_count() or 1
+        started = time.perf_counter()
+        images = convert_chunks(work, todo, workers, progress)
+        log.info("converted %d chunks (%d records) in %.1f s with %d processes", len(todo), images,
+                 time.perf_counter() - started, workers)
+        started = time.perf_counter()
+        info = _merge(work, txn, plan, strict, allow_rejects)
+        log.info("merged %d chunks in %.1f s", len(plan["chunks"]), time.perf_counter() - started)
+        info["images_per_s"] = info["read"] / max(time.perf_counter() - begun, 1e-9)  # (not in dataset.json)
+        return info
     except BaseException:
         txn.abort()
         raise

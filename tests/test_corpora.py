@@ -286,3 +286,25 @@ def test_synthetic_pretrain_corpus_is_read_by_the_real_reader_and_the_train_load
     part = pq.read_table(tmp_path / "raw" / "data" / "train-00000-of-00001.parquet")
     assert part.schema.names == ["image", "image_path", "caption1", "caption2"] and part.num_rows == 10
     assert b"huggingface" in part.schema.metadata
+
+
+def test_chunks_converted_apart_merge_only_when_all_are_there(tmp_path):
+    """The multi-node path without a cluster: plan, convert chunks in any order, merge."""
+    from shards.chunks import convert_chunk
+    from shards.corpus_build import merge_corpus, plan_corpus
+    from shards.errors import BuildFailed
+
+    plant_synth_pedes(tmp_path / "raw")
+    options = CorpusOptions(chunk_size=6, val_fraction=0.1)
+    work, plan = plan_corpus("synth-pedes", tmp_path / "raw", tmp_path / "out", options, progress=False)
+    n = len(plan["chunks"])
+    assert n == 6 and sum(c["identities"] for c in plan["chunks"]) == 12
+    for i in reversed(range(1, n)):
+        convert_chunk(work, i)
+    with pytest.raises(BuildFailed, match=f"1 of {n} chunks are not converted .e.g. chunk 0"):
+        merge_corpus(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and work.is_dir()
+    convert_chunk(work, 0)
+    merge_corpus(tmp_path / "out")
+    reference = convert_corpus("synth-pedes", tmp_path / "raw", tmp_path / "ref", options, workers=1, progress=False)
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref") and reference["written"] == 36
