@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from .corpora import CORPORA, Item, items, parquet_parts
 from .errors import BuildError
+from .transaction import fsync_path
 from .validate import bounded, check_captions, check_pid, normalise_path, pid_key
 
 WORK_SUFFIX = ".convert"
@@ -236,9 +237,9 @@ def make_plan(work: Path, settings: Settings, files: list[Path], progress: bool 
     Written aside and renamed into place when complete: a killed plan leaves nothing used."""
     from tqdm import tqdm
 
-    (work / "chunks").mkdir(parents=True, exist_ok=True)
-    for stale in work.glob(".plan.tmp-*"):  # of a killed planning (we hold the output's lock)
+    for stale in [*work.glob(".plan.tmp-*"), work / "chunks"]:  # of a killed planning, or of no plan: not ours
         shutil.rmtree(stale, ignore_errors=True)
+    (work / "chunks").mkdir(parents=True)
     tmp = work / unique_name(".plan")
     tmp.mkdir()
     pseudo = CORPORA[settings.dataset].identities == "pseudo"
@@ -253,8 +254,8 @@ def make_plan(work: Path, settings: Settings, files: list[Path], progress: bool 
                 "identities": "pseudo" if pseudo else "given", "read": planner.read,
                 "plan_rejected": planner.rejected, "chunks": planner.chunks, **fixed}
         (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-        if (work / "plan").exists():  # a plan of other settings, replaced on purpose by the caller
-            shutil.rmtree(work / "plan")
+        for path in [*tmp.iterdir(), tmp]:  # on disk before the plan has its name (a node may crash)
+            fsync_path(path)
         os.rename(tmp, work / "plan")
     except BaseException:
         planner.rejects.close()

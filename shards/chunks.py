@@ -40,23 +40,15 @@ import pyarrow.parquet as pq
 from . import schema
 from .chunking import chunk_dir, chunk_done, load_plan, unique_name
 from .converters import MAX_IMAGE_BYTES, read_image_file, worker_init
+from .corpora import image_column
 from .errors import BuildError, BuildFailed
 from .imaging import failure_reason, prepare_image
+from .transaction import fsync_path
 from .writer import MANIFEST_SCHEMA, ShardSink
 
 _ADDRESS = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 IMAGE_BATCH = 256
 """Parquet rows of images decoded per batch (memory: one batch of encoded images)."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a folder
-        pass
-    finally:
-        os.close(fd)
 
 
 class ChunkWriter:
@@ -128,8 +120,8 @@ class ChunkWriter:
                 "converted_images": dict(self.converted), "splits": splits}
         (self.folder / "chunk.json").write_text(json.dumps(info, indent=1) + "\n")
         for name in ("rows.parquet", "rejects.jsonl", "chunk.json"):
-            _fsync(self.folder / name)
-        _fsync(self.folder)
+            fsync_path(self.folder / name)
+        fsync_path(self.folder)
         return info
 
 
@@ -154,6 +146,7 @@ def _parquet_images(path: str, rows: list[int]) -> Iterator[tuple]:
     """(bytes, problem) of the image in each of `rows` (ascending) of a Parquet file, reading only
     the row groups holding them, a batch at a time; sizes are checked before bytes are copied."""
     pf = pq.ParquetFile(path)
+    column = image_column(path)
     wanted = iter(rows)
     row = next(wanted, None)
     start = 0
@@ -161,7 +154,7 @@ def _parquet_images(path: str, rows: list[int]) -> Iterator[tuple]:
         end = start + pf.metadata.row_group(g).num_rows
         if row is not None and row < end:
             base = start
-            for batch in pf.iter_batches(batch_size=IMAGE_BATCH, row_groups=[g], columns=["image"]):
+            for batch in pf.iter_batches(batch_size=IMAGE_BATCH, row_groups=[g], columns=[column]):
                 images = _bytes_column(batch.column(0))
                 lengths = pc.binary_length(images).to_pylist()
                 while row is not None and row < base + batch.num_rows:
@@ -230,7 +223,7 @@ def convert_chunk(work: str | os.PathLike, index: int) -> dict:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -263,7 +256,7 @@ def convert_chunks(work: Path, todo: list[int], workers: int, progress: bool = T
                            f"kept in {work}: run the same command again to convert the rest")
 
     with bar:
-        if workers <= 1:
+        if workers <= 1 or len(todo) <= 1:
             for i in todo:
                 try:
                     convert_chunk(work, i)
@@ -272,7 +265,7 @@ def convert_chunks(work: Path, todo: list[int], workers: int, progress: bool = T
                 done += size(i)
                 bar.update(size(i))
             return done
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=worker_init)
+        pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork"), initializer=worker_init)
         try:
             running = {pool.submit(convert_chunk, work, i): i for i in todo}
             while running:

@@ -15,7 +15,8 @@ files and the images; image paths in annotations are relative to the root):
 - `pairs` (your own corpus): `pairs.jsonl` (one {"image": path, "captions": list or "caption":
   string, "pid": optional} per line) or `pairs.parquet` / a folder of `*.parquet` (columns `image`:
   a path, the encoded bytes, or a Hugging Face Image struct; `captions` (list) or `caption`;
-  optional `pid`, optional `image_path` naming images given as bytes). A record without `pid` is its
+  optional `pid`, optional `image_path` naming images given as bytes); the fields are also read
+  under the names of `PAIRS_IMAGE`, `PAIRS_CAPTIONS`, `PAIRS_PID`. A record without `pid` is its
   own identity.
 
 Each reader yields `Item`s in corpus order without reading any image; annotation records that are
@@ -35,6 +36,10 @@ from .errors import ConvertError
 from .jsonstream import iter_json_array, iter_jsonl, parse_line
 from .validate import bounded, kind
 
+# The `pairs` fields, by the names they may have (the first present is used).
+PAIRS_IMAGE = ("image", "image_path", "file_path", "path")
+PAIRS_CAPTIONS = ("captions", "caption", "text")
+PAIRS_PID = ("pid", "id", "person_id")
 BATCH_ROWS = 4096
 """Parquet rows read per batch when planning (captions only: the image column is never read here)."""
 
@@ -129,8 +134,16 @@ def items(name: str, root: Path, files: list[Path]) -> Iterator[Item]:
 
 
 def parquet_parts(files: list[Path]) -> list[Path]:
-    """The annotation files that hold image bytes (numbered by `Item.part`)."""
+    """The annotation files that may hold image bytes (numbered by `Item.part`)."""
     return [f for f in files if f.suffix == ".parquet"]
+
+
+def image_column(path: str | Path) -> str:
+    """The column of a Parquet annotation file that holds its images."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    return next((c for c in PAIRS_IMAGE if c in names), "image")
 
 
 # ---------------------------------------------------------------------------------- JSON
@@ -144,8 +157,12 @@ def _fields(name: str, record) -> tuple:
         return None, record.get("caption"), record.get("image")
     if name == "luperson-t":
         return None, record.get("captions"), record.get("file_path")
-    captions = record["captions"] if "captions" in record else record.get("caption")
-    return record.get("pid"), captions, record.get("image")
+    return _first(record, PAIRS_PID), _first(record, PAIRS_CAPTIONS), _first(record, PAIRS_IMAGE)
+
+
+def _first(record: dict, names: tuple[str, ...]):
+    """The value of the first of `names` that `record` has (None if none)."""
+    return next((record[n] for n in names if n in record), None)
 
 
 def _item(name: str, record, where: str) -> Item:
@@ -205,22 +222,28 @@ def _parquet_columns(name: str, path: Path, schema) -> tuple[list[str], str]:
     if name == "webperson":
         need = ["image", "image_path", "caption1", "caption2"]
     else:
-        need = ["image", "captions" if "captions" in names else "caption"]
+        need = [next((c for c in PAIRS_IMAGE if c in names), "image"),
+                next((c for c in PAIRS_CAPTIONS if c in names), "captions")]
     missing = [c for c in need if c not in names]
     if missing:
         raise ConvertError(f"{path}: no column {', '.join(missing)} (found {', '.join(names[:12])}); expected the "
                            f"{name} layout: {CORPORA[name].usual}")
     try:
-        how = image_column_kind(schema.field("image"))
+        how = image_column_kind(schema.field(need[0]))
     except ConvertError as e:
         raise ConvertError(f"{path}: {e}") from None
     if name == "webperson" and how != "bytes":
         raise ConvertError(f"{path}: column image holds paths; WebPerson's release holds the image bytes")
-    columns = [c for c in need if c != "image"]
-    if name == "pairs":
-        columns += [c for c in ("pid", "image_path") if c in names]
-        if how == "path":
-            columns.append("image")
+    if name == "webperson":
+        return need[1:], how
+    columns = {"captions": need[1]}
+    if how == "path":
+        columns["path"] = need[0]
+    elif "image_path" in names and need[0] != "image_path":
+        columns["name"] = "image_path"
+    pid = next((c for c in PAIRS_PID if c in names), None)
+    if pid:
+        columns["pid"] = pid
     return columns, how
 
 
@@ -230,9 +253,11 @@ def _parquet_items(name: str, path: Path, part: int) -> Iterator[Item]:
     try:
         pf = pq.ParquetFile(path)
         columns, how = _parquet_columns(name, path, pf.schema_arrow)
+        if not isinstance(columns, dict):
+            columns = {c: c for c in columns}
         row = 0
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-            values = {c: batch.column(c).to_pylist() for c in columns}
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(columns.values())):
+            values = {role: batch.column(c).to_pylist() for role, c in columns.items()}
             for i in range(batch.num_rows):
                 yield _parquet_item(name, values, i, path, part, row, how)
                 row += 1
@@ -246,10 +271,10 @@ def _parquet_item(name: str, values: dict, i: int, path: Path, part: int, row: i
     where = f"{path.name}#{row}"
     if name == "webperson":
         captions = [values["caption1"][i], values["caption2"][i]]
-        return Item(0, where, None, captions, values["image_path"][i], part, row)
-    captions = values["captions"][i] if "captions" in values else values["caption"][i]
+        label = values["image_path"][i]
+        return Item(0, where, None, captions, where if label is None else label, part, row)
     pid = values["pid"][i] if "pid" in values else None
     if how == "path":
-        return Item(0, where, pid, captions, values["image"][i])
-    label = values["image_path"][i] if "image_path" in values else None
-    return Item(0, where, pid, captions, label if label is not None else where, part, row)
+        return Item(0, where, pid, values["captions"][i], values["path"][i])
+    label = values["name"][i] if "name" in values else None
+    return Item(0, where, pid, values["captions"][i], where if label is None else label, part, row)

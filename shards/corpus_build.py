@@ -40,7 +40,7 @@ from .chunks import convert_chunks
 from .converters import check_options, missing_files_hint
 from .corpora import CORPORA, annotation_files
 from .errors import BuildError, BuildFailed, ConvertError, RejectsError
-from .transaction import OutputTransaction
+from .transaction import OutputTransaction, fsync_path
 from .validate import bounded
 from .writer import MANIFEST_ROW_GROUP, MANIFEST_SCHEMA, SHARD_BYTES, SHARD_SAMPLES, ShardSink, reject_policy
 
@@ -200,8 +200,7 @@ class _Manifest:
     def close(self) -> None:
         self._flush(final=True)
         self.writer.close()
-        with open(self.path, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_path(self.path)
 
 
 def _sample(path: Path, offset: int, size: int) -> dict[str, bytes]:

@@ -152,6 +152,19 @@ def test_pairs_jsonl_and_parquet_with_bytes(tmp_path):
     assert info["written"] == 5 and info["rejected_by_reason"] == {"unreadable or truncated image": 1}
     assert [r["source"] for r in manifest(tmp_path / "out2")][:2] == ["pairs.parquet#0", "pairs.parquet#1"]
 
+    # The fields under the other names a corpus may use: file_path / text / id.
+    (tmp_path / "alt").mkdir()
+    lines = [json.dumps({"file_path": f"../raw/mine/{k}.jpg" if k == 0 else f"i/{k}.jpg", "text": f"t{k}", "id": k // 2})
+             for k in range(4)]
+    for k in range(1, 4):
+        image_file(tmp_path / "alt" / f"i/{k}.jpg", k)
+    (tmp_path / "alt" / "pairs.jsonl").write_text("\n".join(lines))
+    info = convert_corpus("pairs", tmp_path / "alt", tmp_path / "out3", CorpusOptions(val_fraction=0), workers=1,
+                          progress=False)
+    assert info["rejected_by_reason"] == {"path escapes the root": 1}
+    assert [(r["orig_pid"], r["captions"]) for r in manifest(tmp_path / "out3")] == [("0", ["t1"]), ("1", ["t2"]),
+                                                                                     ("1", ["t3"])]
+
 
 def test_three_workers_write_the_same_bytes_as_one(tmp_path):
     plant_webperson(tmp_path / "raw", n=90, files=3)
@@ -308,3 +321,13 @@ def test_chunks_converted_apart_merge_only_when_all_are_there(tmp_path):
     merge_corpus(tmp_path / "out")
     reference = convert_corpus("synth-pedes", tmp_path / "raw", tmp_path / "ref", options, workers=1, progress=False)
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref") and reference["written"] == 36
+
+
+@pytest.mark.slow
+def test_convert_bench_quick_run(tmp_path):
+    run = subprocess.run([sys.executable, "bench/convert_bench.py", "--quick", "--cache", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    for text in ("img/s/core", "speed-up of the conversion step with 2 workers", "peak memory (PSS) at 3000 vs 300",
+                 "same manifest for every worker count: True"):
+        assert text in run.stdout, text
