@@ -72,13 +72,14 @@ class MergeTask(submitit.helpers.Checkpointable):
         return {k: info[k] for k in ("read", "written", "rejected", "rejected_by_reason")}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(cluster options, the build flags after `--`)."""
+    cut = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(prog="launch/convert.py", description=__doc__,
+                                usage="%(prog)s [cluster options] -- BUILD FLAGS (of itself-shards build)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cluster_arguments(p)
-    p.add_argument("build", nargs=argparse.REMAINDER, metavar="-- BUILD FLAGS",
-                   help="the flags of itself-shards build (--dataset, --root, --out, --chunk-size, ...)")
-    return p
+    return p.parse_args(argv[:cut]), argv[cut + 1:]
 
 
 def _cpu_profile(args):
@@ -95,8 +96,7 @@ def _local_executor(folder: Path, profile):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    rest = args.build[1:] if args.build[:1] == ["--"] else args.build
+    args, rest = _arguments(sys.argv[1:] if argv is None else list(argv))
     try:
         build = build_args(rest)
         if build.dataset not in CORPORA:

@@ -51,6 +51,7 @@ from typing import Iterator
 
 from .errors import BuildError, BuildFailed, ConvertError
 from .imaging import failure_reason, prepare_image
+from .jsonstream import parse_line
 from .schema import SPLITS
 from .validate import bounded, check_fields, kind, normalise_path, pid_key
 from .writer import SHARD_BYTES, SHARD_SAMPLES, DatasetWriter, Record, Reject, feed
@@ -103,17 +104,6 @@ def find_annotations(fmt: Format, root: Path, annotations: str | None) -> Path:
                        f"(or pass --annotations FILE)")
 
 
-def _parse(text: str, where: str):
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError(f"{where}: nested too deeply") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: {e}") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise ValueError(f"{where}: {str(e)[:200]}") from None
-
-
 def read_entries(fmt: Format, path: Path) -> tuple[list[Entry], list[Reject]]:
     """Entries of an annotation file, plus rejects for records that are not even objects."""
     try:
@@ -128,12 +118,12 @@ def read_entries(fmt: Format, path: Path) -> tuple[list[Entry], list[Reject]]:
         for n, line in enumerate(text.split("\n")):
             if line.strip():
                 try:
-                    raw.append(_parse(line, f"line {n + 1}"))
+                    raw.append(parse_line(line, f"line {n + 1}"))
                 except ValueError as e:
                     raw.append(_Unparsable(str(e)))
     else:
         try:
-            raw = _parse(text, str(path))
+            raw = parse_line(text, str(path))
         except ValueError as e:
             raise ConvertError(f"cannot read the annotations: {e}") from None
     if not isinstance(raw, list):

@@ -14,8 +14,8 @@ import pytest
 
 from corpus_plant import plant_mals, plant_webperson
 from runs import REPO
-from slurm_cluster import SlurmCluster, missing_binaries
 from test_corpora import build, snapshot
+from test_slurm import slurm  # noqa: F401 - the real Slurm of this machine, as test_slurm.py starts it
 
 
 def launch(env, jobs: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -58,17 +58,6 @@ def test_local_executor_array_writes_what_one_machine_writes(tmp_path):
     one = build(*flags, "--out", str(tmp_path / "one"), "--workers", "1")
     assert one.returncode == 0, one.stderr
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "one")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    missing = missing_binaries()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"Slurm binaries missing in CI: {missing} (.ci/run installs slurmctld slurmd slurm-client munge)")
-        pytest.skip(f"Slurm not installed here ({', '.join(missing)}); .ci/run installs it")
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as env:
-        yield env
 
 
 @pytest.mark.slow

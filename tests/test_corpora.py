@@ -56,15 +56,16 @@ def check_dataset(out: Path) -> dict:
     rows = manifest(out)
     assert info["read"] == info["written"] + info["rejected"] and info["written"] == len(rows)
     assert len(rejects(out)) == info["rejected"] == sum(info["rejected_by_reason"].values())
-    for split in schema.SPLITS:
-        listed = info["splits"][split]["shards"]
-        assert sorted(p.name for p in (out / split).iterdir()) == [s["name"] for s in listed]
-        for s in listed:
-            with tarfile.open(out / split / s["name"]) as t:
-                keys = [m.name.split(".")[0] for m in t.getmembers()]
-            assert keys[::2] == [r["key"] for r in rows if r["split"] == split and r["shard"] == s["name"]]
-            assert s["samples"] == len(keys) // 2
-        assert info["splits"][split]["images"] == sum(r["split"] == split for r in rows)
+    on_disk, in_manifest = {}, {}
+    for path in sorted(out.glob("*/*.tar")):
+        with tarfile.open(path) as t:
+            on_disk[(path.parent.name, path.name)] = [m.name.split(".")[0] for m in t.getmembers()][::2]
+    for r in rows:
+        in_manifest.setdefault((r["split"], r["shard"]), []).append(r["key"])
+    listed = {(split, s["name"]): s["samples"] for split in schema.SPLITS for s in info["splits"][split]["shards"]}
+    assert on_disk == in_manifest and {k: len(v) for k, v in on_disk.items()} == listed  # same samples, same order
+    assert {s: info["splits"][s]["images"] for s in schema.SPLITS} == {s: sum(r["split"] == s for r in rows)
+                                                                       for s in schema.SPLITS}
     train = [r for r in rows if r["split"] == "train"]
     shards_of = {}
     for r in train:

@@ -20,14 +20,17 @@ from test_corpora import build, check_dataset, snapshot
 ARGS = ["--dataset", "webperson", "--chunk-size", "40", "--shard-samples", "16", "--val-fraction", "0.02"]
 
 
-def _start(root: Path, out: Path, workers: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "shards", "build", *ARGS, "--root", str(root), "--out", str(out),
-                             "--workers", str(workers), "--no-progress"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
 def _done(out: Path) -> list[Path]:
     return sorted((out.parent / f".{out.name}.convert" / "chunks").glob("[0-9]*/chunk.json"))
+
+
+def _start(root: Path, out: Path, chunks: int) -> subprocess.Popen:
+    """A conversion with 2 workers in the background, once it has converted `chunks` chunks."""
+    proc = subprocess.Popen([sys.executable, "-m", "shards", "build", *ARGS, "--root", str(root), "--out", str(out),
+                             "--workers", "2", "--no-progress"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_until(lambda: len(_done(out)) >= chunks or proc.poll() is not None, 300, f"{chunks} converted chunks")
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,7 @@ def corpus(tmp_path_factory):
 def test_a_build_killed_by_sigkill_resumes_with_only_the_rest(corpus, tmp_path):
     raw, reference = corpus
     out = tmp_path / "out"
-    proc = _start(raw, out, workers=2)
-    wait_until(lambda: len(_done(out)) >= 3 or proc.poll() is not None, 300, "three converted chunks")
+    proc = _start(raw, out, chunks=3)
     os.killpg(proc.pid, signal.SIGKILL)  # the build and its workers, at once, mid-conversion
     proc.wait(timeout=60)
     finished = _done(out)
@@ -66,8 +68,7 @@ def test_a_build_killed_by_sigkill_resumes_with_only_the_rest(corpus, tmp_path):
 def test_a_killed_worker_fails_the_build_which_the_same_command_finishes(corpus, tmp_path):
     raw, reference = corpus
     out = tmp_path / "out"
-    proc = _start(raw, out, workers=2)
-    wait_until(lambda: len(_done(out)) >= 1 or proc.poll() is not None, 300, "a converted chunk")
+    proc = _start(raw, out, chunks=1)
     workers = psutil.Process(proc.pid).children()
     assert workers, "the build runs its chunks in worker processes"
     workers[0].send_signal(signal.SIGKILL)
