@@ -14,6 +14,7 @@ import argparse
 import io
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,7 @@ class TreeMemory:
 
 def convert(root: Path, out: Path, workers: int, chunk: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "shards", "build", "--dataset", "webperson", "--root", str(root),
                              "--out", str(out), "--workers", str(workers), "--chunk-size", str(chunk),
@@ -96,6 +98,8 @@ def convert(root: Path, out: Path, workers: int, chunk: int) -> dict:
     stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - started
     rss, pss = memory.stop()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # (the build and its workers, all waited for)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"conversion failed:\n{stderr[-3000:]}")
     phase = {name: float(m.group(1)) for name, pattern in (("plan", r"planned .* in ([\d.]+) s"),
@@ -103,7 +107,7 @@ def convert(root: Path, out: Path, workers: int, chunk: int) -> dict:
                                                             ("merge", r"merged .* in ([\d.]+) s"))
              if (m := re.search(pattern, stderr))}
     written = int(re.search(r"written (\d+)", stdout).group(1))
-    return {"seconds": seconds, "rss": rss, "pss": pss, "written": written, **phase}
+    return {"seconds": seconds, "cpu": cpu, "rss": rss, "pss": pss, "written": written, **phase}
 
 
 def main() -> None:
@@ -127,17 +131,22 @@ def main() -> None:
     for w in [int(x) for x in args.workers.split(",")]:
         results[w] = convert(cache / "raw", cache / f"out{w}", w, chunk)
     tenth = convert(small / "raw", small / "out1", 1, max(1, chunk // 10) if args.quick else chunk)
+    # img/s/core: images per second per worker of wall time (what the machine gave us: with other jobs
+    # running, less than a core); img/CPU-s: images per second of CPU the whole build used (the cost
+    # per core, whatever else runs).
     print(f"\n{'workers':>7} {'records':>9} {'wall s':>8} {'plan s':>7} {'conv s':>7} {'merge s':>8} "
-          f"{'img/s':>8} {'img/s/core':>10} {'RSS MB':>7} {'PSS MB':>7}")
+          f"{'img/s':>8} {'img/s/core':>10} {'CPU s':>7} {'img/CPU-s':>9} {'RSS MB':>7} {'PSS MB':>7}")
     rows = [(w, records, r) for w, r in results.items()] + [(1, records // 10, tenth)]
     for w, n, r in rows:
         print(f"{w:>7} {n:>9} {r['seconds']:>8.1f} {r.get('plan', 0):>7.1f} {r.get('convert', 0):>7.1f} "
-              f"{r.get('merge', 0):>8.1f} {n / r['seconds']:>8.0f} {n / r['seconds'] / w:>10.0f} {r['rss'] / 2**20:>7.0f} {r['pss'] / 2**20:>7.0f}")
+              f"{r.get('merge', 0):>8.1f} {n / r['seconds']:>8.0f} {n / r['seconds'] / w:>10.0f} {r['cpu']:>7.0f} "
+              f"{n / r['cpu']:>9.0f} {r['rss'] / 2**20:>7.0f} {r['pss'] / 2**20:>7.0f}")
     one = results.get(1)
     for w, r in results.items():
         if one is not None and w != 1:
             print(f"speed-up of the conversion step with {w} workers: {one['convert'] / r['convert']:.2f}x "
-                  f"(whole build {one['seconds'] / r['seconds']:.2f}x); peak memory (PSS) {r['pss'] / one['pss']:.2f}x")
+                  f"(whole build {one['seconds'] / r['seconds']:.2f}x); CPU per image {r['cpu'] / one['cpu']:.2f}x; "
+                  f"peak memory (PSS) {r['pss'] / one['pss']:.2f}x")
     if one is not None:
         print(f"peak memory (PSS) at {records} vs {records // 10} records (1 worker): {one['pss'] / tenth['pss']:.2f}x")
     identical = len({(cache / f"out{w}" / "manifest.parquet").read_bytes() for w in results}) == 1

@@ -14,8 +14,8 @@ path (normalised; absolute or `..` paths escape the root), duplicates (by the pa
 8 bytes a record) and, for corpora with real identities, that each identity's records are
 contiguous (a record of an identity seen before another one is rejected: `identity not
 contiguous`). A chunk closes at `chunk_size` records, between identities only. The val split is
-the `val_fraction` of identities (at most `val_max_identities`) with the smallest seeded digests
-of their keys: a uniform choice, independent of the order, the chunk size and the machine.
+the `val_fraction` of identities (at most `val_max_identities`) whose keys' digests, mixed with
+the seed, are smallest: a uniform choice, independent of the order, the chunk size and the machine.
 Labels are fixed here too: train identities are numbered 0..T-1 and val 0..V-1 in corpus order,
 so each chunk knows its labels without waiting for the others (an identity whose every image is
 later rejected leaves its label unused).
@@ -123,20 +123,33 @@ class SeenSet:
 
     @staticmethod
     def digest(text: str) -> int:
+        """A string's 64-bit digest (blake2b)."""
         return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
-    def __contains__(self, text: str) -> bool:
-        h = self.digest(text)
+    def has(self, h: int) -> bool:
+        """Whether a string of digest `h` was added."""
         if h in self.recent:
             return True
-        i = int(np.searchsorted(self.sorted, np.uint64(h)))
+        i = self.sorted.searchsorted(np.uint64(h))  # (a Python int would make numpy compare objects: 25x slower)
         return i < len(self.sorted) and int(self.sorted[i]) == h
 
-    def add(self, text: str) -> None:
-        self.recent.add(self.digest(text))
-        if len(self.recent) >= 1 << 16:
+    def add(self, h: int) -> None:
+        self.recent.add(h)
+        if len(self.recent) >= 1 << 17:  # (merged into the sorted digests now and then: few sorts)
             self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, np.uint64, len(self.recent)))
             self.recent = set()
+
+
+_MASK = (1 << 64) - 1
+
+
+def mix(h: int, seed: int) -> int:
+    """A seeded 64-bit permutation of a digest (splitmix64's finaliser): ranks identities in an
+    order that depends on the seed, uniformly, without hashing their key again."""
+    z = (h + 0x9E3779B97F4A7C15 * (seed + 1)) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
 
 
 class _Planner:
@@ -149,6 +162,7 @@ class _Planner:
         self.chunks: list[dict] = []
         self.identities = 0  # of the open chunk
         self.current: str | None = None
+        self.current_digest: int | None = None
         self.val: list[tuple[int, str, int]] = []  # heap of (-digest, key, chunk): the smallest digests
         self.read = self.rejected = 0
         self.rejects = open(folder / "rejects.jsonl", "w")
@@ -163,39 +177,42 @@ class _Planner:
         problem = item.problem or check_captions(item.captions)
         if problem is None and not (self.pseudo or item.pid is None):
             problem = check_pid(item.pid)
-        source = None
+        source = key = None
         if problem is None:
             source, problem = normalise_path(item.path)
-        if problem is None and source in self.paths:
-            problem = ("duplicate image entry", f"{source} is listed more than once; the first is kept")
-        key = None
         if problem is None:
-            key = source if (self.pseudo or item.pid is None) else pid_key(item.pid)
-        if problem is None and key != self.current and not self.pseudo and key in self.done_ids:
-            problem = ("identity not contiguous", f"pid {bounded(item.pid)} reappears after other identities at "
-                                                  f"{item.where}: a corpus's records of one identity must be "
-                                                  "contiguous (sort the annotations by id)")
+            path_digest = SeenSet.digest(source)
+            if self.paths.has(path_digest):
+                problem = ("duplicate image entry", f"{source} is listed more than once; the first is kept")
+        if problem is None:
+            own = self.pseudo or item.pid is None
+            key = source if own else pid_key(item.pid)
+            if key != self.current:
+                key_digest = path_digest if own else SeenSet.digest(key)
+                if not self.pseudo and self.done_ids.has(key_digest):
+                    problem = ("identity not contiguous", f"pid {bounded(item.pid)} reappears after other identities "
+                                                          f"at {item.where}: a corpus's records of one identity must "
+                                                          "be contiguous (sort the annotations by id)")
         if problem is not None:
             self.reject(item, *problem)
             return
-        self.paths.add(source)
+        self.paths.add(path_digest)
         if key != self.current:
-            if self.current is not None and not self.pseudo:
-                self.done_ids.add(self.current)
+            if self.current_digest is not None and not self.pseudo:
+                self.done_ids.add(self.current_digest)
             if len(self.entries) >= self.settings.chunk_size:
                 self.close_chunk()
-            self.current = key
+            self.current, self.current_digest = key, key_digest
             self.identities += 1
-            self._offer_val(key)
+            self._offer_val(key, key_digest)
         captions = [item.captions] if isinstance(item.captions, str) else list(item.captions)
         self.entries.append({"index": item.index, "key": key, "captions": captions, "source": source,
                              "part": item.part, "row": item.row})
 
-    def _offer_val(self, key: str) -> None:
+    def _offer_val(self, key: str, digest: int) -> None:
         if self.settings.val_fraction <= 0 or self.settings.val_max_identities <= 0:
             return
-        h = SeenSet.digest(f"{self.settings.seed}\x00{key}")
-        item = (-h, key, len(self.chunks))
+        item = (-mix(digest, self.settings.seed), key, len(self.chunks))
         if len(self.val) < self.settings.val_max_identities:
             heapq.heappush(self.val, item)
         elif item > self.val[0]:
@@ -229,7 +246,7 @@ class _Planner:
         return {"train_identities": train, "val_identities": val, "val_keys": sorted(k for _, k, _ in chosen),
                 "val_policy": {"kind": "held-out identities", "fraction": s.val_fraction,
                                "max_identities": s.val_max_identities, "identities": val, "seed": s.seed,
-                               "choice": "the identities with the smallest seeded blake2b digests of their keys"}}
+                               "choice": "the identities whose keys' blake2b digests, mixed with the seed, are smallest"}}
 
 
 def make_plan(work: Path, settings: Settings, files: list[Path], progress: bool = True) -> dict:

@@ -138,7 +138,8 @@ def _bytes_column(column):
     """The encoded images of an `image` column batch: a binary array (a struct's `bytes` field,
     null where the struct is null)."""
     if pa.types.is_struct(column.type):
-        return pc.if_else(column.is_valid(), pc.struct_field(column, "bytes"), pa.scalar(None, pa.binary()))
+        data = pc.struct_field(column, "bytes")
+        return pc.if_else(column.is_valid(), data, pa.scalar(None, data.type))
     return column
 
 
