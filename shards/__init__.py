@@ -29,3 +29,13 @@ def build_synthetic(out, spec=None, *, max_samples: int = SYNTHETIC_SHARD_SAMPLE
         max_samples=max_samples, max_bytes=max_bytes, overwrite=overwrite,
         extra={"builder": {"dataset": "synthetic", **dataclasses.asdict(spec)}},
     )
+
+
+def build_synthetic_pretrain(out, pairs: int = 100_000, *, seed: int = 0, workers: int | None = None,
+                             overwrite: bool = False, progress: bool = True) -> dict:
+    """Build the synthetic person pre-training corpus (`shards.pretrain`) into `out`: `pairs`
+    image-caption pairs, two per image, each image its own pseudo-identity; its dataset.json dict."""
+    from .pretrain import PretrainSpec
+    from .pretrain import build_synthetic_pretrain as build
+
+    return build(out, PretrainSpec(pairs=pairs, seed=seed), workers=workers, overwrite=overwrite, progress=progress)

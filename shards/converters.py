@@ -51,6 +51,7 @@ from typing import Iterator
 
 from .errors import BuildError, BuildFailed, ConvertError
 from .imaging import failure_reason, prepare_image
+from .jsonstream import parse_line
 from .schema import SPLITS
 from .validate import bounded, check_fields, kind, normalise_path, pid_key
 from .writer import SHARD_BYTES, SHARD_SAMPLES, DatasetWriter, Record, Reject, feed
@@ -103,17 +104,6 @@ def find_annotations(fmt: Format, root: Path, annotations: str | None) -> Path:
                        f"(or pass --annotations FILE)")
 
 
-def _parse(text: str, where: str):
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError(f"{where}: nested too deeply") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: {e}") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise ValueError(f"{where}: {str(e)[:200]}") from None
-
-
 def read_entries(fmt: Format, path: Path) -> tuple[list[Entry], list[Reject]]:
     """Entries of an annotation file, plus rejects for records that are not even objects."""
     try:
@@ -123,15 +113,17 @@ def read_entries(fmt: Format, path: Path) -> tuple[list[Entry], list[Reject]]:
     rejects: list[Reject] = []
     if fmt.name == "jsonl":
         raw = []
-        for n, line in enumerate(text.splitlines()):
+        # Split on "\n" only: str.splitlines() also splits on U+2028, U+2029, U+0085 and \x1c-\x1e,
+        # which a caption may hold inside a JSON string (one record would become two malformed ones).
+        for n, line in enumerate(text.split("\n")):
             if line.strip():
                 try:
-                    raw.append(_parse(line, f"line {n + 1}"))
+                    raw.append(parse_line(line, f"line {n + 1}"))
                 except ValueError as e:
                     raw.append(_Unparsable(str(e)))
     else:
         try:
-            raw = _parse(text, str(path))
+            raw = parse_line(text, str(path))
         except ValueError as e:
             raise ConvertError(f"cannot read the annotations: {e}") from None
     if not isinstance(raw, list):
@@ -230,7 +222,7 @@ def hold_out_val(entries: list[Entry], fraction: float, seed: int) -> dict:
     return {"kind": "held-out train identities", "fraction": fraction, "identities": n, "seed": seed}
 
 
-def _read_image(path: str) -> tuple[bytes | None, tuple[str, str] | None]:
+def read_image_file(path: str) -> tuple[bytes | None, tuple[str, str] | None]:
     """The bytes of a regular file of at most MAX_IMAGE_BYTES, or (None, (reason, detail)). A FIFO
     or device is never read (opened without blocking, then refused)."""
     try:
@@ -260,7 +252,7 @@ def _read_image(path: str) -> tuple[bytes | None, tuple[str, str] | None]:
 def _load(job: tuple[Entry, tuple[int, int] | None]):
     """Worker: read, check and prepare one screened entry's image -> Record or Reject."""
     entry, resize = job
-    data, problem = _read_image(entry.file)
+    data, problem = read_image_file(entry.file)
     if problem is None:
         try:
             image = prepare_image(data, resize)
@@ -277,7 +269,7 @@ def _load_chunk(jobs: list) -> list:
     return [_load(job) for job in jobs]
 
 
-def _worker_init() -> None:
+def worker_init() -> None:
     """A conversion worker dies with the build (Linux: PR_SET_PDEATHSIG) and leaves SIGINT and
     SIGTERM to it: the build stops its workers and cleans up."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -298,7 +290,7 @@ def load_images(jobs: list, workers: int, chunk: int = 16) -> Iterator:
     images read wait in memory for the writer). BuildFailed if a worker dies (killed by the
     system, e.g. out of memory: a pool would wait for it forever)."""
     chunks = iter([jobs[i:i + chunk] for i in range(0, len(jobs), chunk)])
-    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=worker_init) as pool:
         pending = deque(pool.submit(_load_chunk, c) for c in itertools.islice(chunks, 4 * workers))
         try:
             while pending:

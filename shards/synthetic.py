@@ -95,8 +95,9 @@ def near_twin(person: Person, rng: random.Random) -> Person:
     return dataclasses.replace(person, **{field: rng.choice([c for c in choices if c != current])})
 
 
-def make_people(num: int, twin_fraction: float, rng: random.Random) -> list[Person]:
-    """`num` distinct identities, about `twin_fraction` of them near twins of an earlier one."""
+def make_people(num: int, twin_fraction: float, rng: random.Random, exclude=frozenset()) -> list[Person]:
+    """`num` distinct identities, about `twin_fraction` of them near twins of an earlier one; none
+    of them in `exclude`."""
     people: list[Person] = []
     seen: set[Person] = set()
     while len(people) < num:
@@ -104,7 +105,7 @@ def make_people(num: int, twin_fraction: float, rng: random.Random) -> list[Pers
             candidate = near_twin(rng.choice(people), rng)
         else:
             candidate = random_person(rng)
-        if candidate not in seen:
+        if candidate not in seen and candidate not in exclude:
             seen.add(candidate)
             people.append(candidate)
     return people
@@ -322,6 +323,20 @@ class SyntheticSpec:
 
 def synthetic_records(spec: SyntheticSpec) -> Iterator[Record]:
     """All records of the synthetic dataset, split by split, identity by identity."""
+    for _, record in _generate(spec):
+        yield record
+
+
+def people_of(spec: SyntheticSpec) -> dict[str, set[Person]]:
+    """The identities (attribute sets) of each split of the dataset `spec` builds (by generating it:
+    the images draw from the same random sequence)."""
+    people: dict[str, set[Person]] = {}
+    for person, record in _generate(spec):
+        people.setdefault(record.split, set()).add(person)
+    return people
+
+
+def _generate(spec: SyntheticSpec) -> Iterator[tuple[Person, Record]]:
     rng = random.Random(spec.seed)
     image_id = 0
     pid = 0
@@ -331,7 +346,7 @@ def synthetic_records(spec: SyntheticSpec) -> Iterator[Record]:
                 img = draw_person(person, rng, spec.image_size)
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=90)
-                yield Record(
+                yield person, Record(
                     split=split, pid=pid, image_id=image_id,
                     captions=[caption(person, rng) for _ in range(spec.captions_per_image)],
                     source=f"synthetic/{split}/{pid:05d}_{i}.jpg",

@@ -42,7 +42,8 @@ from .locking import FolderLock, LockBusy, LockUnavailable
 LOCK_SUFFIX = ".build-lock"
 FAILED_REJECTS_SUFFIX = ".rejects.jsonl"
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (what a rename makes visible must be on disk first)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -174,7 +175,7 @@ class OutputTransaction:
         """Put the work folder in place of `out` (atomically), then remove the old dataset."""
         assert self.work is not None
         for folder in [*(p for p in self.work.iterdir() if p.is_dir()), self.work]:
-            _fsync_dir(folder)
+            fsync_path(folder)
         old = None
         if not os.path.lexists(self.out):
             os.rename(self.work, self.out)
@@ -188,7 +189,7 @@ class OutputTransaction:
                 old = self.parent / f".{self.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
                 os.rename(self.out, old)
                 os.rename(self.work, self.out)
-        _fsync_dir(self.parent)
+        fsync_path(self.parent)
         self.work = None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

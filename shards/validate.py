@@ -29,6 +29,7 @@ REASONS = (
     "caption too long", "missing image file", "not a regular file", "image file too large",
     "path escapes the root", "duplicate image entry", "identity in two splits",
     "unreadable or truncated image", "unsupported image format",
+    "identity not contiguous",  # corpora with real identities (shards.chunking)
 )
 
 _REPR = reprlib.Repr()

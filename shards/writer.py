@@ -63,7 +63,19 @@ class Reject:
     detail: str = ""
 
 
-class _ShardSink:
+MANIFEST_SCHEMA = pa.schema([
+    ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("pid", pa.int64()),
+    ("orig_pid", pa.string()), ("image_id", pa.int64()), ("captions", pa.list_(pa.string())),
+    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("source", pa.string()),
+    ("num_captions", pa.int32()), ("offset", pa.int64()), ("size", pa.int64()),
+], metadata={schema.MANIFEST_VERSION_KEY: str(schema.SCHEMA_VERSION).encode()})
+"""The manifest's Arrow schema (columns of `shards.schema.MANIFEST_COLUMNS`, version in its metadata)."""
+assert tuple(MANIFEST_SCHEMA.names) == schema.MANIFEST_COLUMNS
+MANIFEST_ROW_GROUP = 16384
+"""Manifest rows per Parquet row group, in shard order: a reader of a few shards reads a few groups."""
+
+
+class ShardSink:
     """Writes one split's samples into size-limited shards, renaming each when complete."""
 
     def __init__(self, folder: Path, split: str, max_samples: int, max_bytes: int):
@@ -161,7 +173,7 @@ class DatasetWriter:
         try:
             for split in schema.SPLITS:
                 (self.work / split).mkdir()
-                self.sinks[split] = _ShardSink(self.work / split, split, max_samples, max_bytes)
+                self.sinks[split] = ShardSink(self.work / split, split, max_samples, max_bytes)
         except BaseException:
             self.txn.abort()
             raise
@@ -299,16 +311,8 @@ class DatasetWriter:
             self._flush_identity()
             for sink in self.sinks.values():
                 sink.close_shard()
-            table = pa.Table.from_pylist(self.rows, schema=pa.schema([
-                ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("pid", pa.int64()),
-                ("orig_pid", pa.string()), ("image_id", pa.int64()), ("captions", pa.list_(pa.string())),
-                ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("source", pa.string()),
-                ("num_captions", pa.int32()), ("offset", pa.int64()), ("size", pa.int64()),
-            ]))
-            assert tuple(table.column_names) == schema.MANIFEST_COLUMNS
-            table = table.replace_schema_metadata({schema.MANIFEST_VERSION_KEY: str(schema.SCHEMA_VERSION).encode()})
-            # (row groups of 16k rows in shard order: a reader of a few shards reads a few groups)
-            self._write_atomic(schema.MANIFEST_FILE, lambda p: pq.write_table(table, p, row_group_size=16384))
+            table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA)
+            self._write_atomic(schema.MANIFEST_FILE, lambda p: pq.write_table(table, p, row_group_size=MANIFEST_ROW_GROUP))
             self._write_atomic(schema.REJECTS_FILE, lambda p: Path(p).write_text(
                 "".join(json.dumps(dataclasses.asdict(r), default=str) + "\n" for r in self.rejects)))
             info = self.summary()
@@ -326,27 +330,12 @@ class DatasetWriter:
 
     def refusal(self, info: dict, strict: bool, allow_rejects: bool, explain=None) -> str | None:
         """Why the reject policy refuses this build (see `close`), or None."""
-        read, rejected, by_reason = info["read"], info["rejected"], info["rejected_by_reason"]
-        if read == 0:
-            return "no records to write: the input is empty"
-        top, n = max(by_reason.items(), key=lambda kv: kv[1]) if by_reason else ("", 0)
-
         def example(reason: str) -> str:
             r = next(r for r in self.rejects if r.reason == reason)
             hint = explain(reason) if explain else ""
             return f" (e.g. {bounded(r.source)}: {r.detail or reason})" + (f"; {hint}" if hint else "")
 
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
-        if info["written"] == 0:
-            what = f"{top}" if len(by_reason) == 1 else f"{reasons}"
-            return f"all {read} records rejected: {what}{example(top)}"
-        if strict and rejected:
-            return f"--strict: {rejected} of {read} records rejected ({reasons}){example(top)}"
-        if not allow_rejects and n > MAJORITY * read:
-            return (f"{n} of {read} records rejected for one reason, {top}{example(top)}: more than half of the "
-                    "input, which is likely wrong as a whole (pass --allow-rejects to write the other "
-                    f"{info['written']} records anyway)")
-        return None
+        return reject_policy(info, strict, allow_rejects, example)
 
     def _write_atomic(self, name: str, write) -> None:
         tmp = self.work / (name + schema.PARTIAL_SUFFIX)
@@ -386,6 +375,27 @@ class DatasetWriter:
             "converted_images": dict(self.converted),
             **self.extra,
         }
+
+
+def reject_policy(info: dict, strict: bool, allow_rejects: bool, example) -> str | None:
+    """Why the reject policy refuses a build summarised by `info` (a dataset.json dict), or None:
+    nothing written, any reject with `strict`, or (unless `allow_rejects`) one reason rejecting more
+    than MAJORITY of the records read. `example(reason)` is a " (e.g. ...)" text for a reason."""
+    read, rejected, by_reason = info["read"], info["rejected"], info["rejected_by_reason"]
+    if read == 0:
+        return "no records to write: the input is empty"
+    top, n = max(by_reason.items(), key=lambda kv: kv[1]) if by_reason else ("", 0)
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
+    if info["written"] == 0:
+        what = f"{top}" if len(by_reason) == 1 else f"{reasons}"
+        return f"all {read} records rejected: {what}{example(top)}"
+    if strict and rejected:
+        return f"--strict: {rejected} of {read} records rejected ({reasons}){example(top)}"
+    if not allow_rejects and n > MAJORITY * read:
+        return (f"{n} of {read} records rejected for one reason, {top}{example(top)}: more than half of the "
+                "input, which is likely wrong as a whole (pass --allow-rejects to write the other "
+                f"{info['written']} records anyway)")
+    return None
 
 
 def feed(writer: DatasetWriter, records: Iterable, *, total: int | None = None, progress: bool = True) -> None:
