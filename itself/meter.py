@@ -106,14 +106,19 @@ class StepMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    @contextmanager
-    def waiting(self):
-        """Count the time inside as waiting for data."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
+    def timed(self, loader, count: int, module, precision: str):
+        """At most `count` batches of `loader`, the time spent waiting for each counted as data wait;
+        the model FLOPs are counted on the first batch of the run."""
+        batches = iter(loader)
+        for _ in range(count):
+            start = time.perf_counter()
+            batch = next(batches, None)
             self.data_wait += time.perf_counter() - start
+            if batch is None:
+                return
+            if self.flops_per_pair is None:
+                self.count_flops(module, batch, precision)
+            yield batch
 
     def count_flops(self, module, batch: dict, precision: str) -> None:
         """Count the model FLOPs per pair once, on this micro-batch (in eval mode: nothing changes),
@@ -149,11 +154,11 @@ class StepMeter:
         self.steps += 1
         return losses
 
-    def read(self) -> dict | None:
+    def read(self, **extra) -> dict | None:
         """Means per micro-batch over the window's applied steps (loss shares summed over ranks, the
         other report values as on this rank), pairs per second, per step the seconds waiting for
-        data and the rest (compute), MFU and peak memory; None when every step was skipped. Starts
-        the next window."""
+        data and the rest (compute), MFU and peak memory, and `extra`; None when every step was
+        skipped. Starts the next window."""
         if not self.micro_steps:
             self.restart()
             return None
@@ -177,7 +182,7 @@ class StepMeter:
             if self.peak_tflops:
                 values["mfu"] = achieved / self.peak_tflops
         self.restart()
-        return values
+        return values | extra
 
 
 def progress_bar(rank: int, epoch: int, epochs: int, total: int, initial: int):

@@ -219,6 +219,11 @@ class RunDir:
         path.write_text(text)
         return path
 
+    def write_configs(self, config_yaml: str, deepspeed_config: dict) -> None:
+        """config.yaml (runs again as --config) and the resolved deepspeed_config.json."""
+        self.write_text(self.CONFIG, config_yaml)
+        self.write_text(self.DEEPSPEED_CONFIG, json.dumps(deepspeed_config, indent=2) + "\n")
+
     def open_log(self, rank: int, report_to: str = "tensorboard", config: dict | None = None,
                  project: str = "itself") -> "RunLog":
         return RunLog(self, rank, report_to, config, project)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -110,6 +109,17 @@ def claim_run_dir(cfg: Config, proc: Process):
     return RunDir(path), new, held.get("lock")
 
 
+def build_model(cfg: Config, num_ids: int, steps_per_epoch: int):
+    """(the model of `cfg`, seeded; the record of `model.init_from` or None): a run that starts from
+    another run's weights does not read `model.pretrained`."""
+    torch.manual_seed(cfg.seed)
+    model = ITSELF(dataclasses.replace(cfg.model, pretrained="") if cfg.model.init_from else cfg.model,
+                   num_ids, cfg.data.image_size, steps_per_epoch)
+    init = init_from(model, cfg.model.init_from, cfg.model.arch) if cfg.model.init_from else None
+    model.speed_options(grad_checkpointing=cfg.train.grad_checkpointing, compile=cfg.train.compile)
+    return model, init
+
+
 class Trainer:
     """One training run in a claimed run directory: `__init__` builds (or resumes) the data, model
     and engine, `fit()` trains, evaluates and finishes. The state that checkpoints carry is `state`."""
@@ -128,11 +138,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader) // t.grad_accum
         # (schedule=steps: the data is cycled epoch after epoch until max_steps)
         self.epochs = t.epochs if t.schedule == "epochs" else -(-t.max_steps // self.steps_per_epoch)
-        torch.manual_seed(cfg.seed)
-        model = ITSELF(dataclasses.replace(cfg.model, pretrained="") if cfg.model.init_from else cfg.model,
-                       self.loader.num_ids, cfg.data.image_size, self.steps_per_epoch)
-        init = init_from(model, cfg.model.init_from, cfg.model.arch) if cfg.model.init_from else None
-        model.speed_options(grad_checkpointing=t.grad_checkpointing, compile=t.compile)
+        model, init = build_model(cfg, self.loader.num_ids, self.steps_per_epoch)
         n_params = sum(p.numel() for p in model.parameters())
         proc.decide(lambda: run.check_room(checkpoint_bytes(model, self.precision), n_params * 4, t.keep_last))
         ds_config = deepspeed_config(cfg, proc.world, self.precision, proc.device)
@@ -148,9 +154,8 @@ class Trainer:
             self.state.init_from = init
             self.state.zero_shot = self.outcome.evaluate_zero_shot(self.engine.module)
         if proc.is_main:  # (after a resume was found possible: a refused one leaves its run as it was)
-            run.write_text(RunDir.CONFIG, config_yaml(cfg))
-            run.write_text(RunDir.DEEPSPEED_CONFIG, json.dumps(ds_config, indent=2) + "\n")
-        log.info(f"run {run} | {proc.world} rank(s) on {proc.device.type}, {self.precision} | {cfg.model.arch} "
+            run.write_configs(config_yaml(cfg), ds_config)
+        log.info(f"run {run.path.resolve()} | {proc.world} rank(s) on {proc.device.type}, {self.precision} | {cfg.model.arch} "
                  f"{n_params / 1e6:.1f}M params | {self.info['splits']['train']['captions']} train pairs, "
                  f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs, batch {t.batch_size} ({micro_batch}/rank)")
 
@@ -190,18 +195,8 @@ class Trainer:
         self.loader.set_epoch(s.epoch, s.micro_step)
         total = (len(self.loader) // accum) * accum
         self.bar = progress_bar(self.proc.rank, s.epoch, self.epochs, total // accum, s.micro_step // accum)
-        group, batches = [], iter(self.loader)
-        for _ in range(s.micro_step, total):
-            with self.meter.waiting():
-                batch = next(batches, None)
-            if batch is None:
-                break
-            if self.meter.flops_per_pair is None:
-                self.meter.count_flops(self.engine.module, batch, self.precision)
-            group.append(batch)
-            if len(group) == accum:
-                yield group
-                group = []
+        batches = self.meter.timed(self.loader, total - s.micro_step, self.engine.module, self.precision)
+        yield from groups_of(batches, accum)
 
     def step(self, batches: list[dict]) -> None:
         """One optimizer step over `grad_accum` micro-batches; a non-finite one is never applied."""
@@ -238,13 +233,11 @@ class Trainer:
 
     def _log_window(self) -> None:
         s = self.state
-        values = self.meter.read()
-        if values is None:
-            return
-        values.update(epoch=s.epoch, lr=self.engine.get_lr()[0], skipped_steps=s.skipped_steps)
-        self.log.record("train", s.global_step, values)
-        total = self.cfg.train.max_steps or self.steps_per_epoch * self.cfg.train.epochs
-        show_rate(self.bar, values, (total - s.global_step) * self.cfg.train.batch_size)
+        values = self.meter.read(epoch=s.epoch, lr=self.engine.get_lr()[0], skipped_steps=s.skipped_steps)
+        if values is not None:
+            self.log.record("train", s.global_step, values)
+            total = self.cfg.train.max_steps or self.steps_per_epoch * self.epochs
+            show_rate(self.bar, values, (total - s.global_step) * self.cfg.train.batch_size)
 
     def _max_steps_reached(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.state.global_step >= self.cfg.train.max_steps
@@ -272,6 +265,16 @@ class Trainer:
                       "continue with train.resume=latest")
         self.log.record("interrupted", s.global_step, {"epoch": s.epoch, "checkpoint": tag})
         return Interrupted(str(self.run), s.global_step, tag)
+
+
+def groups_of(batches, accum: int):
+    """Consecutive groups of `accum` micro-batches (one optimizer step each); a short last group is dropped."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
 
 
 # ----------------------------------------------------------------------------------- script

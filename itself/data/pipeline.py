@@ -47,7 +47,7 @@ def ensure_dataset(root: str | os.PathLike, build_synthetic: bool = False) -> di
             if not (Path(root) / schema.DATASET_FILE).exists():
                 import shards
 
-                print(f"building the synthetic dataset in {root} (first use)", file=sys.stderr)
+                print(f"building the synthetic dataset in {Path(root).resolve()} (first use)", file=sys.stderr)
                 shards.build_synthetic(root, progress=False)
     return dataset_info(root)
 
