@@ -109,15 +109,16 @@ class StepMeter:
     def timed(self, loader, count: int, module, precision: str):
         """At most `count` batches of `loader`, the time spent waiting for each counted as data wait;
         the model FLOPs are counted on the first batch of the run."""
-        batches = iter(loader)
-        for _ in range(count):
+        batches, taken = iter(loader), 0
+        while True:
             start = time.perf_counter()
-            batch = next(batches, None)
+            batch = next(batches, None)  # (one past `count`: the loader ends its epoch, and counts it)
             self.data_wait += time.perf_counter() - start
-            if batch is None:
+            if batch is None or taken >= count:
                 return
             if self.flops_per_pair is None:
                 self.count_flops(module, batch, precision)
+            taken += 1
             yield batch
 
     def count_flops(self, module, batch: dict, precision: str) -> None:

@@ -84,10 +84,12 @@ def test_each_evaluation_logs_retrieval_panels_to_tensorboard(small_dataset, tmp
 
 @pytest.mark.slow
 def test_offline_wandb_run_holds_the_metrics_and_panels(small_dataset, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "my-wandb"  # (the user's WANDB_DIR wins)
+    wandb_dir.mkdir()
     run_train(small_run_args(small_dataset, "train.epochs=1", "train.report_to=wandb", f"run_dir={run_dir}"),
-              WANDB_MODE="offline", WANDB_SILENT="true")
-    runs = list((run_dir / "wandb").glob("offline-run-*"))
+              WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(wandb_dir))
+    assert not (run_dir / "wandb").exists()
+    runs = list((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     data = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert b"train/loss" in data and b"eval/metrics/global/R1" in data and b"val/retrievals" in data

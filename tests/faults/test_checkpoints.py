@@ -177,12 +177,19 @@ def test_a_resume_on_other_data_is_refused(reference, tmp_path, small_dataset):
     assert run.returncode == 2 and "was trained on other data than data.root" in run.stderr, run.stderr[-2000:]
 
 
-def test_a_pointer_leading_outside_the_checkpoints_is_not_followed(reference, tmp_path):
+def test_a_latest_pointer_leaving_the_run_is_reported_and_not_followed(reference, tmp_path, caplog):
     run_dir = _resumable_copy(reference, tmp_path)
     (tmp_path / "step99999999").mkdir()
     (tmp_path / "step99999999" / "COMPLETE").write_text("")
-    (run_dir / "checkpoints" / "latest").write_text("../../step99999999")
+    latest = run_dir / "checkpoints" / "latest"
+    latest.write_text("../../step99999999")
     assert latest_tag(run_dir / "checkpoints") == tag_for(16)  # the newest complete one of the run
+    assert f"{latest} names something else, not a complete checkpoint of this run: ignored" in caplog.text
+    latest.unlink()
+    (tmp_path / "pointer").write_text(tag_for(8))  # a link to a file that names a real checkpoint
+    latest.symlink_to(tmp_path / "pointer")
+    assert latest_tag(run_dir / "checkpoints") == tag_for(16)
+    assert caplog.text.count("ignored; taking the newest complete one (step00000016)") == 2
 
 
 def test_a_truncated_file_in_a_complete_checkpoint_names_it_and_the_previous_checkpoint(reference, tmp_path,

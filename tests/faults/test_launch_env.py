@@ -106,3 +106,22 @@ def test_a_second_training_into_the_same_run_dir_is_refused_naming_the_first(sma
     steps = [r["step"] for r in records if r["type"] == "train"]
     assert steps == sorted(set(steps)) and [r["type"] for r in records].count("test") == 1
     assert not (run_dir / ".itself-run.lock").exists()  # (released at the end)
+
+
+def test_ctrl_c_stops_with_the_resume_command_and_no_traceback(small_dataset, tmp_path):
+    import signal
+
+    run_dir = tmp_path / "run"
+    args = small_run_args(small_dataset, f"run_dir={run_dir}", "train.epochs=4")
+    process = subprocess.Popen([sys.executable, "itself/train.py", *args], cwd=REPO, env=train_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # (interrupted once its first checkpoint is written: the advice then names it)
+        wait_until(lambda: (run_dir / "checkpoints" / "latest").exists() or process.poll() is not None, 600,
+                   "the first checkpoint")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().endswith("interrupted")
+    assert f"rerun the same command with run_dir={run_dir} train.resume=latest" in err
