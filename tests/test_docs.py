@@ -26,7 +26,7 @@ EXAMPLES = {"cluster_configs/slurm/mycluster.yaml"}
 OTHER_TOOLS_FLAGS = {
     "--num_gpus", "--hostfile", "--nproc_per_node", "--log_level",  # deepspeed, torchrun
     "--requeue", "--signal",  # sbatch
-    "--index-url", "--logdir", "--head", "--port", "--object-store-memory",  # pip, tensorboard, ray start
+    "--index-url", "--logdir", "--inspect", "--head", "--port", "--object-store-memory",  # pip, tensorboard, ray
     "--resolution", "--extra", "--python",  # uv
     "--only_global",  # the reference code's run.sh
     "--help", "--bogus",  # argparse's own; the docs' example of an unknown option
