@@ -27,3 +27,20 @@ def check_can_create(folder: str | os.PathLike, what: str) -> None:
         made = "" if existing == folder else f" (where {folder} would be created)"
         raise ConfigError(f"{what}: cannot create folders in {existing}{made}: {e.strerror or e}; choose a "
                           "writable folder (on a cluster, one every node sees)") from None
+
+
+class Folder:
+    """A folder whose files one class names (`RunDir`'s kind: a SLURM job's `JobDir`, a search's
+    `ExperimentDir` ...): its path, and `file(name)` for a file in it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name

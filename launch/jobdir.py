@@ -22,23 +22,17 @@ import time
 from pathlib import Path
 
 from itself.config import Config, config_yaml
-from itself.paths import check_can_create
+from itself.paths import Folder, check_can_create
 from itself.rundir import RunDir, timestamped
 
 
-class JobDir:
+class JobDir(Folder):
     """The files of one SLURM job (see the module docstring)."""
 
     SUBMISSION = "submission.json"
     CONFIG = "config.yaml"
     ATTEMPTS = "attempts.jsonl"
     RUN = "run"
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __str__(self) -> str:
-        return str(self.path)
 
     @classmethod
     def new(cls, jobs_dir: str | os.PathLike, name: str) -> "JobDir":
@@ -50,10 +44,10 @@ class JobDir:
     @property
     def run(self) -> RunDir:
         """The training run directory a job gets when the command gives no run_dir."""
-        return RunDir(self.path / self.RUN)
+        return RunDir(self.file(self.RUN))
 
     def log(self, job_id: str, rank: int = 0, stream: str = "out") -> Path:
-        return self.path / f"{job_id}_{rank}_log.{stream}"
+        return self.file(f"{job_id}_{rank}_log.{stream}")
 
     def follow(self, job_id: str) -> str:
         """How to watch the job's output."""
@@ -62,7 +56,7 @@ class JobDir:
     def result(self, job_id: str, rank: int = 0):
         """What the rank returned (submitit's result pickle, written by the job itself): the value,
         or None when it ended without one; a failed rank's error is printed as submitit kept it."""
-        path = self.path / f"{job_id}_{rank}_result.pkl"
+        path = self.file(f"{job_id}_{rank}_result.pkl")
         if not path.exists():
             return None
         status, value = pickle.loads(path.read_bytes())  # (our own job's file, in our own folder)
@@ -80,21 +74,14 @@ class JobDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def write_config(self, cfg: Config) -> None:
-        (self.path / self.CONFIG).write_text(config_yaml(cfg))
+        self.file(self.CONFIG).write_text(config_yaml(cfg))
 
     def write_submission(self, record: dict) -> None:
         record = {**record, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (self.path / self.SUBMISSION).write_text(json.dumps(record, indent=2) + "\n")
-
-    def submission(self) -> dict:
-        return json.loads((self.path / self.SUBMISSION).read_text())
+        self.file(self.SUBMISSION).write_text(json.dumps(record, indent=2) + "\n")
 
     def record_attempt(self, event: dict) -> None:
         """Append an attempt event (rank 0 of the job writes them)."""
         event = {**event, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        with open(self.path / self.ATTEMPTS, "a") as f:
+        with open(self.file(self.ATTEMPTS), "a") as f:
             f.write(json.dumps(event) + "\n")
-
-    def attempts(self) -> list[dict]:
-        path = self.path / self.ATTEMPTS
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -31,12 +31,13 @@ import os
 from pathlib import Path
 
 from itself.config import Config, ConfigError, config_yaml, from_dict, load_yaml
+from itself.paths import Folder
 from itself.rundir import RunDir
 from shards.locking import FolderLock, LockBusy, LockUnavailable
 from tune.settings import SearchSettings
 
 
-class ExperimentDir:
+class ExperimentDir(Folder):
     """The files of one search experiment (see the module docstring)."""
 
     SETTINGS = "search.json"
@@ -52,28 +53,19 @@ class ExperimentDir:
     TUNER_STATE = "tuner.pkl"  # (Tune's name: there once the experiment has started)
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._lock = FolderLock(self.path / self.LOCK)
-
-    def __str__(self) -> str:
-        return str(self.path)
+        super().__init__(path)
+        self._lock = FolderLock(self.file(self.LOCK))
 
     @property
     def name(self) -> str:
         return self.path.name
 
-    def file(self, name: str) -> Path:
-        return self.path / name
-
     def plot(self, metric: str) -> Path:
-        return self.path / f"{metric}_vs_params.png"
+        return self.file(f"{metric}_vs_params.png")
 
     @property
     def confirm(self) -> "ExperimentDir":
-        return ExperimentDir(self.path / self.CONFIRM)
-
-    def trial(self, name: str) -> "TrialDir":
-        return TrialDir(self.path / name)
+        return ExperimentDir(self.file(self.CONFIRM))
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -123,14 +115,11 @@ class ExperimentDir:
         self._lock.release()
 
 
-class TrialDir:
+class TrialDir(Folder):
     """A trial's folder in its experiment: one `AttemptDir` per run of the trial."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
     def attempt(self, number: int) -> "AttemptDir":
-        return AttemptDir(self.path / f"attempt{number}", number)
+        return AttemptDir(self.file(f"attempt{number}"), number)
 
     def attempts_started(self) -> int:
         return sum(1 for _ in self.path.glob("attempt*"))
@@ -141,27 +130,28 @@ class TrialDir:
         return attempt
 
 
-class AttemptDir:
+class AttemptDir(Folder):
     """One run of a trial: a run directory, log and config per seed, and the reports staged for Tune."""
 
     EVALUATION = "evaluation.json"
     """In each staged report: {"epoch": e}, the 1-based epoch of the evaluation it belongs to."""
 
     def __init__(self, path: str | os.PathLike, number: int):
-        self.path, self.number = Path(path), number
+        super().__init__(path)
+        self.number = number
 
     def seed_run(self, seed: int) -> RunDir:
-        return RunDir(self.path / f"seed{seed}")
+        return RunDir(self.file(f"seed{seed}"))
 
     def seed_log(self, seed: int) -> Path:
-        return self.path / f"seed{seed}.log"
+        return self.file(f"seed{seed}.log")
 
     def seed_config(self, seed: int) -> Path:
-        return self.path / f"seed{seed}.yaml"
+        return self.file(f"seed{seed}.yaml")
 
     def report(self, epoch: int) -> Path:
         """Where the seeds' checkpoints of 0-based `epoch` wait for Tune: one `seed<s>/<tag>` each."""
-        return self.path / "reports" / f"epoch{epoch + 1:04d}"
+        return self.file("reports") / f"epoch{epoch + 1:04d}"
 
     def mark_report(self, epoch: int) -> None:
         (self.report(epoch) / self.EVALUATION).write_text(json.dumps({"epoch": epoch + 1}))
