@@ -16,7 +16,8 @@ node; an interrupted or killed search continues with --resume. --address joins a
 (cluster_configs/ray/ starts one inside a SLURM allocation).
 
 With the synthetic preset and no train.epochs override, trials train 8 epochs (a small search:
-with --seeds 2, about 16 minutes on 2 CPU cores; docs/TUNING.md).
+with --seeds 2, about 16 minutes on 2 CPU cores; docs/TUNING.md); best_config.yaml is the best
+configuration at the preset's full schedule, best_config_search.yaml as it was searched.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ if __package__ in (None, ""):  # run as `python tune/search.py`: this checkout's
 import argparse
 import copy
 import os
-import socket
 
 from itself.config import Config, ConfigError, ModelConfig, apply_overrides, config_yaml, to_dict
 from itself.errors import UserError
@@ -38,13 +38,13 @@ from itself.paths import check_can_create
 from itself.presets import PRESETS, resolve_config
 from itself.rundir import timestamped
 from tune import rungs, table
+from tune.cluster import RayUnavailable, check_address, check_fits, connect
 from tune.folders import ExperimentDir
 from tune.settings import SearchSettings, derive, short_schedule
-from tune.trial import apply_params, node_name, run_trial, trial_params, worker_env
+from tune.trial import apply_params, node_name, run_trial, trial_params
 
 PAPER = {k: getattr(ModelConfig(), k) for k in ("p_start", "p_end", "discard_ratio")}  # the defaults
 RANGES = {"p_start": (0.5, 0.8), "p_end": (0.35, None), "discard_ratio": (0.1, 0.4)}  # p_end's top is p_start
-ADDRESS_TIMEOUT_S = 10
 
 
 # ----------------------------------------------------------------------------------- space
@@ -271,24 +271,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
-    """A ConfigError unless something answers at --address HOST:PORT within `timeout_s` (Ray
-    itself would wait for minutes); `auto` and no address are Ray's to resolve."""
-    if not address or address == "auto":
-        return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"--address: expected HOST:PORT (the Ray head's GCS address, e.g. 10.0.0.1:6379) or auto, "
-                          f"got {address!r}")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        why = "no answer" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        raise ConfigError(f"no Ray cluster answers at {address} within {timeout_s:g} s ({why}); start one with "
-                          f"`ray start --head --port {port}` on {host} (cluster_configs/ray/start_ray_slurm.sh in a "
-                          "SLURM allocation), or leave --address out to run on this machine") from None
-
-
 def _check_name(name: str | None) -> None:
     if name is not None and (not name or name in (".", "..") or "/" in name or os.sep in name):
         raise ConfigError(f"--name: must be one folder name (no '/', not '.' or '..'), got {name!r}")
@@ -360,24 +342,6 @@ def prepare(args) -> tuple[ExperimentDir, Config, SearchSettings]:
     return exp, base, derive(args, searched, info, schedule)
 
 
-def local_cpus(s: SearchSettings) -> int:
-    """CPUs of a Ray started here: this machine's, or as many as one trial asks for (its seeds then
-    share the cores) so that a trial can always start."""
-    return max(os.cpu_count() or 1, s.largest_demand()["CPU"])
-
-
-def check_fits(s: SearchSettings) -> None:
-    """A ConfigError unless some node of the Ray cluster can hold a trial (Tune would wait forever)."""
-    import ray
-
-    demand = s.largest_demand()
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    if not any(all(node.get(k, 0) >= v for k, v in demand.items()) for node in nodes):
-        have = ", ".join(f"{node.get('CPU', 0):g} CPU / {node.get('GPU', 0):g} GPU" for node in nodes)
-        raise ConfigError(f"a trial needs {demand['CPU']} CPU(s) and {demand['GPU']} GPU(s) on one node (seeds x "
-                          f"--cpus-per-trial / --gpus-per-trial), but the Ray cluster's nodes have {have}")
-
-
 def start(exp: ExperimentDir, base: Config, s: SearchSettings) -> None:
     """Claim the new experiment's folder (locked: a second search into it is refused) and write
     its settings and base config."""
@@ -408,24 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         exp, base, s = prepare(args)
+        connect(args.address, s)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # Every checkpointed report saves the experiment's state (what lets a killed driver resume with
-    # its trials' last evaluations); Tune warns about it as if it were a mistake.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune's reporter: the one that is silent at verbose=0 (the newer one still prints a banner and
-    # a TensorBoard command for Ray's session folder). tune.progress.Progress reports instead.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    except RayUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     import ray
 
-    try:
-        ray.init(address=args.address, num_cpus=None if args.address else local_cpus(s), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False, runtime_env={"env_vars": worker_env()})
-    except (ConnectionError, RuntimeError) as e:  # (something answered at --address, but not a Ray head)
-        where = f"no Ray cluster answers at {args.address}" if args.address else "Ray did not start here"
-        print(f"error: {where}: {str(e).strip().splitlines()[-1][:300]}", file=sys.stderr)
-        return 2 if args.address else 1
     try:
         check_fits(s)
         if not args.resume:
