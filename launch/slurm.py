@@ -20,6 +20,7 @@ from itself.config import NAME, ConfigError, Config, config_yaml, to_dict
 from itself.errors import UserError
 from itself.paths import check_can_create
 from itself.presets import PRESETS, resolve_config
+from itself.records import Results
 from itself.rundir import RunDir
 from launch.jobdir import JobDir
 from launch.profiles import ProfileError, SlurmProfile, load_profile, validate
@@ -204,9 +205,10 @@ def wait_for(job, folder: JobDir, local: bool):
     return folder.result(job.job_id)
 
 
-def results_summary(results: dict) -> dict:
-    """What --wait prints of a finished run's results.json (the one place this command reads its keys)."""
-    return {k: results[k] for k in ("run_dir", "best_epoch", "fusion_weight", "selection", "test") if k in results}
+def results_summary(results: Results) -> dict:
+    """What --wait prints of a finished run's results.json."""
+    return {"run_dir": results.run_dir, "best_epoch": results.best_epoch, "fusion_weight": results.fusion_weight,
+            "selection": results.selection, "test": results.test}
 
 
 def plan(args) -> tuple[Config, SlurmProfile, JobDir]:

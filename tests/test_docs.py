@@ -24,7 +24,7 @@ PLACEHOLDER = re.compile(r"<|>|\*|\{|\.\.\.|\bNAME\b|NNN|UUU|\bN\b")
 EXAMPLES = {"cluster_configs/slurm/mycluster.yaml"}
 """Paths the docs ask the user to create."""
 OTHER_TOOLS_FLAGS = {
-    "--num_gpus", "--hostfile", "--nproc_per_node", "--log_level",  # deepspeed, torchrun
+    "--num_gpus", "--hostfile", "--nproc_per_node", "--log_level", "--master_port",  # deepspeed, torchrun
     "--requeue", "--signal",  # sbatch
     "--index-url", "--logdir", "--inspect", "--head", "--port", "--object-store-memory",  # pip, tensorboard, ray
     "--resolution", "--extra", "--python",  # uv
