@@ -146,31 +146,31 @@ def submit(executor, job: JobDir, payload):
         raise SubmitError(f"the job was not submitted: {submit_error(e)}") from None
 
 
-def make_executor(job: JobDir, profile: SlurmProfile, nodes: int, name: str, local: bool):
+def make_executor(job: JobDir, profile: SlurmProfile, nodes: int, name: str, local: bool,
+                  render_only: bool = False):
+    """submitit's executor for the job: local, for SLURM, or (`render_only`) one that only renders
+    the sbatch script, on any machine: submitit refuses to make a SLURM executor without srun on
+    PATH, and rendering never runs it."""
     submitit = require_submitit()
     if local:
         executor = submitit.LocalExecutor(folder=job.path)
         executor.update_parameters(nodes=1, tasks_per_node=nodes * profile.ranks_per_node,
                                    timeout_min=profile.minutes(), gpus_per_node=profile.gpus_per_node)
         return executor
-    executor = submitit.SlurmExecutor(folder=job.path, max_num_timeout=profile.max_requeues)
-    executor.update_parameters(**slurm_parameters(profile, nodes, name))
-    return executor
-
-
-def sbatch_script(job: JobDir, profile: SlurmProfile, nodes: int, name: str) -> str:
-    """The script sbatch would get, rendered by submitit as it would submit it, on any machine:
-    nothing is submitted, so no SLURM command is needed (submitit's executor refuses to be made
-    without srun on PATH; rendering never runs it)."""
-    submitit = require_submitit()
 
     class ScriptOnly(submitit.SlurmExecutor):
         @classmethod
         def affinity(cls) -> int:
             return 1
 
-    executor = ScriptOnly(folder=job.path, max_num_timeout=profile.max_requeues)
+    executor = (ScriptOnly if render_only else submitit.SlurmExecutor)(folder=job.path,
+                                                                      max_num_timeout=profile.max_requeues)
     executor.update_parameters(**slurm_parameters(profile, nodes, name))
+    return executor
+
+
+def sbatch_script(executor) -> str:
+    """The script sbatch would get from `executor` (submitit renders it; nothing is submitted)."""
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
@@ -180,7 +180,7 @@ def dry_run(job: JobDir, profile: SlurmProfile, nodes: int, name: str, local: bo
     head = (f"# sbatch script ({nodes} nodes x {profile.ranks_per_node} tasks = {world} ranks, "
             f"{profile.gpus_per_node} GPUs per node)\n\n")
     return head + ("# --local: no sbatch script (submitit local executor)" if local else
-                   sbatch_script(job, profile, nodes, name))
+                   sbatch_script(make_executor(job, profile, nodes, name, local=False, render_only=True)))
 
 
 def job_state(job_id: str) -> str:

@@ -84,7 +84,7 @@ def _test_names(path: Path) -> set[str]:
 def test_cited_tests_exist():
     missing, checked = [], 0
     for doc, number, line, span in spans():
-        for file, name in re.findall(r"((?:faults/)?test_\w+\.py)?::(\w+)(?!\w*\.\.\.)", span):
+        for file, name in re.findall(r"(?:((?:faults/)?test_\w+\.py)|^)::(test_\w+)(?!\w*\.\.\.)", span):
             if not file:  # `::name` continues the file named before it on the same line
                 before = re.findall(r"((?:faults/)?test_\w+\.py)::", line[: line.index(span)])
                 file = before[-1] if before else ""
