@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,7 +21,7 @@ import torch
 
 from ..config import Config, from_dict
 from ..errors import UserError
-from ..safeio import safe_load, write_atomic
+from ..safeio import safe_load, temp_beside, write_atomic
 from .itself import ITSELF, TRAIN
 
 FORMAT = "itself-model/1"
@@ -43,13 +44,6 @@ class Exported(NamedTuple):
         return self.model.selection
 
 
-def _umask_mode() -> int:
-    """The permissions a new file gets here (0o644 under the usual umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def export(path: str | os.PathLike, state_dict: dict, config: dict, num_ids: int, fusion_weight: float,
            metrics: dict | None = None, selection: str = TRAIN) -> None:
     """Write model.pt, and model.safetensors + config.json beside it, each atomically."""
@@ -58,14 +52,25 @@ def export(path: str | os.PathLike, state_dict: dict, config: dict, num_ids: int
     path = Path(path)
     meta = {"format": FORMAT, "config": config, "num_ids": num_ids, "fusion_weight": fusion_weight,
             "selection": selection, "metrics": metrics or {}}
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({**meta, "state_dict": state_dict}, tmp)
-    os.replace(tmp, path)
-    weights = path.with_name(WEIGHTS)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(weights) + ".partial")
-    os.chmod(str(weights) + ".partial", _umask_mode())  # (safetensors creates its file 0600)
-    os.replace(str(weights) + ".partial", weights)
+    _write_replacing(path, lambda tmp: torch.save({**meta, "state_dict": state_dict}, tmp))
+
+    def weights(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
+        shutil.copymode(path, tmp)  # (safetensors makes its file 0600; model.pt has the umask's)
+
+    _write_replacing(path.with_name(WEIGHTS), weights)
     write_atomic(path.with_name(CONFIG), json.dumps(meta, indent=2) + "\n")
+
+
+def _write_replacing(path: Path, write) -> None:
+    """`write(tmp)` into a new file beside `path` (the umask's permissions), then rename it over `path`."""
+    tmp = temp_beside(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_exported(path: str | os.PathLike, map_location="cpu") -> Exported:
