@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import stat
 from pathlib import Path
 
 import cluster_configs
@@ -53,7 +55,8 @@ class DataConfig:
     epoch on average (1: once; 0.5: half of its identities, drawn anew each epoch; 2: twice).
     Empty: 1 for every dataset."""
     build_synthetic: bool = False
-    """Build the embedded synthetic dataset at `root` when it is missing (the synthetic presets)."""
+    """Build the embedded synthetic dataset at `root` when it is missing (the synthetic presets).
+    Switched off, with a note, when `data.root` is overridden and this is not set too."""
     train_shards: str = ""
     """Train shard URLs overriding `<root>/train/*.tar`: a brace pattern (`dir/train-{000000..000009}.tar`),
     several joined by `::`, or any URL webdataset opens (`pipe:`, `https://`). Shards are matched
@@ -67,11 +70,11 @@ class DataConfig:
     num_workers: int = 8
     """DataLoader worker processes per rank (at most: a worker adds at least one identity to each
     step, so a rank uses no more than micro-batch / num_instance, and a divisor of its data slots).
-    Each reads whole shards."""
+    Each reads its slots' identities."""
     num_slots: int = 0
-    """Data slots: disjoint shard sets, each contributing an equal share of every global batch.
+    """Data slots: runs of whole identities (not whole shards), each an equal share of every global batch.
     0 = ranks x workers. A fixed value (a multiple of the world size, at most the number of train
-    shards) makes the batches, and so the results, independent of the world size."""
+    identities) makes the batches, and so the results, independent of the world size."""
     window_shards: int = 16
     """Shards a worker pools before forming batches: bigger mixes identities from more shards,
     smaller bounds memory (at most about this many shards of encoded images per worker)."""
@@ -468,6 +471,21 @@ def _short(value) -> str:
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxother = 3, 8, 8, 8, 80, 80
     return r.repr(value)
+
+
+def read_config_text(path: str | os.PathLike, what: str) -> str:
+    """The text of a small YAML / JSON file a user named (`what`: the flag or field), or a
+    ConfigError saying why not: missing, not a regular file (a folder, /dev/zero, a FIFO: never
+    opened), over 1 MiB, unreadable or not UTF-8."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{what}: {path} is not a regular file; give a YAML or JSON file")
+        if info.st_size > 1 << 20:
+            raise ConfigError(f"{what}: {path} is {info.st_size} bytes; a config is at most 1 MiB")
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def load_yaml(text: str, what: str):

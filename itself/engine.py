@@ -9,26 +9,34 @@ from pathlib import Path
 
 import torch
 
-from .config import DEEPSPEED_CONFIGS, Config, ConfigError
+from .config import DEEPSPEED_CONFIGS, Config, ConfigError, read_config_text
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if name == "auto" else name
 
 
+def deepspeed_file(deepspeed: str) -> dict:
+    """The cluster file `train.deepspeed` names (a name in cluster_configs/deepspeed/, or a .json
+    path): a ConfigError naming it when it is missing, unreadable or not a JSON object. Launchers
+    call it before submitting, so a bad file is found on the login node."""
+    path = Path(deepspeed) if deepspeed.endswith(".json") else DEEPSPEED_CONFIGS / f"{deepspeed}.json"
+    if not path.exists():  # (names are checked by Config.validate; a path may be missing)
+        raise ConfigError(f"train.deepspeed: {path} not found")
+    try:
+        ds = json.loads(read_config_text(path, "train.deepspeed"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed: {path} is not valid JSON ({e}); fix it, or use one of "
+                          f"cluster_configs/deepspeed/ (zero0 .. zero3)") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object (DeepSpeed config keys)")
+    return ds
+
+
 def deepspeed_config(cfg: Config, world_size: int, precision: str, device: torch.device) -> dict:
     """The cluster file (ZeRO stage, offload) with everything else filled in from the train config."""
     t = cfg.train
-    path = Path(t.deepspeed) if t.deepspeed.endswith(".json") else DEEPSPEED_CONFIGS / f"{t.deepspeed}.json"
-    if not path.is_file():  # (names are checked by Config.validate; a path may be missing)
-        raise ConfigError(f"train.deepspeed: {path} not found (or not a file)")
-    try:
-        with open(path, "rb") as f:
-            ds = json.loads(f.read((1 << 20) + 1))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"train.deepspeed: {path} is not a readable DeepSpeed JSON config ({str(e)[:200]})") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object (the DeepSpeed config)")
+    ds = deepspeed_file(t.deepspeed)
     adam = {"lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
             "torch_adam": True, "adam_w_mode": False}  # Adam with L2 weight decay, as the reference code
     if device.type == "cuda":

@@ -11,10 +11,11 @@ synthetic run with the global branch only.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, ConfigError, apply_dict, apply_overrides, load_yaml
+from .config import Config, ConfigError, apply_dict, apply_overrides, load_yaml, read_config_text
 
 
 def synthetic() -> Config:
@@ -147,15 +148,7 @@ def resolve_config(preset: str = "synthetic", config_file: str | None = None, ov
     cfg = get_preset(preset)
     default_root, explicit = cfg.data.root, set()
     if config_file:
-        try:
-            path = Path(config_file)
-            if path.exists() and not path.is_file():  # (a FIFO or a device such as /dev/zero: never read)
-                raise ConfigError(f"--config: {config_file} is not a regular file")
-            with open(path, "rb") as f:
-                text = f.read((1 << 20) + 1).decode()  # (load_yaml refuses more than 1 MiB)
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--config: cannot read {config_file}: {getattr(e, 'strerror', None) or e}") from None
-        values = load_yaml(text, f"--config: {config_file}") or {}
+        values = load_yaml(read_config_text(config_file, "--config"), f"--config: {config_file}") or {}
         if not isinstance(values, dict):
             raise ConfigError(f"--config: {config_file} must hold a mapping of sections (data, model, train, eval)")
         try:
@@ -168,6 +161,10 @@ def resolve_config(preset: str = "synthetic", config_file: str | None = None, ov
     if cfg.data.root != default_root and "data.build_synthetic" not in explicit:
         # A data.root of one's own is data to read, never a place to build the synthetic set in:
         # a mistyped path must be an error, not a synthetic run.
+        if cfg.data.build_synthetic:
+            logging.getLogger(__name__).warning(
+                f"note: data.root={cfg.data.root} is read as a built dataset; the synthetic set is not built "
+                "there (data.build_synthetic=true to build it)")
         cfg.data.build_synthetic = False
     resolve_references(cfg)
     return cfg

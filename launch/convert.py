@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import socket
 import sys
-import time
 from pathlib import Path
 
 import submitit
 
-from itself.rundir import timestamped
+from itself.errors import UserError
 from launch.profiles import ProfileError
-from launch.slurm import cluster_arguments, git_commit, make_executor, resolve_profile, sbatch_script, submit_error, wait_for
+from launch.jobdir import JobDir
+from launch.slurm import (cluster_arguments, git_commit, make_executor, require_slurm, resolve_profile, sbatch_script,
+                          submit_error, wait_for)
 from shards.chunking import chunk_done, load_plan
 from shards.chunks import convert_chunks
 from shards.cli import build_args, corpus_options
@@ -107,12 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         profile = _cpu_profile(args)
         options = corpus_options(build)
         settings_of(build.dataset, build.root, options)  # (the input is there, before anything is submitted)
-    except (BuildError, ProfileError) as e:
+        name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"convert-{Path(build.out).name}")
+        job_dir = JobDir.new(args.jobs_dir, name)
+        if not args.local and not args.dry_run:
+            require_slurm()
+    except (BuildError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"convert-{Path(build.out).name}")
-    folder = (Path(args.jobs_dir) / timestamped(name)).resolve()
-    executor = _local_executor(folder, profile) if args.local else make_executor(folder, profile, 1, name, False)
+    folder = job_dir.path
+    executor = (_local_executor(folder, profile) if args.local else
+                make_executor(job_dir, profile, 1, name, False, render_only=args.dry_run))
     if args.dry_run:
         print(f"# array job: {args.nodes} tasks (one node each), task i converting chunks i, i+{args.nodes}, ...\n")
         if args.local:
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(plan["chunks"])
     left = sum(not chunk_done(work, i) for i in range(n))
     print(f"plan: {plan['read']} records in {n} chunks ({left} to convert) in {work}")
-    folder.mkdir(parents=True, exist_ok=True)
+    job_dir.create()
     tasks = max(1, min(args.nodes, left))
     merge = MergeTask(build.out, build.strict, build.allow_rejects, build.overwrite)
     try:
@@ -157,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     ids = [str(j.job_id) for j in array] + ([str(merged.job_id)] if merged is not None else [])
-    (folder / "submission.json").write_text(json.dumps({
+    job_dir.write_submission({
         "command": [sys.executable, *sys.argv], "build": rest, "job_ids": ids, "tasks": tasks,
         "executor": "local" if args.local else "slurm", "profile": dataclasses.asdict(profile),
-        "work": str(work), "chunks": n, "git_commit": git_commit(), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }, indent=2) + "\n")
+        "work": str(work), "chunks": n, "git_commit": git_commit(),
+    })
     if args.local:
         return 0
     print(f"submitted array job {array[0].job_id.split('_')[0]} ({tasks} tasks) and merge job {merged.job_id} "
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"job folder: {folder}")
     print(f"follow: tail -f {folder}/{merged.job_id}_0_log.out   (task i: {array[0].job_id.split('_')[0]}_<i>_0_log.out)")
     if args.wait:
-        if wait_for(merged, folder, False) is None:
+        if wait_for(merged, job_dir, False) is None:
             print(f"the merge job {merged.job_id} ended without writing {build.out}; see {folder}", file=sys.stderr)
             return 1
         print(f"wrote {build.out}")

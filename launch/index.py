@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
-import time
 from pathlib import Path
 
 from itself.config import NAME
-from itself.rundir import timestamped
+from itself.errors import UserError
 from itself.retrieve.cli import parser as retrieve_parser
-from itself.retrieve.store import IndexDir
-from launch.job import IndexJob
+from launch.jobdir import JobDir
 from launch.profiles import ProfileError
-from launch.slurm import cluster_arguments, git_commit, make_executor, resolve_profile, sbatch_script, wait_for
+from launch.slurm import (SubmitError, cluster_arguments, dry_run, git_commit, make_executor, require_slurm,
+                          resolve_profile, submit, wait_for)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,40 +44,49 @@ def main(argv: list[str] | None = None) -> int:
               "`-- add --index DIR --gallery G`", file=sys.stderr)
         return 2
     retrieve = retrieve_parser().parse_args(command)  # (exits 2 with argparse's message when wrong)
+    out = retrieve.out  # (the index folder: --out of index, --index of add)
     try:
         if args.nodes < 1:
             raise ProfileError("--nodes must be >= 1")
         if args.name is not None and not NAME.fullmatch(args.name):
             raise ProfileError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
         profile = resolve_profile(args)
-    except ProfileError as e:
+        name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{command[0]}-{Path(out).name}")
+        job = JobDir.new(args.jobs_dir, name)
+        world = args.nodes * profile.ranks_per_node
+        if args.dry_run:
+            print(dry_run(job, profile, args.nodes, name, args.local))
+            print(f"\n# every rank runs: python -m itself.retrieve {' '.join(command)}")
+            return 0
+        if not args.local:
+            require_slurm()
+        executor = make_executor(job, profile, args.nodes, name, args.local)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{command[0]}-{Path(retrieve.out).name}")
-    folder = (Path(args.jobs_dir) / timestamped(name)).resolve()
-    executor = make_executor(folder, profile, args.nodes, name, args.local)
-    world = args.nodes * profile.ranks_per_node
-    if args.dry_run:
-        print(f"# sbatch script ({args.nodes} nodes x {profile.ranks_per_node} tasks = {world} ranks)\n")
-        print(sbatch_script(executor) if not args.local else "# --local: no sbatch script (submitit local executor)")
-        print(f"\n# every rank runs: python -m itself.retrieve {' '.join(command)}")
-        return 0
-    folder.mkdir(parents=True, exist_ok=True)
-    job = executor.submit(IndexJob(command))
-    (folder / "submission.json").write_text(json.dumps({
-        "command": [sys.executable, *sys.argv], "retrieve": command, "job_ids": [str(job.job_id)],
+    from launch.job import IndexJob
+
+    try:
+        submitted = submit(executor, job, IndexJob(command))
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    job.write_submission({
+        "command": [sys.executable, *sys.argv], "retrieve": command, "job_ids": [str(submitted.job_id)],
         "executor": "local" if args.local else "slurm", "nodes": args.nodes, "ranks": world,
-        "profile": dataclasses.asdict(profile), "git_commit": git_commit(), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }, indent=2) + "\n")
-    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s) indexing into {retrieve.out}")
-    print(f"job folder: {folder}")
-    print(f"follow: tail -f {folder}/{job.job_id}_0_log.out   (rank r: {job.job_id}_<r>_log.out/err)")
+        "profile": dataclasses.asdict(profile), "git_commit": git_commit(),
+    })
+    print(f"submitted job {submitted.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s) indexing into {out}")
+    print(f"job folder: {job}")
+    print(f"follow: {job.follow(submitted.job_id)}")
     if args.wait:
-        if wait_for(job, folder, args.local) is None:
-            print(f"job {job.job_id} ended without results; see {folder}", file=sys.stderr)
+        if wait_for(submitted, job, args.local) is None:
+            print(f"job {submitted.job_id} ended without results; see {job}", file=sys.stderr)
             return 1
-        info = IndexDir(retrieve.out).info()
-        print(f"index {retrieve.out}: {info['images']} images in {len(info['batches'])} batch(es), "
+        from itself.retrieve.store import IndexDir
+
+        info = IndexDir(out).info()
+        print(f"index {out}: {info['images']} images in {len(info['batches'])} batch(es), "
               f"{info['index']['kind']} index")
     return 0
 

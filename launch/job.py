@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -12,13 +11,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import submitit
 
 from itself.config import from_dict
 from itself.records import Interrupted
 from itself.rundir import RunDir
+from launch.jobdir import JobDir
 
 
 def master_port(job_id: str) -> int:
@@ -61,6 +60,16 @@ def set_rank_environment(env: "submitit.JobEnvironment") -> bool:
     return local
 
 
+def attempt_resume(resume: str, run: RunDir, restarts: int) -> str:
+    """`train.resume` for this attempt of a job: what the user gave (`latest`, a checkpoint folder),
+    or `auto` (the run's newest complete checkpoint if any, else the start) when they gave nothing.
+    A requeued attempt continues its own run (`auto`) once the run has a checkpoint of its own:
+    the user's starting point is where the first attempt began, not where a requeue goes on."""
+    if restarts > 0 and run.latest_checkpoint() is not None:
+        return "auto"
+    return resume or "auto"
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """Runs one rank of the training. Submitted once; re-run as is by every requeue, when it resumes
     from the run's latest complete checkpoint."""
@@ -82,10 +91,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGUSR2, on_warning)
         cfg = from_dict(self.config)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        latest = RunDir(cfg.run_dir).latest_checkpoint()
-        resumed = latest.name if latest else None
-        cfg.train.resume = "latest" if resumed else ""
-        self._record(env, {"event": "start", "attempt": restarts + 1, "resume_from": resumed,
+        run = RunDir(cfg.run_dir)
+        cfg.train.resume = attempt_resume(cfg.train.resume, run, restarts)
+        source = run.resume_source(cfg.train.resume)
+        self._record(env, {"event": "start", "attempt": restarts + 1, "resume_from": source.name if source else None,
                            "hostnames": env.hostnames, "world_size": env.num_tasks})
         result = train(cfg, should_stop=lambda: stop["requested"])
         if not isinstance(result, Interrupted):
@@ -108,11 +117,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.job_folder, self.max_requeues))
 
     def _record(self, env, event: dict) -> None:
-        if env.global_rank != 0:
-            return
-        event.update(job_id=str(env.job_id), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        with open(Path(self.job_folder) / "attempts.jsonl", "a") as f:
-            f.write(json.dumps(event) + "\n")
+        if env.global_rank == 0:
+            JobDir(self.job_folder).record_attempt({**event, "job_id": str(env.job_id)})
 
 
 class IndexJob(submitit.helpers.Checkpointable):

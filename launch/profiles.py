@@ -10,13 +10,15 @@ import typing
 from pathlib import Path
 
 import cluster_configs
-from itself.config import ConfigError, load_yaml
+from itself.config import ConfigError, load_yaml, read_config_text
+from itself.errors import UserError
 
 PROFILES_DIR = cluster_configs.SLURM
 
 
-class ProfileError(ValueError):
-    """A profile is missing or invalid; the message names the file and field."""
+class ProfileError(UserError):
+    """A profile is missing or invalid, or the cluster cannot take the job as asked; the message
+    names the file and field (exit 2)."""
 
 
 @dataclasses.dataclass
@@ -86,7 +88,7 @@ def load_profile(name_or_path: str) -> SlurmProfile:
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
         raise ProfileError(f"--profile {name_or_path}: {path} not found; profiles: {known}")
     try:
-        values = load_yaml(path.read_text(), str(path)) or {}
+        values = load_yaml(read_config_text(path, f"--profile {name_or_path}"), str(path)) or {}
     except ConfigError as e:
         raise ProfileError(str(e)) from None
     if not isinstance(values, dict):

@@ -10,19 +10,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pickle
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-from itself.config import NAME, ConfigError, config_yaml, to_dict
-from itself.rundir import timestamped
+from itself.config import NAME, ConfigError, Config, config_yaml, to_dict
+from itself.errors import UserError
+from itself.paths import check_can_create
 from itself.presets import PRESETS, resolve_config
-from launch.job import TrainJob
+from itself.records import Results
 from itself.rundir import RunDir
+from launch.jobdir import JobDir
 from launch.profiles import ProfileError, SlurmProfile, load_profile, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,8 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch/slurm.py", description=__doc__,
+    command = "itself-slurm" if Path(sys.argv[0]).name == "itself-slurm" else "launch/slurm.py"  # (as typed)
+    p = argparse.ArgumentParser(prog=command, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Presets: " + ", ".join(PRESETS))
     cluster_arguments(p)
@@ -107,11 +108,21 @@ def git_commit() -> str:
 
 
 def require_slurm() -> None:
-    """A ProfileError unless SLURM's commands are here (submitit needs srun even to render a script)."""
+    """A ProfileError unless SLURM's commands are here to submit with."""
     missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
     if missing:
         raise ProfileError(f"{' and '.join(missing)} not found on PATH: submit from a SLURM login node, or run "
-                           "the job here with --local")
+                           "the job here with --local (--dry-run shows the sbatch script anywhere)")
+
+
+def require_submitit():
+    """The submitit module, or a UserError saying how to install it (the `[slurm]` extra)."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("submitting needs submitit: pip install 'itself-at-scale[slurm]' (or -e '.[slurm]' in a "
+                        "clone)") from None
+    return submitit
 
 
 def submit_error(e: Exception) -> str:
@@ -121,22 +132,55 @@ def submit_error(e: Exception) -> str:
     return " / ".join(sbatch[-3:] or lines[-3:] or [type(e).__name__])[:1000]
 
 
-def make_executor(folder: Path, profile: SlurmProfile, nodes: int, name: str, local: bool):
-    import submitit
+class SubmitError(RuntimeError):
+    """sbatch refused the job (a partition, account or limit it does not accept): exit 1."""
 
+
+def submit(executor, job: JobDir, payload):
+    """Submit `payload` in the job folder, created for it; removed again when sbatch refuses."""
+    job.create()
+    try:
+        return executor.submit(payload)
+    except Exception as e:  # noqa: BLE001 - sbatch refused the job (partition, account, limits ...)
+        job.remove()
+        raise SubmitError(f"the job was not submitted: {submit_error(e)}") from None
+
+
+def make_executor(job: JobDir, profile: SlurmProfile, nodes: int, name: str, local: bool,
+                  render_only: bool = False):
+    """submitit's executor for the job: local, for SLURM, or (`render_only`) one that only renders
+    the sbatch script, on any machine: submitit refuses to make a SLURM executor without srun on
+    PATH, and rendering never runs it."""
+    submitit = require_submitit()
     if local:
-        executor = submitit.LocalExecutor(folder=folder)
+        executor = submitit.LocalExecutor(folder=job.path)
         executor.update_parameters(nodes=1, tasks_per_node=nodes * profile.ranks_per_node,
                                    timeout_min=profile.minutes(), gpus_per_node=profile.gpus_per_node)
         return executor
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues)
+
+    class ScriptOnly(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    executor = (ScriptOnly if render_only else submitit.SlurmExecutor)(folder=job.path,
+                                                                      max_num_timeout=profile.max_requeues)
     executor.update_parameters(**slurm_parameters(profile, nodes, name))
     return executor
 
 
 def sbatch_script(executor) -> str:
-    """The script sbatch would get (submitit renders it; nothing is submitted)."""
+    """The script sbatch would get from `executor` (submitit renders it; nothing is submitted)."""
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+def dry_run(job: JobDir, profile: SlurmProfile, nodes: int, name: str, local: bool) -> str:
+    """What --dry-run prints first: the job's shape and its sbatch script."""
+    world = nodes * profile.ranks_per_node
+    head = (f"# sbatch script ({nodes} nodes x {profile.ranks_per_node} tasks = {world} ranks, "
+            f"{profile.gpus_per_node} GPUs per node)\n\n")
+    return head + ("# --local: no sbatch script (submitit local executor)" if local else
+                   sbatch_script(make_executor(job, profile, nodes, name, local=False, render_only=True)))
 
 
 def job_state(job_id: str) -> str:
@@ -147,9 +191,8 @@ def job_state(job_id: str) -> str:
     return "UNKNOWN"
 
 
-def wait_for(job, folder: Path, local: bool) -> dict | None:
+def wait_for(job, folder: JobDir, local: bool):
     """Block until the job ends; its rank-0 result, or None when it ended without one."""
-    result_file = folder / f"{job.job_id}_0_result.pkl"
     last = None
     while True:
         state = "RUNNING" if local and not job.done() else ("DONE" if local else job_state(job.job_id))
@@ -159,73 +202,80 @@ def wait_for(job, folder: Path, local: bool) -> dict | None:
         if (local and job.done()) or (not local and state in TERMINAL):
             break
         time.sleep(2)
-    if not result_file.exists():
-        return None
-    status, value = pickle.loads(result_file.read_bytes())
-    if status != "success":
-        print(f"job {job.job_id} failed:\n{value}", file=sys.stderr)
-        return None
-    return value
+    return folder.result(job.job_id)
+
+
+def results_summary(results: Results) -> dict:
+    """What --wait prints of a finished run's results.json."""
+    return {"run_dir": results.run_dir, "best_epoch": results.best_epoch, "fusion_weight": results.fusion_weight,
+            "selection": results.selection, "test": results.test}
+
+
+def plan(args) -> tuple[Config, SlurmProfile, JobDir]:
+    """The validated training config, cluster profile and (new, not yet created) job folder; a
+    UserError for anything the user can fix, found before anything is written or submitted."""
+    if args.nodes < 1:
+        raise ConfigError("--nodes must be >= 1")
+    if args.name is not None and not NAME.fullmatch(args.name):
+        raise ConfigError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
+    cfg = resolve_config(args.preset, args.config, args.overrides)
+    profile = resolve_profile(args)
+    cfg.validate(world_size=args.nodes * profile.ranks_per_node)
+    from itself.engine import deepspeed_file
+
+    deepspeed_file(cfg.train.deepspeed)  # (read by every rank when the job starts: checked here)
+    job = JobDir.new(args.jobs_dir, args.name or cfg.name)
+    if cfg.run_dir:  # (a job resumes from any checkpoint it finds: continuing must be asked for)
+        check_can_create(cfg.run_dir, "run_dir")
+        RunDir(cfg.run_dir).check_reuse(cfg.train.resume)
+    # The run lives in the job folder, unless run_dir is given: to continue a failed run, resubmit
+    # with run_dir=<its run folder> (a job resumes from the latest complete checkpoint it finds).
+    cfg.run_dir = str(Path(cfg.run_dir).resolve()) if cfg.run_dir else str(job.run)
+    return cfg, profile, job
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.nodes < 1:
-            raise ConfigError("--nodes must be >= 1")
-        cfg = resolve_config(args.preset, args.config, args.overrides)
-        profile = resolve_profile(args)
-        world = args.nodes * profile.ranks_per_node
-        cfg.validate(world_size=world)
-        if cfg.run_dir:  # (a job resumes from any checkpoint it finds: continuing must be asked for)
-            RunDir(cfg.run_dir).check_reuse(cfg.train.resume)
-        if args.name is not None and not NAME.fullmatch(args.name):
-            raise ConfigError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
+        cfg, profile, job = plan(args)
+        name, world = args.name or cfg.name, args.nodes * profile.ranks_per_node
+        if args.dry_run:
+            print(dry_run(job, profile, args.nodes, name, args.local))
+            print("\n# training config\n")
+            print(config_yaml(cfg), end="")
+            return 0
         if not args.local:
             require_slurm()
-    except (ConfigError, ProfileError) as e:
+        executor = make_executor(job, profile, args.nodes, name, args.local)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    name = args.name or cfg.name
-    folder = (Path(args.jobs_dir) / timestamped(name)).resolve()
-    # The run lives in the job folder, unless run_dir is given: to continue a failed run, resubmit
-    # with run_dir=<its run folder> (a job resumes from the latest complete checkpoint it finds).
-    cfg.run_dir = str(Path(cfg.run_dir).resolve()) if cfg.run_dir else str(folder / "run")
-    executor = make_executor(folder, profile, args.nodes, name, args.local)
-    if args.dry_run:
-        print(f"# sbatch script ({args.nodes} nodes x {profile.ranks_per_node} tasks = {world} ranks, "
-              f"{profile.gpus_per_node} GPUs per node)\n")
-        print(sbatch_script(executor) if not args.local else "# --local: no sbatch script (submitit local executor)")
-        print("\n# training config\n")
-        print(config_yaml(cfg), end="")
-        return 0
-    folder.mkdir(parents=True, exist_ok=True)
+    from launch.job import TrainJob
+
     try:
-        job = executor.submit(TrainJob(to_dict(cfg), str(folder), profile.max_requeues))
-    except Exception as e:  # noqa: BLE001 - sbatch refused the job (partition, account, limits ...)
-        shutil.rmtree(folder, ignore_errors=True)
-        print(f"error: the job was not submitted: {submit_error(e)}", file=sys.stderr)
+        submitted = submit(executor, job, TrainJob(to_dict(cfg), str(job.path), profile.max_requeues))
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    (folder / "config.yaml").write_text(config_yaml(cfg))
-    (folder / "submission.json").write_text(json.dumps({
-        "command": [sys.executable, *sys.argv], "job_ids": [str(job.job_id)], "executor": "local" if args.local else "slurm",
-        "nodes": args.nodes, "ranks": world, "profile": dataclasses.asdict(profile), "git_commit": git_commit(),
-        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_dir": cfg.run_dir,
-    }, indent=2) + "\n")
-    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s), "
+    job.write_config(cfg)
+    job.write_submission({
+        "command": [sys.executable, *sys.argv], "job_ids": [str(submitted.job_id)],
+        "executor": "local" if args.local else "slurm", "nodes": args.nodes, "ranks": world,
+        "profile": dataclasses.asdict(profile), "git_commit": git_commit(), "run_dir": cfg.run_dir,
+    })
+    print(f"submitted job {submitted.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s), "
           f"{profile.gpus_per_node} GPU(s)/node")
-    print(f"job folder: {folder}")
-    print(f"follow: tail -f {folder}/{job.job_id}_0_log.out   (rank r: {job.job_id}_<r>_log.out/err)")
+    print(f"job folder: {job}")
+    print(f"follow: {job.follow(submitted.job_id)}")
     if not args.local:
-        print(f"        squeue -j {job.job_id}   scontrol show job {job.job_id}   scancel {job.job_id}")
-    print(f"results: {cfg.run_dir}/results.json   attempts: {folder}/attempts.jsonl")
+        print(f"        squeue -j {submitted.job_id}   scontrol show job {submitted.job_id}   scancel {submitted.job_id}")
+    run = RunDir(cfg.run_dir)
+    print(f"results: {run.file(RunDir.RESULTS)}   attempts: {job.path / JobDir.ATTEMPTS}")
     if args.wait:
-        result = wait_for(job, folder, args.local)
-        if result is None:
-            print(f"job {job.job_id} ended without results; see {folder}", file=sys.stderr)
+        if wait_for(submitted, job, args.local) is None or not run.file(RunDir.RESULTS).exists():
+            print(f"job {submitted.job_id} ended without results; see {job}", file=sys.stderr)
             return 1
-        print(json.dumps({k: result[k] for k in ("run_dir", "best_epoch", "fusion_weight", "test") if k in result},
-                         indent=2))
+        print(json.dumps(results_summary(run.results()), indent=2))
     return 0
 
 

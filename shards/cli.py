@@ -46,7 +46,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m shards", description=__doc__)
+    p = _Parser(prog="itself-shards" if sys.argv[0].endswith("itself-shards") else "python -m shards",
+                description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="write <out>/{train,val,test}/*.tar, manifest.parquet, dataset.json, rejects.jsonl",
                        description="Pack a dataset into WebDataset shards.", epilog=EXIT_CODES,

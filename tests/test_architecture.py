@@ -108,7 +108,7 @@ def test_imports_only_go_down_the_layers():
 ITSELF_LAYERS = [
     {"errors"},
     {"logs", "safeio", "archs", "cpus"},
-    {"dist", "layout"},
+    {"dist", "layout", "paths"},
     {"config", "metrics", "collectives"},
     {"records", "losses", "data"},
     {"checkpoint", "model"},

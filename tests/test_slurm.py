@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from itself.checkpoint import tag_for
+from itself.checkpoint import COMPLETE, tag_for
 from itself.rundir import RunDir
 from runs import REPO, SECRETS, assert_no_secrets, small_run_args, wait_until
 from slurm_cluster import SlurmCluster, missing_binaries
@@ -112,14 +112,50 @@ def test_a_job_sbatch_refuses_is_an_error_line_and_exit_1(slurm, small_dataset, 
     assert not list(tmp_path.iterdir()), "no job folder is left by a job that was never submitted"
 
 
-def test_without_slurm_commands_the_error_says_so(tmp_path):
-    bin_dir = tmp_path / "bin"  # a PATH holding python but no sbatch / srun
+def _without_slurm(tmp_path: Path) -> dict:
+    """This environment with a PATH holding python but no SLURM command (a laptop)."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
-    env = {**os.environ, "PATH": str(bin_dir)}
-    run = _submit(env, tmp_path / "jobs", "--nodes", "2", timeout=120)
+    return {**os.environ, "PATH": str(bin_dir)}
+
+
+def test_without_slurm_commands_the_error_says_so(tmp_path):
+    run = _submit(_without_slurm(tmp_path), tmp_path / "jobs", "--nodes", "2", timeout=120)
     assert run.returncode == 2 and run.stderr.startswith("error: sbatch and srun not found on PATH"), run.stderr[-2000:]
+    assert "--dry-run shows the sbatch script anywhere" in run.stderr
     assert not (tmp_path / "jobs").exists()
+
+
+def test_a_dry_run_needs_no_slurm(tmp_path):
+    # The README's check of what would be submitted, on a machine without SLURM: the script and
+    # the config are rendered all the same, and nothing is written.
+    env, jobs = _without_slurm(tmp_path), tmp_path / "jobs"
+    run = _submit(env, jobs, "--nodes", "4", "--dry-run", timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "#SBATCH --nodes=4" in run.stdout and "srun --unbuffered" in run.stdout and "name: synthetic" in run.stdout
+    index = _submit_index(env, jobs, "--nodes", "2", "--dry-run", "--", "index", "--model", "M", "--gallery", "G",
+                          "--out", "D", timeout=120)
+    assert index.returncode == 0, index.stderr[-2000:]
+    assert "#SBATCH --nodes=2" in index.stdout and "every rank runs: python -m itself.retrieve index" in index.stdout
+    assert not jobs.exists()
+
+
+def test_a_job_keeps_the_resume_point_the_user_gave(tmp_path):
+    from launch.job import attempt_resume
+
+    run = RunDir(tmp_path / "run")
+    elsewhere = tmp_path / "other" / "checkpoints" / tag_for(8)
+    assert attempt_resume("", run, restarts=0) == "auto"  # nothing given: the run's newest checkpoint, if any
+    assert attempt_resume(str(elsewhere), run, restarts=0) == str(elsewhere)  # never overwritten
+    assert attempt_resume("latest", run, restarts=0) == "latest"
+    assert attempt_resume(str(elsewhere), run, restarts=1) == str(elsewhere)  # requeued before its own checkpoint
+    own = run.checkpoints / tag_for(4)
+    own.mkdir(parents=True)
+    (own / COMPLETE).write_text("")
+    # A requeued attempt goes on from its own run, not back to where the first attempt began.
+    assert attempt_resume(str(elsewhere), run, restarts=1) == "auto" and run.resume_source("auto") == own
+    assert attempt_resume(str(elsewhere), run, restarts=0) == str(elsewhere)
 
 
 def test_dry_run_prints_the_sbatch_script_with_the_right_counts(tmp_path):
@@ -184,6 +220,25 @@ def test_a_failed_run_continues_by_resubmitting_with_its_run_dir(small_dataset, 
     assert _events(folder / "attempts.jsonl")[0]["resume_from"] == tag_for(8)
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "results.json").read_text())["best_epoch"] in (1, 2)
+
+
+@pytest.mark.slow
+def test_a_job_starts_from_the_checkpoint_the_user_named(small_dataset, tmp_path):
+    # train.resume=<a checkpoint of another run>: the job's first attempt starts there (the launcher
+    # once replaced it by its own choice, and the job trained from scratch).
+    earlier = tmp_path / "earlier"
+    first = subprocess.run([sys.executable, "itself/train.py", *small_run_args(small_dataset), "train.epochs=1",
+                            f"run_dir={earlier}"], cwd=REPO, env=os.environ.copy(), capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = earlier / "checkpoints" / tag_for(8)
+    run = _submit(os.environ.copy(), tmp_path / "jobs", "--local", "--profile", "local-test", "--wait",
+                  *small_run_args(small_dataset), "train.epochs=2", f"train.resume={checkpoint}")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    folder = _job_folder(tmp_path / "jobs")
+    assert _events(folder / "attempts.jsonl")[0]["resume_from"] == tag_for(8)
+    assert f"resumed from {checkpoint}" in (folder / "run" / "train.log").read_text()
+    assert RunDir(folder / "run").records("train")[0]["step"] > 8  # (no step of epoch 1 trained again)
 
 
 def _submit_index(env, jobs: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -17,7 +17,8 @@ from ray.tune.schedulers import TrialScheduler
 from itself.presets import resolve_config
 from runs import REPO, SECRETS, STEPS_PER_EPOCH, assert_no_secrets, small_run_args, train_env
 from tune import rungs
-from tune.search import SMALL_SEARCH
+from tune.search import best_configs
+from tune.settings import SHORT_SCHEDULE, SearchSettings, short_schedule
 
 RAY_ENV = {"RAY_TMPDIR": "/tmp/ray-tune-t", "RAY_USAGE_STATS_ENABLED": "0"}  # short: socket paths must fit
 
@@ -32,7 +33,7 @@ def search(tmp_path, *args, **env) -> subprocess.CompletedProcess:
 
 def test_first_rung_comes_after_warm_up_and_the_ats_horizon():
     # The default search on the synthetic set: 20 steps/epoch, warm-up 1 epoch, ATS over 3 epochs.
-    cfg = resolve_config("synthetic", None, SMALL_SEARCH)
+    cfg = resolve_config("synthetic", None, list(SHORT_SCHEDULE))
     assert rungs.signal_onset_epochs(cfg, 20) == 3 and rungs.grace_evaluations(cfg, 20) == 3
     # The paper (RSTPReid): warm-up 5 epochs, ATS over 1450 steps = 10 epochs at 145 steps/epoch,
     # then rounded up to whole epochs and counted in evaluations.
@@ -99,6 +100,12 @@ def test_asha_decides_only_from_its_grace_period_on(tmp_path):
 
 # ----------------------------------------------------------------------------------- searches
 
+_SETTINGS = dict(metric="val_R1", searcher="optuna", num_samples=2, searcher_seed=0,
+                 searched=["p_start", "p_end", "discard_ratio"], seeds=[0], confirm_top=0, confirm_seeds=[1, 2],
+                 gpus_per_trial=0, cpus_per_trial=1, max_failures=2, reduction_factor=2, max_evaluations=8,
+                 grace_period=3, derived_grace_period=3, steps_per_epoch=20, signal_onset_epochs=3.0,
+                 val_chance_R1=2.5, val_queries=320, signal_floor_R1=5.12)
+
 
 @pytest.mark.slow
 def test_default_search_decides_after_the_signal_with_seed_means(small_dataset, tmp_path):
@@ -139,6 +146,35 @@ def test_default_search_decides_after_the_signal_with_seed_means(small_dataset, 
     assert (tmp_path / "best_run" / "results.json").exists()
 
 
+def test_best_config_is_the_full_schedule_and_the_searched_one_is_beside_it():
+    # The synthetic preset searches a short schedule; the best configuration is written at the
+    # preset's own (what the README says `--config best_config.yaml` trains), and as searched.
+    preset = resolve_config("synthetic", None, [])
+    schedule = short_schedule("synthetic", [])
+    assert schedule == list(SHORT_SCHEDULE)
+    settings = SearchSettings(**{**_SETTINGS, "schedule": schedule})
+    full, searched = best_configs(preset, settings, {"p_start": 0.7, "p_end": 0.45, "discard_ratio": 0.3})
+    assert (full.train.epochs, full.train.warmup_epochs, full.model.t_small) == (24, 2.0, "6 epochs")
+    assert (full.train.epochs, full.train.warmup_epochs, full.model.t_small) == (
+        preset.train.epochs, preset.train.warmup_epochs, preset.model.t_small)
+    assert (searched.train.epochs, searched.train.warmup_epochs, str(searched.model.t_small)) == (8, 1.0, "3")
+    for cfg in (full, searched):
+        assert (cfg.model.p_start, cfg.model.p_end, cfg.model.discard_ratio) == (0.7, 0.45, 0.3)
+        assert cfg.name == "synthetic-best" and cfg.run_dir == "" and cfg.train.resume == ""
+    # What the user set is theirs: only the rest of the short schedule applies; none with train.epochs.
+    assert short_schedule("synthetic", ["train.warmup_epochs=2"]) == ["train.epochs=8", "model.t_small=3"]
+    assert short_schedule("synthetic", ["train.epochs=3"]) == [] and short_schedule("rstpreid", []) == []
+
+
+def test_settings_go_to_search_json_and_back_through_their_type():
+    settings = SearchSettings(**{**_SETTINGS, "schedule": list(SHORT_SCHEDULE)})
+    text = settings.to_json()
+    assert json.loads(text)["signal_floor_R1"] == 5.12 and SearchSettings.from_json(text) == settings
+    old = {k: v for k, v in json.loads(text).items() if k != "schedule"}  # (written before schedules were kept)
+    assert SearchSettings.from_json(json.dumps(old)).schedule == []
+    assert settings.demand(2) == {"CPU": 2, "GPU": 0} and settings.largest_demand() == {"CPU": 1, "GPU": 0}
+
+
 def test_bad_search_arguments_are_user_errors(small_dataset, tmp_path):
     run = search(tmp_path, "--seeds", "0")
     assert run.returncode == 2 and "error: --seeds must be >= 1, got 0" in run.stderr
@@ -166,3 +202,26 @@ def test_confirm_top_retrains_the_best_with_new_seeds_and_ranks_it_first(small_d
     assert confirmed[-1]["per_seed"]["1"]["val_R1"] == pytest.approx(top["val_R1_per_seed"][1])
     best = yaml.safe_load((exp / "best_config.yaml").read_text())
     assert best["model"]["p_start"] == pytest.approx(top["p_start"])
+
+
+@pytest.mark.slow
+def test_a_search_of_the_synthetic_preset_writes_the_full_schedule_as_best_config(small_dataset, tmp_path):
+    # The search of the synthetic preset (no train.epochs given: the short schedule), on the small
+    # set, one configuration: its best_config.yaml trains the preset's 24 epochs, and the output
+    # is ours alone (a line per trial event, our table), not Ray's trial table.
+    args = [a for a in small_run_args(small_dataset) if not a.startswith(("train.epochs=", "train.warmup_epochs="))]
+    run = search(tmp_path, "--name", "short", "--num-samples", "1", *args)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    exp, preset = tmp_path / "short", resolve_config("synthetic", None, [])
+    best = yaml.safe_load((exp / "best_config.yaml").read_text())
+    assert (best["train"]["epochs"], best["train"]["warmup_epochs"], best["model"]["t_small"]) == (
+        preset.train.epochs, preset.train.warmup_epochs, preset.model.t_small) == (24, 2.0, "6 epochs")
+    searched = yaml.safe_load((exp / "best_config_search.yaml").read_text())
+    assert (searched["train"]["epochs"], searched["train"]["warmup_epochs"], str(searched["model"]["t_small"])) == (
+        8, 1.0, "3")
+    assert best["data"] == searched["data"] and best["data"]["root"] == str(small_dataset)
+    assert SearchSettings.from_json((exp / "search.json").read_text()).schedule == list(SHORT_SCHEDULE)
+    assert "train the best at full length (24 epochs" in run.stdout and "best_config_search.yaml" in run.stdout
+    assert "evaluation 8/8: val_R1" in run.stdout and "ran all 8 evaluations" in run.stdout
+    for rays in ("Trial status", "Configuration for experiment", "tensorboard --logdir"):
+        assert rays not in run.stdout + run.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-FAILURES = "failures.jsonl"
+from tune.folders import ExperimentDir
 
 
 class FailureLog(Callback):
@@ -17,7 +17,7 @@ class FailureLog(Callback):
     on, after which evaluation, the error, and whether it is retried."""
 
     def __init__(self, exp_dir: Path):
-        self.path = Path(exp_dir) / FAILURES
+        self.path = ExperimentDir(exp_dir).file(ExperimentDir.FAILURES)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._record(trial, retried=True)
@@ -49,7 +49,7 @@ def last_error(error_file: str | None) -> str:
 
 def failures_of(exp_dir: Path) -> dict[str, list[dict]]:
     """trial id -> its failed attempts, as the log recorded them."""
-    path = Path(exp_dir) / FAILURES
+    path = ExperimentDir(exp_dir).file(ExperimentDir.FAILURES)
     found: dict[str, list[dict]] = {}
     if path.exists():
         for line in path.read_text().splitlines():

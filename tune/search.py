@@ -16,7 +16,8 @@ node; an interrupted or killed search continues with --resume. --address joins a
 (cluster_configs/ray/ starts one inside a SLURM allocation).
 
 With the synthetic preset and no train.epochs override, trials train 8 epochs (a small search:
-with --seeds 2, about 16 minutes on 2 CPU cores; docs/TUNING.md).
+with --seeds 2, about 16 minutes on 2 CPU cores; docs/TUNING.md); best_config.yaml is the best
+configuration at the preset's full schedule, best_config_search.yaml as it was searched.
 """
 
 from __future__ import annotations
@@ -29,26 +30,21 @@ if __package__ in (None, ""):  # run as `python tune/search.py`: this checkout's
 
 import argparse
 import copy
-import json
 import os
-import tempfile
 
-import yaml
-
-from itself.config import Config, ConfigError, ModelConfig, config_yaml, from_dict, to_dict
-from itself.rundir import timestamped
+from itself.config import Config, ConfigError, ModelConfig, apply_overrides, config_yaml, to_dict
 from itself.errors import UserError
+from itself.paths import check_can_create
 from itself.presets import PRESETS, resolve_config
+from itself.rundir import timestamped
 from tune import rungs, table
-from tune.trial import apply_params, node_name, run_trial, trial_params, worker_env
+from tune.cluster import RayUnavailable, check_address, check_fits, connect
+from tune.folders import ExperimentDir
+from tune.settings import SearchSettings, derive, short_schedule
+from tune.trial import apply_params, node_name, run_trial, trial_params
 
 PAPER = {k: getattr(ModelConfig(), k) for k in ("p_start", "p_end", "discard_ratio")}  # the defaults
 RANGES = {"p_start": (0.5, 0.8), "p_end": (0.35, None), "discard_ratio": (0.1, 0.4)}  # p_end's top is p_start
-SMALL_SEARCH = ["train.epochs=8", "train.warmup_epochs=1", "model.t_small=3"]
-SETTINGS = "search.json"
-BASE_CONFIG = "base_config.yaml"
-DECISIONS = "asha.jsonl"
-CONFIRM = "confirm"
 
 
 # ----------------------------------------------------------------------------------- space
@@ -77,159 +73,146 @@ class OptunaSpace:
             trial.suggest_categorical("mars_layers", self.layers)
 
 
-# ----------------------------------------------------------------------------------- settings
+def searched_config(base: Config, s: SearchSettings) -> Config:
+    """The config the trials train: the base config with the search's schedule (if any) applied."""
+    cfg = copy.deepcopy(base)
+    apply_overrides(cfg, list(s.schedule))
+    return cfg
 
 
-def derive_settings(args, base: Config) -> dict:
-    """Everything the search decides before its first trial, written to search.json: a resumed
-    search reads it back, so it continues with the same seeds, rungs and noise floor."""
-    from itself.data import ensure_dataset
-    from itself.evaluate import chance_r1
-
-    world = max(1, args.gpus_per_trial)
-    info = ensure_dataset(base.data.root)
-    spe = rungs.steps_per_epoch(base, world)
-    max_evaluations = rungs.evaluations(base)
-    derived = rungs.grace_evaluations(base, spe)
-    grace = min(args.grace_period, max_evaluations) if args.grace_period else derived
-    seeds = [base.seed + i for i in range(args.seeds)]
-    chance, queries = chance_r1(info, "val"), info["splits"]["val"]["captions"]
-    return {
-        "metric": f"val_{args.metric}", "searcher": args.searcher, "num_samples": args.num_samples,
-        "searcher_seed": args.seed, "searched": ["p_start", "p_end", "discard_ratio"] + (
-            ["mars_layers"] if args.search_layers else []),
-        "seeds": seeds, "confirm_top": args.confirm_top,
-        "confirm_seeds": [seeds[-1] + 1 + i for i in range(args.confirm_seeds)],
-        "gpus_per_trial": args.gpus_per_trial, "cpus_per_trial": args.cpus_per_trial,
-        "max_failures": args.max_failures, "reduction_factor": args.reduction_factor,
-        "max_evaluations": max_evaluations, "grace_period": grace, "derived_grace_period": derived,
-        "steps_per_epoch": spe, "signal_onset_epochs": rungs.signal_onset_epochs(base, spe),
-        "val_chance_R1": chance, "val_queries": queries,
-        "signal_floor_R1": rungs.chance_floor(chance, queries, len(seeds)),
-    }
-
-
-def describe_rungs(s: dict, base: Config) -> str:
-    how = ("--grace-period" if s["grace_period"] != s["derived_grace_period"] else
-           f"derived: warm-up {base.train.warmup_epochs:g} epochs, ATS keep ratio at p_end after "
-           f"{s['signal_onset_epochs']:.3g} epochs ({base.model.ats}, t_small {base.model.t_small}, "
-           f"{s['steps_per_epoch']} steps/epoch), val every {base.eval.every} epoch(s)")
-    return (f"ASHA: first decision at evaluation {s['grace_period']} of {s['max_evaluations']} ({how}); "
-            f"no trial is stopped at a rung whose val R@1 are all <= {s['signal_floor_R1']:.2f}% "
-            f"(chance {s['val_chance_R1']:.2f}% + {rungs.SIGNAL_Z:g} standard errors over "
-            f"{s['val_queries']} queries x {len(s['seeds'])} seed(s))")
+def describe_rungs(s: SearchSettings, searched: Config) -> str:
+    how = ("--grace-period" if s.grace_period != s.derived_grace_period else
+           f"derived: warm-up {searched.train.warmup_epochs:g} epochs, ATS keep ratio at p_end after "
+           f"{s.signal_onset_epochs:.3g} epochs ({searched.model.ats}, t_small {searched.model.t_small}, "
+           f"{s.steps_per_epoch} steps/epoch), val every {searched.eval.every} epoch(s)")
+    return (f"ASHA: first decision at evaluation {s.grace_period} of {s.max_evaluations} ({how}); "
+            f"no trial is stopped at a rung whose val R@1 are all <= {s.signal_floor_R1:.2f}% "
+            f"(chance {s.val_chance_R1:.2f}% + {rungs.SIGNAL_Z:g} standard errors over "
+            f"{s.val_queries} queries x {len(s.seeds)} seed(s))")
 
 
 # ----------------------------------------------------------------------------------- phases
 
 
-def _trainable(base: Config, exp_dir: Path, s: dict):
+def _trainable(searched: Config, exp: ExperimentDir, s: SearchSettings):
     from ray import tune
 
     def resources(config: dict) -> dict:
-        demand = seeds_demand(s, len(trial_params(config).get("seeds", s["seeds"])))
+        demand = s.demand(len(trial_params(config).get("seeds", s.seeds)))
         return {"cpu": demand["CPU"], "gpu": demand["GPU"]}
 
     return tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(base), exp_dir=str(exp_dir), seeds=s["seeds"],
-                             gpus_per_trial=s["gpus_per_trial"], cpus_per_trial=s["cpus_per_trial"]), resources)
+        tune.with_parameters(run_trial, base=to_dict(searched), exp_dir=str(exp.path), seeds=s.seeds,
+                             gpus_per_trial=s.gpus_per_trial, cpus_per_trial=s.cpus_per_trial), resources)
 
 
-def _run_config(name: str, storage: Path, s: dict):
+def _run_config(exp: ExperimentDir, s: SearchSettings):
     from ray import tune
 
     from tune.failures import FailureLog
+    from tune.progress import Progress
 
-    return tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
-                          failure_config=tune.FailureConfig(max_failures=s["max_failures"]),
+    # verbose=0: Ray's own trial table would show an ASHA-stopped trial as completed with its last
+    # value; Progress prints what happened to each trial, and the results table its best.
+    return tune.RunConfig(name=exp.name, storage_path=str(exp.path.parent), verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=s.max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                          callbacks=[FailureLog(storage / name)])
+                          callbacks=[FailureLog(exp.path), Progress(s.metric, s.max_evaluations)])
 
 
-def _fit(exp_dir: Path, trainable, new_tuner):
-    """Continue the experiment in `exp_dir` if it was started (finished trials are kept), else start
-    it with `new_tuner()`; returns its results."""
+def _fit(exp: ExperimentDir, trainable, new_tuner):
+    """Continue the experiment in `exp` if it was started (finished trials are kept), else start it
+    with `new_tuner()`; returns its results."""
     from ray import tune
 
-    if (exp_dir / "tuner.pkl").exists():
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    if exp.started():
+        tuner = tune.Tuner.restore(str(exp.path), trainable=trainable, resume_errored=True)
     else:
         tuner = new_tuner()
     return tuner.fit()
 
 
-def search_phase(exp_dir: Path, base: Config, s: dict):
+def search_phase(exp: ExperimentDir, searched: Config, s: SearchSettings):
     from ray import tune
 
-    trainable = _trainable(base, exp_dir, s)
+    trainable = _trainable(searched, exp, s)
 
     def new_tuner():
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        layers = layer_choices(base.model.arch) if "mars_layers" in s["searched"] else None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # (its INFO line of a new study)
+
+        layers = layer_choices(searched.model.arch) if "mars_layers" in s.searched else None
         first = dict(PAPER, **({"mars_layers": layers[min(len(layers) - 1, 3)]} if layers else {}))
-        sampler = (optuna.samplers.TPESampler(seed=s["searcher_seed"]) if s["searcher"] == "optuna"
-                   else optuna.samplers.RandomSampler(seed=s["searcher_seed"]))
-        searcher = OptunaSearch(space=OptunaSpace(layers), metric=s["metric"], mode="max", points_to_evaluate=[first],
+        sampler = (optuna.samplers.TPESampler(seed=s.searcher_seed) if s.searcher == "optuna"
+                   else optuna.samplers.RandomSampler(seed=s.searcher_seed))
+        searcher = OptunaSearch(space=OptunaSpace(layers), metric=s.metric, mode="max", points_to_evaluate=[first],
                                 sampler=sampler)
         scheduler = rungs.SignalASHA(
-            floor=s["signal_floor_R1"], decisions=exp_dir / DECISIONS, time_attr="training_iteration",
-            max_t=s["max_evaluations"], grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
-        return tune.Tuner(trainable, run_config=_run_config(exp_dir.name, exp_dir.parent, s),
-                          tune_config=tune.TuneConfig(metric=s["metric"], mode="max", num_samples=s["num_samples"],
+            floor=s.signal_floor_R1, decisions=exp.file(ExperimentDir.DECISIONS), time_attr="training_iteration",
+            max_t=s.max_evaluations, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+        return tune.Tuner(trainable, run_config=_run_config(exp, s),
+                          tune_config=tune.TuneConfig(metric=s.metric, mode="max", num_samples=s.num_samples,
                                                       search_alg=searcher, scheduler=scheduler))
 
-    return _fit(exp_dir, trainable, new_tuner)
+    return _fit(exp, trainable, new_tuner)
 
 
-def confirm_phase(exp_dir: Path, base: Config, s: dict, ranking):
+def confirm_phase(exp: ExperimentDir, searched: Config, s: SearchSettings, ranking):
     """Re-train the top `confirm_top` configurations of the `ranking` table with the confirmation
-    seeds, every evaluation (no early stopping), as the experiment `<exp_dir>/confirm`."""
+    seeds, every evaluation (no early stopping), as the experiment `<exp>/confirm`."""
     from ray import tune
 
-    top = ranking.dropna(subset=[f"{s['metric']}_mean"]).head(s["confirm_top"])
-    points = [{**{k: row[k] for k in s["searched"]}, "seeds": s["confirm_seeds"], "source_trial": row["trial_id"]}
+    top = ranking.dropna(subset=[f"{s.metric}_mean"]).head(s.confirm_top)
+    points = [{**{k: row[k] for k in s.searched}, "seeds": s.confirm_seeds, "source_trial": row["trial_id"]}
               for row in top.to_dict("records")]
-    confirm_dir = exp_dir / CONFIRM
-    trainable = _trainable(base, confirm_dir, s)
-    print(f"confirming the top {len(points)} configuration(s) with seeds {s['confirm_seeds']}")
+    confirm = exp.confirm
+    trainable = _trainable(searched, confirm, s)
+    print(f"confirming the top {len(points)} configuration(s) with seeds {s.confirm_seeds}")
 
     def new_tuner():
         return tune.Tuner(trainable, param_space={"point": tune.grid_search(points)},
-                          run_config=_run_config(CONFIRM, exp_dir, s),
-                          tune_config=tune.TuneConfig(metric=s["metric"], mode="max"))
+                          run_config=_run_config(confirm, s), tune_config=tune.TuneConfig(metric=s.metric, mode="max"))
 
-    return _fit(confirm_dir, trainable, new_tuner)
+    return _fit(confirm, trainable, new_tuner)
 
 
 # ----------------------------------------------------------------------------------- outputs
 
 
-def write_outputs(search_results, confirm_results, base: Config, s: dict, exp_dir: Path):
-    """results.parquet / .csv, best_config.yaml (runs as is with --config), and the metric against
-    each searched parameter with error bars as a PNG. Returns the ranked table."""
-    metric, searched = s["metric"], s["searched"]
-    ranking = table.trial_rows(search_results, s["seeds"], metric, searched, s["max_evaluations"], exp_dir)
+def best_configs(base: Config, s: SearchSettings, best: dict) -> tuple[Config, Config]:
+    """The best configuration's training configs: at the base config's full schedule (what to
+    train), and as the search trained it (its schedule applied)."""
+    full = apply_params(copy.deepcopy(base), best)
+    full.name, full.run_dir, full.train.resume = f"{base.name}-best", "", ""
+    return full, searched_config(full, s)
+
+
+def write_outputs(search_results, confirm_results, base: Config, s: SearchSettings, exp: ExperimentDir):
+    """results.parquet / .csv, best_config.yaml (the full schedule) and best_config_search.yaml (as
+    searched), and the metric against each searched parameter with error bars as a PNG. Returns
+    the ranked table."""
+    ranking = table.trial_rows(search_results, s.seeds, s.metric, s.searched, s.max_evaluations, exp.path)
     if confirm_results is not None:
-        extra = table.trial_rows(confirm_results, s["confirm_seeds"], metric, [*searched, "source_trial"],
-                                 s["max_evaluations"], exp_dir / CONFIRM)
+        extra = table.trial_rows(confirm_results, s.confirm_seeds, s.metric, [*s.searched, "source_trial"],
+                                 s.max_evaluations, exp.confirm.path)
         ranking = table.merge_confirmation(ranking, extra)
-    ranking = table.ranked(ranking, metric)
-    ranking.to_parquet(exp_dir / "results.parquet", index=False)
-    ranking.to_csv(exp_dir / "results.csv", index=False)
-    best_cfg = apply_params(copy.deepcopy(base), ranking.iloc[0].to_dict())
-    best_cfg.name, best_cfg.run_dir, best_cfg.train.resume = f"{base.name}-best", "", ""
-    (exp_dir / "best_config.yaml").write_text(config_yaml(best_cfg))
-    table.plot(ranking, metric, searched, PAPER, exp_dir / f"{metric}_vs_params.png", exp_dir.name)
+    ranking = table.ranked(ranking, s.metric)
+    ranking.to_parquet(exp.file(ExperimentDir.RESULTS), index=False)
+    ranking.to_csv(exp.file(ExperimentDir.RESULTS_CSV), index=False)
+    full, as_searched = best_configs(base, s, ranking.iloc[0].to_dict())
+    exp.file(ExperimentDir.BEST_CONFIG).write_text(config_yaml(full))
+    exp.file(ExperimentDir.BEST_SEARCHED).write_text(config_yaml(as_searched))
+    table.plot(ranking, s.metric, s.searched, PAPER, exp.plot(s.metric), exp.name)
     return ranking
 
 
-def print_summary(ranking, s: dict, exp_dir: Path) -> None:
-    metric, searched = s["metric"], s["searched"]
+def print_summary(ranking, s: SearchSettings, base: Config, exp: ExperimentDir) -> None:
+    metric, searched = s.metric, s.searched
     shown = ranking.assign(**{metric: [f"{m:.2f}" + (f" ± {d:.2f}" if d == d else "")
                                        for m, d in zip(ranking[f"{metric}_mean"], ranking[f"{metric}_std"])]})
-    cols = ["trial_id", *searched, metric, "seeds", "evaluations", "confirmed", "nodes", "failures"]
+    cols = ["trial_id", *searched, metric, "seeds", "evaluations", "stopped_early", "confirmed", "nodes", "failures"]
     print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     best = ranking.iloc[0]
     print(f"best {metric}: {shown[metric].iloc[0]} over {best['seeds']} seed(s) ("
@@ -239,16 +222,23 @@ def print_summary(ranking, s: dict, exp_dir: Path) -> None:
               "use --seeds N or --confirm-top K to measure it")
     for row in ranking[ranking["failures"] > 0].to_dict("records"):
         print(f"trial {row['trial_id']}: {row['failures']} failed attempt(s): {row['failure']}")
-    print(f"written: {exp_dir}/results.parquet, results.csv, best_config.yaml, {metric}_vs_params.png, "
-          f"{SETTINGS}, {DECISIONS}")
-    print(f"train the best: deepspeed itself/train.py --config {exp_dir}/best_config.yaml")
+    print(f"written: {exp}/ ({ExperimentDir.RESULTS}, {ExperimentDir.RESULTS_CSV}, {ExperimentDir.BEST_CONFIG}, "
+          f"{ExperimentDir.BEST_SEARCHED}, {exp.plot(metric).name}, {ExperimentDir.SETTINGS}, {ExperimentDir.DECISIONS})")
+    train = f"deepspeed itself/train.py --config {exp.file(ExperimentDir.BEST_CONFIG)}"
+    if not s.schedule:
+        print(f"train the best ({base.train.epochs} epochs, as searched): {train}")
+        return
+    print(f"train the best at full length ({base.train.epochs} epochs, the base config's schedule): {train}")
+    print(f"  (the search trained {searched_config(base, s).train.epochs} epochs: {' '.join(s.schedule)}; "
+          f"{ExperimentDir.BEST_SEARCHED} is that config)")
 
 
 # ----------------------------------------------------------------------------------- main
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tune/search.py", description=__doc__,
+    command = "itself-tune" if Path(sys.argv[0]).name == "itself-tune" else "tune/search.py"  # (as typed)
+    p = argparse.ArgumentParser(prog=command, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Presets: " + ", ".join(PRESETS))
     p.add_argument("--preset", default="synthetic")
@@ -281,43 +271,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_storage(storage: Path) -> None:
-    """A ConfigError unless experiments can be written under `storage`, found before Ray starts and
-    creating nothing: the folder, or the nearest existing folder it would be created in, must be a
-    folder this process can create folders in."""
-    existing = storage
-    while not os.path.lexists(existing):
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == storage else f"cannot be created: {existing} is a file"
-        raise ConfigError(f"--storage-path: {storage} {where}, not a folder; choose a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".itself-tune-write-test-"))
-    except OSError as e:
-        made = "" if existing == storage else f" (where {storage} would be created)"
-        raise ConfigError(f"--storage-path: cannot create folders in {existing}{made}: {e.strerror or e}; choose a "
-                          "writable folder (on a cluster, one every node sees)") from None
-
-
 def _check_name(name: str | None) -> None:
     if name is not None and (not name or name in (".", "..") or "/" in name or os.sep in name):
         raise ConfigError(f"--name: must be one folder name (no '/', not '.' or '..'), got {name!r}")
 
 
-def _experiment_dir(args) -> Path:
+def _experiment(args) -> ExperimentDir:
     if not args.storage_path:
         raise ConfigError("--storage-path: must be a folder, got ''")
     _check_name(args.name)
     storage = Path(args.storage_path).resolve()
-    check_storage(storage)
+    check_can_create(storage, "--storage-path")
     if args.name:
-        return storage / args.name
+        return ExperimentDir(storage / args.name)
     if args.resume:
-        runs = sorted((p for p in storage.glob("*") if (p / SETTINGS).exists()), key=lambda p: p.stat().st_mtime)
+        runs = sorted((p for p in storage.glob("*") if ExperimentDir(p).is_search()), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise ConfigError(f"--resume: no experiment to resume in {storage}")
-        return runs[-1]
-    return storage / timestamped(f"search-{args.preset}")
+        return ExperimentDir(runs[-1])
+    return ExperimentDir(storage / timestamped(f"search-{args.preset}"))
 
 
 def _check_args(args) -> None:
@@ -330,108 +302,96 @@ def _check_args(args) -> None:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
 
 
-def prepare(args) -> tuple[Path, Config, dict]:
-    """The experiment folder, base config and settings: new ones from the arguments (saved once the
-    cluster is known to hold a trial), or those the experiment was started with (--resume).
-    UserError for anything the user can fix."""
-    exp_dir = _experiment_dir(args)
+def _check_new(exp: ExperimentDir) -> None:
+    if os.path.lexists(exp.path) and not exp.path.is_dir():
+        raise ConfigError(f"--name: {exp} is a file, not an experiment folder; choose another --name")
+    if exp.holds_anything():
+        raise ConfigError(f"--name: {exp} already holds an experiment; pass --resume to continue it")
+
+
+def prepare(args) -> tuple[ExperimentDir, Config, SearchSettings]:
+    """The experiment folder, base config (at its full schedule) and settings: new ones from the
+    arguments (saved once the cluster is known to hold a trial), or those the experiment was
+    started with (--resume, the experiment then locked). UserError for anything the user can fix."""
+    check_address(args.address)
+    exp = _experiment(args)
     if args.resume:
-        if not (exp_dir / SETTINGS).exists():
-            raise ConfigError(f"--resume: {exp_dir} is not a search started by tune/search.py (no {SETTINGS})")
+        if not exp.is_search():
+            raise ConfigError(f"--resume: {exp} is not a search started by tune/search.py (no {ExperimentDir.SETTINGS})")
+        exp.lock()
         if args.overrides or args.config:
-            print(f"note: --resume continues with the settings and base config of {exp_dir} ({SETTINGS}, "
-                  f"{BASE_CONFIG}); the config given here is not used")
-        base = from_dict(yaml.safe_load((exp_dir / BASE_CONFIG).read_text()))
-        return exp_dir, base, json.loads((exp_dir / SETTINGS).read_text())
+            print(f"note: --resume continues with the settings and base config of {exp} ({ExperimentDir.SETTINGS}, "
+                  f"{ExperimentDir.BASE_CONFIG}); the config given here is not used")
+        return exp, exp.base_config(), exp.settings()
     _check_args(args)
-    if os.path.lexists(exp_dir) and not exp_dir.is_dir():
-        raise ConfigError(f"--name: {exp_dir} is a file, not an experiment folder; choose another --name")
-    if exp_dir.exists() and any(exp_dir.iterdir()):
-        raise ConfigError(f"--name: {exp_dir} already holds an experiment; pass --resume to continue it")
+    _check_new(exp)
     overrides = list(args.overrides)
-    if args.preset == "synthetic" and not any(o.startswith("train.epochs=") for o in overrides):
-        overrides = SMALL_SEARCH + overrides
     base = resolve_config(args.preset, args.config, overrides)
-    base.validate(world_size=max(1, args.gpus_per_trial))
     base.data.root = str(Path(base.data.root).resolve())  # trials run in their own folders
+    base.validate(world_size=max(1, args.gpus_per_trial))
+    schedule = short_schedule(args.preset, overrides)
+    searched = copy.deepcopy(base)
+    apply_overrides(searched, schedule)
+    searched.validate(world_size=max(1, args.gpus_per_trial))
     from itself.data import ensure_dataset
+    from itself.engine import deepspeed_file
 
-    ensure_dataset(base.data.root, base.data.build_synthetic)  # once here, not in every trial
-    return exp_dir, base, derive_settings(args, base)
+    deepspeed_file(base.train.deepspeed)  # (every trial reads it: a bad one is said once, here)
 
-
-def seeds_demand(s: dict, seeds: int) -> dict:
-    """What a trial of `seeds` seeds asks of one node: they all train at once."""
-    return {"CPU": s["cpus_per_trial"] * seeds, "GPU": s["gpus_per_trial"] * seeds}
+    info = ensure_dataset(base.data.root, base.data.build_synthetic)  # once here, not in every trial
+    return exp, base, derive(args, searched, info, schedule)
 
 
-def trial_demand(s: dict) -> dict:
-    """What the largest trial asks of one node."""
-    return seeds_demand(s, max(len(s["seeds"]), len(s["confirm_seeds"]) if s["confirm_top"] else 0))
+def start(exp: ExperimentDir, base: Config, s: SearchSettings) -> None:
+    """Claim the new experiment's folder (locked: a second search into it is refused) and write
+    its settings and base config."""
+    exp.lock()
+    _check_new(exp)  # (again, holding the lock: another search may have begun there meanwhile)
+    exp.save(base, s)
 
 
-def local_cpus(s: dict) -> int:
-    """CPUs of a Ray started here: this machine's, or as many as one trial asks for (its seeds then
-    share the cores) so that a trial can always start."""
-    return max(os.cpu_count() or 1, trial_demand(s)["CPU"])
-
-
-def check_fits(s: dict) -> None:
-    """A ConfigError unless some node of the Ray cluster can hold a trial (Tune would wait forever)."""
-    import ray
-
-    demand = trial_demand(s)
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    if not any(all(node.get(k, 0) >= v for k, v in demand.items()) for node in nodes):
-        have = ", ".join(f"{node.get('CPU', 0):g} CPU / {node.get('GPU', 0):g} GPU" for node in nodes)
-        raise ConfigError(f"a trial needs {demand['CPU']} CPU(s) and {demand['GPU']} GPU(s) on one node (seeds x "
-                          f"--cpus-per-trial / --gpus-per-trial), but the Ray cluster's nodes have {have}")
-
-
-def save_settings(exp_dir: Path, base: Config, s: dict) -> None:
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / BASE_CONFIG).write_text(config_yaml(base))
-    (exp_dir / SETTINGS).write_text(json.dumps(s, indent=2) + "\n")
+def run(args, exp: ExperimentDir, base: Config, s: SearchSettings) -> int:
+    """Both phases on the Ray cluster ray.init joined, the outputs, the summary."""
+    searched = searched_config(base, s)
+    print(f"{'resuming' if args.resume else 'experiment'}: {exp}  ({s.num_samples} configurations x "
+          f"{len(s.seeds)} seed(s), metric {s.metric}, searcher {s.searcher}; driver on {node_name()})")
+    print(describe_rungs(s, searched))
+    search_results = search_phase(exp, searched, s)
+    confirm_results = None
+    if s.confirm_top:
+        first = table.ranked(table.trial_rows(search_results, s.seeds, s.metric, s.searched, s.max_evaluations,
+                                              exp.path), s.metric)
+        confirm_results = confirm_phase(exp, searched, s, first)
+    ranking = write_outputs(search_results, confirm_results, base, s, exp)
+    print_summary(ranking, s, base, exp)
+    errors = [r for r in search_results if r.error]
+    return 1 if errors and len(errors) == len(search_results) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        exp_dir, base, s = prepare(args)
+        exp, base, s = prepare(args)
+        connect(args.address, s)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # Every checkpointed report saves the experiment's state (what lets a killed driver resume with
-    # its trials' last evaluations); Tune warns about it as if it were a mistake.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    except RayUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     import ray
 
-    ray.init(address=args.address, num_cpus=None if args.address else local_cpus(s), include_dashboard=False,
-             log_to_driver=False, configure_logging=False, runtime_env={"env_vars": worker_env()})
     try:
         check_fits(s)
+        if not args.resume:
+            start(exp, base, s)
+        return run(args, exp, base, s)
     except UserError as e:
-        ray.shutdown()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.resume:
-        save_settings(exp_dir, base, s)
-    print(f"{'resuming' if args.resume else 'experiment'}: {exp_dir}  ({s['num_samples']} configurations x "
-          f"{len(s['seeds'])} seed(s), metric {s['metric']}, searcher {s['searcher']}; driver on {node_name()})")
-    print(describe_rungs(s, base))
-    try:
-        search_results = search_phase(exp_dir, base, s)
-        confirm_results = None
-        if s["confirm_top"]:
-            first = table.ranked(table.trial_rows(search_results, s["seeds"], s["metric"], s["searched"],
-                                                  s["max_evaluations"], exp_dir), s["metric"])
-            confirm_results = confirm_phase(exp_dir, base, s, first)
-        ranking = write_outputs(search_results, confirm_results, base, s, exp_dir)
     finally:
         ray.shutdown()
-    print_summary(ranking, s, exp_dir)
-    errors = [r for r in search_results if r.error]
-    return 1 if errors and len(errors) == len(search_results) else 0
+        exp.unlock()
 
 
 def cli() -> None:

@@ -8,18 +8,12 @@ whose node dies, is retried from them (on any node), and a resumed search contin
 A trial whose seeds had all finished before Tune recorded it (a driver killed at the wrong moment)
 trains nothing again: it reports the evaluations Tune is missing from the finished runs.
 
-Folders, in the trial's folder of the experiment (storage shared by every node):
-
-    attempt<n>/seed<s>/           the run directory of seed s in the n-th run of this trial
-    attempt<n>/seed<s>.log        its output;  attempt<n>/seed<s>.yaml  its config
-    attempt<n>/reports/           checkpoints staged (hard links) until Tune has taken them, each
-                                  with evaluation.json: which evaluation it is
+Its folders (`attempt<n>/seed<s>/` ...) are named by tune.folders.TrialDir and AttemptDir.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -33,13 +27,12 @@ from pathlib import Path
 from itself.checkpoint import COMPLETE, tag_for
 from itself.config import Config, config_yaml, from_dict
 from itself.rundir import EvalRecord, RunDir
+from tune.folders import AttemptDir, TrialDir
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN_METRICS = ("val_R1", "val_mAP", "global_R1")
 """The per-seed metrics whose mean a report carries (the ranking uses val_R1 or val_mAP)."""
 POLL_S = 0.5
-EVALUATION = "evaluation.json"
-"""In each reported checkpoint: {"epoch": e}, the 1-based epoch of the evaluation it belongs to."""
 
 
 def worker_env() -> dict:
@@ -84,24 +77,15 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def seed_run(attempt: Path, seed: int) -> RunDir:
-    return RunDir(attempt / f"seed{seed}")
-
-
-def report_folder(attempt: Path, epoch: int) -> Path:
-    """Where the seeds' checkpoints of 0-based `epoch` wait for Tune: one `seed<s>/<tag>` each."""
-    return attempt / "reports" / f"epoch{epoch + 1:04d}"
-
-
 class SeedRun:
     """One seed's training process in one attempt, and its evaluations staged for reporting."""
 
-    def __init__(self, attempt: Path, seed: int, run: RunDir | None = None, reported_epochs: int = 0):
+    def __init__(self, attempt: AttemptDir, seed: int, run: RunDir | None = None, reported_epochs: int = 0):
         """`run`: an earlier attempt's finished run to report from instead of training (see
         `finished_runs`); evaluations of the first `reported_epochs` epochs are Tune's already."""
         self.seed, self.attempt, self.reported_epochs = seed, attempt, reported_epochs
-        self.run = run or seed_run(attempt, seed)
-        self.log = attempt / f"seed{seed}.log"
+        self.run = run or attempt.seed_run(seed)
+        self.log = attempt.seed_log(seed)
         self.offset = 0
         self.waiting: list[EvalRecord] = []  # evaluated, checkpoint not complete yet
         self.staged: dict[int, tuple[EvalRecord, Path | None]] = {}  # epoch -> record, staged checkpoint
@@ -110,14 +94,15 @@ class SeedRun:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, cfg: Config, launcher: list[str], env: dict, resume_from: Path | None) -> None:
-        cfg.seed, cfg.run_dir, cfg.train.keep_last = self.seed, str(self.run.path), 2
-        cfg.train.resume = str(resume_from) if resume_from else ""
-        cfg_file = self.attempt / f"seed{self.seed}.yaml"
+    def start(self, cfg: Config, launcher: list[str], env: dict) -> None:
+        """Train this seed; from the newest complete checkpoint in its run directory when there is
+        one (`train.resume=auto`: the checkpoint a retried trial was restored into, see `_restore`)."""
+        cfg.seed, cfg.run_dir, cfg.train.keep_last, cfg.train.resume = self.seed, str(self.run.path), 2, "auto"
+        cfg_file = self.attempt.seed_config(self.seed)
         cfg_file.write_text(config_yaml(cfg))
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen([*launcher, "-m", "itself.train", "--config", str(cfg_file)],
-                                         cwd=self.attempt, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=self.attempt.path, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          preexec_fn=_die_with_parent)
 
     def collect(self) -> None:
@@ -136,7 +121,7 @@ class SeedRun:
             self.staged[record.epoch] = (record, self._stage(record.epoch, checkpoint))
 
     def _stage(self, epoch: int, checkpoint: Path) -> Path | None:
-        dest = report_folder(self.attempt, epoch) / self.run.path.name / checkpoint.name
+        dest = self.attempt.report(epoch) / self.run.path.name / checkpoint.name
         try:
             shutil.copytree(checkpoint, dest, copy_function=os.link)
         except (FileNotFoundError, shutil.Error):  # pruned before it could be staged (the trainer ran ahead)
@@ -181,31 +166,27 @@ def _reported_epochs(checkpoint) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
-        marker = Path(d) / EVALUATION
-        return json.loads(marker.read_text())["epoch"] if marker.exists() else 0
+        return AttemptDir.reported_epoch(Path(d))
 
 
-def _restore(checkpoint, attempt: Path) -> dict[int, Path]:
-    """seed -> its checkpoint, copied out of the one Tune restores the trial from into the seed's
-    run directory of this attempt (the trainer then owns it)."""
+def _restore(checkpoint, attempt: AttemptDir) -> None:
+    """Copy each seed's checkpoint out of the one Tune restores the trial from into the seed's run
+    directory of this attempt (the trainer then owns it, and resumes from it)."""
     if checkpoint is None:
-        return {}
-    found = {}
+        return
     with checkpoint.as_directory() as d:
         for seed_dir in Path(d).glob("seed*"):
             seed = int(seed_dir.name.removeprefix("seed"))
             (tag,) = [p for p in seed_dir.iterdir() if p.is_dir()]
-            found[seed] = seed_run(attempt, seed).checkpoints / tag.name
-            shutil.copytree(tag, found[seed])
-    return found
+            shutil.copytree(tag, attempt.seed_run(seed).checkpoints / tag.name)
 
 
-def finished_runs(trial_dir: Path, attempt_no: int, seeds: list[int]) -> dict[int, RunDir] | None:
+def finished_runs(trial: TrialDir, attempt_no: int, seeds: list[int]) -> dict[int, RunDir] | None:
     """seed -> its run in the latest earlier attempt that trained it, when every seed's run there
     finished (results.json written): the trial is done, whatever Tune recorded of it."""
     runs = {}
     for seed in seeds:
-        earlier = [seed_run(trial_dir / f"attempt{n}", seed) for n in range(attempt_no - 1, 0, -1)]
+        earlier = [trial.attempt(n).seed_run(seed) for n in range(attempt_no - 1, 0, -1)]
         trained = [run for run in earlier if run.file(RunDir.METRICS).exists()]
         if not trained or not trained[0].file(RunDir.RESULTS).exists():
             return None
@@ -228,30 +209,28 @@ def run_trial(config: dict, base: dict, exp_dir: str, seeds: list[int], gpus_per
 
     params = trial_params(config)
     seeds = list(params.get("seeds", seeds))
-    trial_dir = Path(exp_dir) / Path(tune.get_context().get_trial_dir()).name
-    attempt_no = 1 + sum(1 for _ in trial_dir.glob("attempt*"))
-    attempt = trial_dir / f"attempt{attempt_no}"
-    attempt.mkdir(parents=True)
-    where = {"node": node_name(), "node_id": ray.get_runtime_context().get_node_id(), "attempt": attempt_no}
+    trial = TrialDir(Path(exp_dir) / Path(tune.get_context().get_trial_dir()).name)
+    attempt = trial.new_attempt()
+    where = {"node": node_name(), "node_id": ray.get_runtime_context().get_node_id(), "attempt": attempt.number}
     checkpoint = tune.get_checkpoint()
-    finished = finished_runs(trial_dir, attempt_no, seeds)
+    finished = finished_runs(trial, attempt.number, seeds)
     if finished:  # trained to the end before Tune recorded it all: report only what Tune is missing
         runs = [SeedRun(attempt, seed, finished[seed], _reported_epochs(checkpoint)) for seed in seeds]
     else:
         runs = [SeedRun(attempt, seed) for seed in seeds]
     try:
         if not finished:
-            resume = _restore(checkpoint, attempt)
+            _restore(checkpoint, attempt)
             for i, run in enumerate(runs):
                 run.start(apply_params(from_dict(base), params), _launcher(gpus_per_trial),
-                          _seed_env(i, cpus_per_trial, gpus_per_trial), resume.get(run.seed))
+                          _seed_env(i, cpus_per_trial, gpus_per_trial))
         _report_until_done(runs, attempt, where)
     finally:
         for run in runs:
             run.stop()
 
 
-def _report_until_done(runs: list[SeedRun], attempt: Path, where: dict) -> None:
+def _report_until_done(runs: list[SeedRun], attempt: AttemptDir, where: dict) -> None:
     from ray import tune
 
     while True:
@@ -263,9 +242,9 @@ def _report_until_done(runs: list[SeedRun], attempt: Path, where: dict) -> None:
             raise RuntimeError("\n".join(failures))
         for epoch in sorted(set.intersection(*(set(run.staged) for run in runs))):
             staged = {run.seed: run.staged.pop(epoch) for run in runs}
-            folder = report_folder(attempt, epoch)
+            folder = attempt.report(epoch)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / EVALUATION).write_text(json.dumps({"epoch": epoch + 1}))
+            attempt.mark_report(epoch)
             complete = all(path is not None for _, path in staged.values())
             checkpoint = tune.Checkpoint.from_directory(str(folder)) if complete else None
             tune.report({**report_of({seed: rec for seed, (rec, _) in staged.items()}), **where}, checkpoint=checkpoint)

@@ -3,8 +3,9 @@
 A run writes `model.pt` (one file: the fp32 weights, the resolved config, the number of train
 identities, the fusion weight and GRAB selection chosen on val, the test metrics) and the same
 as `model.safetensors` (the weights) + `config.json` (the rest) beside it, the layout other
-tools read. `load_exported` takes either; neither can run code (torch.load(weights_only=True),
-safetensors).
+tools read. `load_exported` takes either and returns an `Exported` (model, config, fusion weight;
+unpacks as that tuple); neither can run code (torch.load(weights_only=True), safetensors). All
+three files get the same permissions: the umask's, as any file the run writes.
 """
 
 from __future__ import annotations
@@ -12,17 +13,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..config import Config, from_dict
 from ..errors import UserError
-from ..safeio import safe_load, write_atomic
+from ..safeio import safe_load, temp_beside, write_atomic
 from .itself import ITSELF, TRAIN
 
 FORMAT = "itself-model/1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class Exported(NamedTuple):
+    """An exported model, ready for inference: `model, config, fusion_weight = load_exported(path)`."""
+
+    model: ITSELF
+    """In eval mode; encodes with the GRAB token selection chosen on val."""
+    config: Config
+    """The resolved training config of the run that wrote it."""
+    fusion_weight: float
+    """a of the fused score `a * S_global + (1 - a) * S_grab`, chosen on val."""
+
+    @property
+    def selection(self) -> str:
+        """Which tokens GRAB embeds (`train`, or `last_layer@<ratio>`), chosen on val."""
+        return self.model.selection
 
 
 def export(path: str | os.PathLike, state_dict: dict, config: dict, num_ids: int, fusion_weight: float,
@@ -33,18 +52,30 @@ def export(path: str | os.PathLike, state_dict: dict, config: dict, num_ids: int
     path = Path(path)
     meta = {"format": FORMAT, "config": config, "num_ids": num_ids, "fusion_weight": fusion_weight,
             "selection": selection, "metrics": metrics or {}}
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({**meta, "state_dict": state_dict}, tmp)
-    os.replace(tmp, path)
-    weights = path.with_name(WEIGHTS)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(weights) + ".partial")
-    os.replace(str(weights) + ".partial", weights)
+    _write_replacing(path, lambda tmp: torch.save({**meta, "state_dict": state_dict}, tmp))
+
+    def weights(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
+        shutil.copymode(path, tmp)  # (safetensors makes its file 0600; model.pt has the umask's)
+
+    _write_replacing(path.with_name(WEIGHTS), weights)
     write_atomic(path.with_name(CONFIG), json.dumps(meta, indent=2) + "\n")
 
 
-def load_exported(path: str | os.PathLike, map_location="cpu") -> tuple[ITSELF, Config, float]:
-    """(model in eval mode, config, fusion weight) from an exported model.pt, or from a
-    model.safetensors with its config.json (or the folder holding them)."""
+def _write_replacing(path: Path, write) -> None:
+    """`write(tmp)` into a new file beside `path` (the umask's permissions), then rename it over `path`."""
+    tmp = temp_beside(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_exported(path: str | os.PathLike, map_location="cpu") -> Exported:
+    """The model (in eval mode), its config and fusion weight, from an exported model.pt, or from
+    a model.safetensors with its config.json (or the folder holding them)."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS
@@ -67,4 +98,4 @@ def load_exported(path: str | os.PathLike, map_location="cpu") -> tuple[ITSELF, 
     model = ITSELF(dataclasses.replace(cfg.model, pretrained=""), meta["num_ids"], cfg.data.image_size)
     model.load_state_dict(state_dict)
     model.selection = meta.get("selection", TRAIN)  # encode_image / encode_text use the one chosen on val
-    return model.eval(), cfg, meta["fusion_weight"]
+    return Exported(model.eval(), cfg, meta["fusion_weight"])

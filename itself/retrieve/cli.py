@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m itself.retrieve", description=__doc__,
+    p = argparse.ArgumentParser(prog="itself-retrieve" if sys.argv[0].endswith("itself-retrieve") else
+                                "python -m itself.retrieve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # The DeepSpeed launcher passes --local_rank=N before the command (LOCAL_RANK says the same).
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

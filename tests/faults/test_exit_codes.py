@@ -28,8 +28,17 @@ CASES = [
     ("slurm", ["--nodes", "0"], "--nodes must be >= 1"),
     ("slurm", ["--gpus-per-node", "x"], "--gpus-per-node: invalid int value: 'x'"),
     ("slurm", ["train.lr=abc"], "train.lr"),
+    ("slurm", ["--config", "/dev/zero"], "--config: /dev/zero is not a regular file"),
+    ("slurm", ["train.deepspeed=BADJSON"], "train.deepspeed: BADJSON is not valid JSON"),
+    ("slurm", ["--jobs-dir", "AFILE"], "--jobs-dir: AFILE is a file, not a folder"),
+    ("slurm", ["run_dir=AFILE"], "run_dir: AFILE is a file, not a folder"),
+    ("slurm", ["--profile", "DIRYAML"], "--profile DIRYAML: DIRYAML is not a regular file"),
     ("tune", ["--num-samples", "0"], "--num-samples must be >= 1"),
     ("tune", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("tune", ["--config", "/dev/zero"], "--config: /dev/zero is not a regular file"),
+    ("tune", ["train.deepspeed=BADJSON"], "train.deepspeed: BADJSON is not valid JSON"),
+    ("tune", ["--address", "FREEPORT"], "no Ray cluster answers at FREEPORT within 10 s"),
+    ("train", ["--config", "/dev/zero"], "--config: /dev/zero is not a regular file"),
     ("retrieve", ["query", "--index", "/nonexistent/index", "--text", "a man"], "/nonexistent/index"),
     ("retrieve", ["query", "--index", "/nonexistent/index", "--bogus"], "unrecognized arguments: --bogus"),
     ("retrieve", ["index", "--model", "/nonexistent/m.pt", "--gallery", "pipe:touch x", "--out", "OUT"],
@@ -40,9 +49,32 @@ CASES = [
 ]
 
 
+def _inputs(tmp_path) -> dict[str, str]:
+    """What the cases' placeholders stand for: an output folder that must not appear, a regular
+    file where a folder is wanted, a DeepSpeed file that is not JSON, a folder named like a
+    profile, and an address where nothing listens."""
+    import socket
+
+    (tmp_path / "a_file").write_text("x\n")
+    (tmp_path / "bad.json").write_text("{not json\n")
+    (tmp_path / "folder.yaml").mkdir()
+    with socket.socket() as s:  # (bound, never listening, closed: nothing answers there)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"OUT": str(tmp_path / "out"), "AFILE": str(tmp_path / "a_file"), "BADJSON": str(tmp_path / "bad.json"),
+            "DIRYAML": str(tmp_path / "folder.yaml"), "FREEPORT": f"127.0.0.1:{port}"}
+
+
+def _filled(text: str, inputs: dict[str, str]) -> str:
+    for placeholder, value in inputs.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
 @pytest.mark.parametrize("command,args,message", CASES, ids=[f"{c}:{' '.join(a)[:40]}" for c, a, _ in CASES])
 def test_a_mistake_is_one_error_line_and_exit_2(command, args, message, tmp_path):
-    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    inputs = _inputs(tmp_path)
+    args, message = [_filled(a, inputs) for a in args], _filled(message, inputs)
     run = subprocess.run(COMMANDS[command] + args, cwd=tmp_path,
                          env=train_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, f"exit {run.returncode}:\n{run.stderr[-2000:]}"
@@ -50,3 +82,5 @@ def test_a_mistake_is_one_error_line_and_exit_2(command, args, message, tmp_path
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") or ": error: " in last, last  # (argparse's own lines name the program)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("runs"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.json", "folder.yaml"]
+    assert (tmp_path / "a_file").read_text() == "x\n"

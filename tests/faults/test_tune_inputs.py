@@ -86,3 +86,81 @@ def test_bad_arguments_are_one_error_line(tmp_path, args, message):
     run = search(tmp_path, *([] if args == ["--storage-path="] else ["--storage-path", str(storage)]), *args)
     assert_refused(run, message)
     assert _files(tmp_path) == []
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on (bound, never listening, closed)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    run = search(tmp_path, "--address", f"127.0.0.1:{port}", "--storage-path", str(tmp_path / "tune"))
+    assert_refused(run, f"error: no Ray cluster answers at 127.0.0.1:{port} within 10 s", "ray start --head")
+    assert time.monotonic() - started < 120  # (Ray's own client waited for minutes; most of this is imports)
+    assert _files(tmp_path) == []
+    assert_refused(search(tmp_path, "--address", "headnode"), "error: --address: expected HOST:PORT")
+
+
+def _experiment(tmp_path: Path) -> Path:
+    """An experiment folder as a search leaves it (its settings and base config), from the real types."""
+    from itself.config import config_yaml
+    from itself.presets import resolve_config
+    from tune.folders import ExperimentDir
+    from tune.settings import SearchSettings
+
+    exp = ExperimentDir(tmp_path / "tune" / "x")
+    exp.path.mkdir(parents=True)
+    settings = SearchSettings(metric="val_R1", searcher="optuna", num_samples=2, searcher_seed=0,
+                              searched=["p_start", "p_end", "discard_ratio"], seeds=[0], confirm_top=0,
+                              confirm_seeds=[1, 2], gpus_per_trial=0, cpus_per_trial=1, max_failures=2,
+                              reduction_factor=2, max_evaluations=8, grace_period=3, derived_grace_period=3,
+                              steps_per_epoch=20, signal_onset_epochs=3.0, val_chance_R1=2.5, val_queries=320,
+                              signal_floor_R1=5.12)
+    exp.file(ExperimentDir.BASE_CONFIG).write_text(config_yaml(resolve_config("synthetic", None, [])))
+    exp.file(ExperimentDir.SETTINGS).write_text(settings.to_json())
+    return exp.path
+
+
+def test_a_second_search_into_a_running_experiment_is_refused_naming_it(tmp_path):
+    import os
+
+    from tune.folders import ExperimentDir
+
+    path = _experiment(tmp_path)
+    running = ExperimentDir(path)
+    running.lock()  # this test process is the search running there
+    try:
+        run = search(tmp_path, "--resume", "--name", "x", "--storage-path", str(tmp_path / "tune"))
+        assert_refused(run, f"error: the search experiment {path} is in use by another process (pid {os.getpid()} ",
+                       "wait for it to finish")
+        assert not (tmp_path / "ray").exists()  # refused before Ray started
+        run = search(tmp_path, "--name", "x", "--storage-path", str(tmp_path / "tune"))  # a new search into it
+        assert_refused(run, f"--name: {path} already holds an experiment; pass --resume to continue it")
+    finally:
+        running.unlock()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("settings", "search.json: not the settings of a search"),
+    ("base", "base_config.yaml: not the base config this search wrote"),
+])
+def test_a_damaged_experiment_is_one_error_line_on_resume(tmp_path, damage, message):
+    from tune.folders import ExperimentDir
+
+    path = _experiment(tmp_path)
+    name = ExperimentDir.SETTINGS if damage == "settings" else ExperimentDir.BASE_CONFIG
+    (path / name).write_text("{truncated" if damage == "settings" else "train: [unclosed\n")
+    run = search(tmp_path, "--resume", "--name", "x", "--storage-path", str(tmp_path / "tune"))
+    assert_refused(run, message, "start a new search")
+    assert not (tmp_path / "ray").exists()
+
+
+def test_unreadable_config_files_are_one_error_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json\n")
+    storage = ["--storage-path", str(tmp_path / "tune")]
+    assert_refused(search(tmp_path, *storage, "--config", "/dev/zero"), "error: --config: /dev/zero is not a regular file")
+    assert_refused(search(tmp_path, *storage, f"train.deepspeed={bad}"), f"error: train.deepspeed: {bad} is not valid JSON")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
