@@ -8,7 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+from shards.synthetic import SyntheticSpec as _spec
+
 REPO = Path(__file__).resolve().parents[1]
+
+# The small test dataset: 48 identities -> 32 train / 8 val / 8 test; 2 images x 2 captions = 4 pairs (2 groups of 2) per
+# identity; 8 images (4 identities) per shard -> 8 train shards: one per slot at 4 ranks x 2 workers.
+SMALL = _spec(num_ids=48, images_per_id=2, captions_per_image=2, image_size=(48, 16), seed=3)
+SMALL_SHARD_SAMPLES = 8
 STEPS_PER_EPOCH = 8  # 128 train pairs of the small dataset / batch 16
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import shards
-from conftest import SMALL, SMALL_SHARD_SAMPLES
+from runs import SMALL, SMALL_SHARD_SAMPLES
 from http_server import serve
 from itself.checkpoint import latest_tag
 from itself.data import IdentityTable, epoch_layout, plan_slot

@@ -18,7 +18,7 @@ from shards import schema
 from shards.synthetic import SyntheticSpec, make_people
 from shards.writer import BuildError, DatasetWriter, Record
 
-from conftest import SMALL, SMALL_SHARD_SAMPLES
+from runs import SMALL, SMALL_SHARD_SAMPLES
 
 
 def _tar_members(path: Path) -> list[str]:

@@ -167,7 +167,7 @@ def test_a_model_of_another_shape_is_refused_before_anything_is_written(referenc
 
 def test_a_resume_on_other_data_is_refused(reference, tmp_path, small_dataset):
     import shards
-    from conftest import SMALL, SMALL_SHARD_SAMPLES
+    from runs import SMALL, SMALL_SHARD_SAMPLES
 
     other = tmp_path / "other"  # the same sizes and identity count, other images
     shards.build_synthetic(other, SMALL.__class__(**{**SMALL.__dict__, "seed": 5}), max_samples=SMALL_SHARD_SAMPLES,
