@@ -30,6 +30,7 @@ from shards.locking import FolderLock, LockBusy, LockUnavailable
 from . import checkpoint as ckpt
 from .errors import ConfigError
 from .logs import add_file, remove
+from .paths import Folder
 from .records import EvalRecord, Results
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def timestamped(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-class RunDir:
+class RunDir(Folder):
     """The files of one training run (see the module docstring)."""
 
     CONFIG = "config.yaml"
@@ -57,21 +58,9 @@ class RunDir:
     WANDB = "wandb"
     LOCK = ".itself-run.lock"
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
-
-    def __str__(self) -> str:
-        return str(self.path)
-
     @staticmethod
     def default_path(name: str) -> str:
         return f"runs/{timestamped(name)}"
-
-    def file(self, name: str) -> Path:
-        return self.path / name
 
     @property
     def checkpoints(self) -> Path:
