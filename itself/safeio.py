@@ -221,3 +221,14 @@ def read_regular(path: str | os.PathLike, what: str, limit: int) -> bytes:
     if len(data) > limit:
         raise UnsafePath(f"{what}: {path} holds more than the {limit} bytes accepted")
     return data
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

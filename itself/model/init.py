@@ -8,7 +8,6 @@ file that would run code is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..safeio import safe_load
+from ..safeio import file_sha256, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,6 @@ def exported_weights(path: str | os.PathLike) -> tuple[dict, dict]:
     if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
         raise ConfigError(f"model.init_from: {path} is not an exported ITSELF model (model.pt of a run)")
     return blob["state_dict"], {k: v for k, v in blob.items() if k != "state_dict"}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def init_from(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> dict:

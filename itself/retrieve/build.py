@@ -34,7 +34,7 @@ from shards.locking import FolderLock, LockBusy, LockUnavailable
 
 from ..data import transforms as T
 from ..dist import Process, start
-from ..safeio import shown
+from ..safeio import file_sha256, shown
 from .errors import RetrieveError
 from .gallery import (
     DEFAULT_PART_SIZE,
@@ -47,7 +47,7 @@ from .gallery import (
     stamp,
     unit_items,
 )
-from .search import file_sha256, load_model, model_file
+from .search import load_model, model_file
 from .store import FORMAT, LOCK_FILE, EmbeddingStore, IndexDir
 from .vectors import (
     IndexSpec,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from ..data import transforms as T
 from ..errors import UserError
 from ..model.export import load_exported
-from ..safeio import printable, shown
+from ..safeio import file_sha256, printable, shown
 from .errors import RetrieveError
 from .gallery import read_image, stamp
 from .store import IndexDir
@@ -29,14 +28,6 @@ from .vectors import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_file(path: str | os.PathLike, what: str) -> str:
