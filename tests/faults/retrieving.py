@@ -21,7 +21,10 @@ def cli(*args: str) -> tuple[int, str, str]:
     quiet = ["--no-progress"] if args[0] in ("index", "add") else []
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = main([str(a) for a in (*args, *quiet)])
+        try:
+            code = main([str(a) for a in (*args, *quiet)])
+        except SystemExit as e:  # (argparse's usage errors exit)
+            code = e.code
     return code, out.getvalue(), err.getvalue()
 
 
