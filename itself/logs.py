@@ -16,7 +16,7 @@ import sys
 LOGGERS = ("itself", "shards", "launch", "tune")
 """The project's top-level loggers (every module logs under one of them)."""
 LEVELS = ("debug", "info", "warning", "error")
-FORMAT = "[%(asctime)s] %(rank_prefix)s%(message)s"
+FORMAT = "[%(asctime)s] %(rank_prefix)s%(level_prefix)s%(message)s"
 DATE_FORMAT = "%H:%M:%S"
 
 
@@ -27,6 +27,7 @@ class _RankFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank_prefix = f"[rank {self.rank}] " if self.all_ranks else ""
+        record.level_prefix = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
         return self.all_ranks or self.rank == 0 or record.levelno >= logging.WARNING
 
 
@@ -53,6 +54,20 @@ def setup(level: str | None = None, rank: int = 0, all_ranks: bool | None = None
         logger.setLevel(level.upper())
         logger.propagate = False
     _handler = handler
+
+
+def add_arguments(parser) -> None:
+    """The logging options every command takes."""
+    parser.add_argument("--log-level", choices=LEVELS, default=None,
+                        help="how much to log (default: info, or ITSELF_LOG_LEVEL)")
+    parser.add_argument("--log-ranks", choices=("main", "all"), default=None,
+                        help="which ranks log below warnings: rank 0 (default) or all, each line marked with its rank")
+
+
+def setup_from(args, rank: int = 0) -> None:
+    """`setup` from the options of `add_arguments`."""
+    setup(getattr(args, "log_level", None), rank,
+          None if getattr(args, "log_ranks", None) is None else args.log_ranks == "all")
 
 
 def configured() -> bool:

@@ -295,17 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
     p.add_argument("--help-config", action="store_true",
                    help="list every config field with its type, value (the preset's) and documentation")
-    p.add_argument("--log-level", choices=logs.LEVELS, default=None,
-                   help="how much to log (default: info, or ITSELF_LOG_LEVEL)")
-    p.add_argument("--log-ranks", choices=("main", "all"), default=None,
-                   help="which ranks log below warnings: rank 0 (default) or all, each line marked with its rank")
+    logs.add_arguments(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     try:
         from itself.dist import world_info_from_env
 
-        logs.setup(args.log_level, world_info_from_env().rank, None if args.log_ranks is None else args.log_ranks == "all")
+        logs.setup_from(args, world_info_from_env().rank)
         cfg = resolve_config(args.preset, args.config, args.overrides)
         if args.help_config:
             print(describe(cfg))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import submitit
 
+from itself import logs
 from itself.errors import UserError
 from launch.profiles import ProfileError
 from launch.jobdir import JobDir
@@ -97,6 +98,7 @@ def _local_executor(folder: Path, profile):
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = _arguments(sys.argv[1:] if argv is None else list(argv))
+    logs.setup_from(args)
     try:
         build = build_args(rest)
         if build.dataset not in CORPORA:

@@ -18,6 +18,7 @@ import re
 import sys
 from pathlib import Path
 
+from itself import logs
 from itself.config import NAME
 from itself.errors import UserError
 from itself.retrieve.cli import parser as retrieve_parser
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logs.setup_from(args)
     command = args.retrieve[1:] if args.retrieve[:1] == ["--"] else args.retrieve
     if command[:1] not in (["index"], ["add"]):
         print("error: give the indexing command after --: `-- index --model M --gallery G --out DIR` or "

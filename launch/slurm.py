@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from itself import logs
 from itself.config import NAME, ConfigError, Config, config_yaml, to_dict
 from itself.errors import UserError
 from itself.paths import check_can_create
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cluster_arguments(p: argparse.ArgumentParser) -> None:
     """The job's shape and where it goes (shared with launch/index.py)."""
+    logs.add_arguments(p)
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--profile", default="default", help="cluster profile: cluster_configs/slurm/NAME.yaml or a path")
     o = p.add_argument_group("profile overrides")
@@ -236,6 +238,7 @@ def plan(args) -> tuple[Config, SlurmProfile, JobDir]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logs.setup_from(args)
     try:
         cfg, profile, job = plan(args)
         name, world = args.name or cfg.name, args.nodes * profile.ranks_per_node

@@ -32,6 +32,7 @@ import argparse
 import copy
 import os
 
+from itself import logs
 from itself.config import Config, ConfigError, ModelConfig, apply_overrides, config_yaml, to_dict
 from itself.errors import UserError
 from itself.paths import check_can_create
@@ -243,6 +244,7 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="Presets: " + ", ".join(PRESETS))
     p.add_argument("--preset", default="synthetic")
     p.add_argument("--config", help="YAML file of config sections for the base training config")
+    logs.add_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="base training config overrides")
     p.add_argument("--num-samples", type=int, default=8, help="configurations to try (default 8)")
     p.add_argument("--metric", choices=("R1", "mAP"), default="R1", help="val metric to maximise (default R1)")
@@ -370,6 +372,7 @@ def run(args, exp: ExperimentDir, base: Config, s: SearchSettings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logs.setup_from(args)
     try:
         exp, base, s = prepare(args)
         connect(args.address, s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -35,6 +36,8 @@ from .plan import EpochLayout, Pair, Window, derive_seed, epoch_layout, plan_slo
 # ----------------------------------------------------------------------------------- dataset
 
 
+log = logging.getLogger(__name__)
+
 def ensure_dataset(root: str | os.PathLike, build_synthetic: bool = False) -> dict:
     """dataset.json of `root` (a folder or a URL); with `build_synthetic`, build the embedded
     synthetic set there first when missing (one process builds under a file lock, the others wait
@@ -47,7 +50,7 @@ def ensure_dataset(root: str | os.PathLike, build_synthetic: bool = False) -> di
             if not (Path(root) / schema.DATASET_FILE).exists():
                 import shards
 
-                print(f"building the synthetic dataset in {Path(root).resolve()} (first use)", file=sys.stderr)
+                log.info(f"building the synthetic dataset in {Path(root).resolve()} (first use)")
                 shards.build_synthetic(root, progress=False)
     return dataset_info(root)
 
@@ -255,8 +258,9 @@ class TrainLoader:
             yield batch
         self.stats = {"epoch": ds.epoch, "steps": steps, **layout.stats, "corrupt_skipped_rank": corrupt}
         if corrupt:
+            # (printed, not logged: DataLoader workers are processes without the command's logging)
             print(f"[data] rank {ds.rank} epoch {ds.epoch}: skipped {corrupt} corrupt image(s) "
-                  "(each replaced by a pair of the same identity)", file=sys.stderr)
+                  "(each replaced by a pair of the same identity)", file=sys.stderr, flush=True)
 
 
 def train_loader(cfg: DataConfig, *, rank: int, world_size: int, micro_batch: int, seed: int = 0,
@@ -310,7 +314,8 @@ class EvalImages(_EvalStream):
             try:
                 img = T.decode(image_member(sample), self.image_size)
             except Exception:  # noqa: BLE001
-                print(f"[data] skipped corrupt gallery image {sample['__key__']} in {sample['__url__']}", file=sys.stderr)
+                print(f"[data] skipped corrupt gallery image {sample['__key__']} in {sample['__url__']}",  # (a worker)
+                      file=sys.stderr, flush=True)
                 continue
             yield T.eval_image(img, self.image_size), meta["pid"], meta["image_id"]
 

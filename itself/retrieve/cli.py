@@ -30,6 +30,8 @@ import json
 import logging
 import sys
 
+from .. import logs
+from ..dist import world_info_from_env
 from ..errors import UserError
 from ..safeio import printable
 from .build import BuildRequest, run_build
@@ -49,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # The DeepSpeed launcher passes --local_rank=N before the command (LOCAL_RANK says the same).
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    logs.add_arguments(p)
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("index", help="embed a gallery with an exported model (any launcher, resumable)")
     i.add_argument("--model", required=True, help="model.pt exported by itself/train.py")
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     1 anything else that failed (one line; the traceback is logged at debug level)."""
     args = parser().parse_args(argv)  # (argparse: `error: ...` and exit 2 for an unknown option)
     try:
+        logs.setup_from(args, world_info_from_env().rank)
         _check_numbers(args)
         if args.command in ("index", "add"):
             return _build(args)
