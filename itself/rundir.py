@@ -30,6 +30,7 @@ from shards.locking import FolderLock, LockBusy, LockUnavailable
 from . import checkpoint as ckpt
 from .errors import ConfigError
 from .logs import add_file, remove
+from .model import export
 from .paths import Folder
 from .records import EvalRecord, Results
 
@@ -52,8 +53,7 @@ class RunDir(Folder):
     TENSORBOARD = "tensorboard"
     CHECKPOINTS = "checkpoints"
     MODEL = "model.pt"
-    WEIGHTS = "model.safetensors"
-    EXPORT_CONFIG = "config.json"
+    WEIGHTS, EXPORT_CONFIG = export.WEIGHTS, export.CONFIG  # (model.pt's companions: the export format's names)
     RESULTS = Results.FILE
     WANDB = "wandb"
     LOCK = ".itself-run.lock"
