@@ -56,6 +56,19 @@ def setup(level: str | None = None, rank: int = 0, all_ranks: bool | None = None
     _handler = handler
 
 
+def reset() -> None:
+    """Undo `setup`: the project's loggers propagate to the root logger again (a process that runs
+    several commands in turn, such as the test suite, starts each from the same state)."""
+    global _handler
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        if _handler is not None:
+            logger.removeHandler(_handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+    _handler = None
+
+
 def add_arguments(parser) -> None:
     """The logging options every command takes."""
     parser.add_argument("--log-level", choices=LEVELS, default=None,

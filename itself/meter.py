@@ -86,6 +86,18 @@ def _nothing():
     yield
 
 
+def whole_parameters(module):
+    """The module's parameters whole for a forward outside the engine: under ZeRO-3 each rank holds
+    a shard of every parameter (empty tensors otherwise), so they are gathered for the duration
+    (a collective: every rank counts on the same step)."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return _nothing()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
 class StepMeter:
     """Per-step losses and report values, kept on the device and summed over a log window; the
     time spent waiting for data and the rest (compute) per step; read only at the log interval."""
@@ -127,7 +139,8 @@ class StepMeter:
         was_training = module.training
         module.eval()
         try:
-            self.flops_per_pair = count_flops_per_pair(module, {k: batch[k].to(self.device) for k in ("images", "tokens")})
+            with whole_parameters(module):
+                self.flops_per_pair = count_flops_per_pair(module, {k: batch[k].to(self.device) for k in ("images", "tokens")})
         finally:
             module.train(was_training)
         self.peak_tflops = device_peak_tflops(self.device, precision)

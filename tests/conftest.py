@@ -11,6 +11,16 @@ import shards
 from runs import SMALL, SMALL_SHARD_SAMPLES
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_pytest_found_it():
+    """Each test starts with the project's loggers reaching pytest's capture (caplog): a command run
+    in-process by an earlier test routes them to its own console handler."""
+    yield
+    from itself import logs
+
+    logs.reset()
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """Path of a small synthetic dataset (treat as read-only; copy it to modify)."""
