@@ -107,6 +107,10 @@ class DataConfig:
             raise ConfigError(f"data.mix_weights: each must be >= 0 and one > 0, got {self.mix_weights}")
         if not all(self.mix):
             raise ConfigError(f"data.mix: every entry must be a dataset folder or URL, got {self.mix}")
+        named = [self.root, *self.mix]
+        if len(set(named)) != len(named):  # (its identities would be trained as two people's each)
+            raise ConfigError(f"data.mix: a dataset is named twice in data.root + data.mix {named}; "
+                              "data.mix_weights sets how often one is used")
 
 
 @dataclasses.dataclass

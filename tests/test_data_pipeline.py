@@ -376,3 +376,18 @@ def test_a_16_bit_png_in_an_older_shard_decodes_scaled_not_clipped():
     buf = io.BytesIO()
     Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)).save(buf, "PNG")
     assert decode(buf.getvalue())[0, 0].tolist() == [0, 128, 255]
+
+
+def test_an_epoch_counts_the_pairs_it_uses_per_dataset(small_dataset, tmp_path):
+    """A mixture's proportions as metrics.jsonl's data record reports them: a weight of 2 uses every
+    pair of its dataset twice, a weight of 1 once (whole weights: no draw)."""
+    twin = tmp_path / "twin"
+    shutil.copytree(small_dataset, twin)
+    cfg = dataclasses.replace(_cfg(small_dataset), mix=(str(twin),), mix_weights=(1.0, 2.0))
+    loader = train_loader(cfg, rank=0, world_size=1, micro_batch=MICRO_BATCH)
+    loader.set_epoch(0)
+    for _ in loader:
+        pass
+    pairs = _all_pairs(small_dataset).total()
+    assert loader.stats["pairs_used_by_dataset"] == {str(small_dataset): pairs, str(twin): 2 * pairs}
+    assert loader.stats["pairs_total"] == 2 * pairs

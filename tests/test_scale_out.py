@@ -158,6 +158,8 @@ def test_a_mixture_trains_on_both_datasets_and_each_test_split_is_reported(small
                              f"eval.test_roots=[{other}]", f"run_dir={run_dir}"))
     data = RunDir(run_dir).records("data")[0]
     assert data["pairs_total"] == 128 + 128 and 128 < data["pairs_used"] < 256  # all of one, about half of the other
+    by_dataset = data["pairs_used_by_dataset"]  # the mixture's proportions, as the user reads them
+    assert by_dataset[str(small_dataset)] == 128 and by_dataset[str(other)] == data["pairs_used"] - 128
     assert torch.load(run_dir / "model.pt", weights_only=True)["num_ids"] == 64  # labels of both, apart
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["test_datasets"]) == {str(other)}

@@ -470,6 +470,14 @@ class TrainData:
         self.table = IdentityTable.from_runs(*(np.concatenate([r[i] for r in runs]) for i in range(4)),
                                              len(self.urls), np.concatenate(copies))
 
+    def pairs_by_dataset(self, order: np.ndarray, copies: np.ndarray) -> dict[str, int]:
+        """Pairs an epoch uses from each dataset (root: count), each identity's pairs counted as often
+        as the epoch uses them (`copies`): what a mixture's weights came to."""
+        dataset = np.asarray(self.dataset_of_shard, np.int64)[self.table.shard[order]]
+        uses = self.table.pairs[order].astype(np.int64) * np.asarray(copies, np.int64)
+        counts = np.bincount(dataset, weights=uses, minlength=len(self.roots))
+        return {str(root): int(n) for root, n in zip(self.roots, counts)}
+
     def load_rows(self, shards) -> None:
         """Read the rows of these shards (one read per dataset, of the manifest's row groups that
         hold them: a reader's cost grows with what it reads, not with the dataset)."""

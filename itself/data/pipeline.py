@@ -256,7 +256,9 @@ class TrainLoader:
             corrupt += sum(p["corrupt"] for p in parts)
             parts, steps = [], steps + 1
             yield batch
-        self.stats = {"epoch": ds.epoch, "steps": steps, **layout.stats, "corrupt_skipped_rank": corrupt}
+        self.stats = {"epoch": ds.epoch, "steps": steps, **layout.stats,
+                      "pairs_used_by_dataset": ds.data.pairs_by_dataset(layout.order, layout.copies),
+                      "corrupt_skipped_rank": corrupt}
         if corrupt:
             # (printed, not logged: DataLoader workers are processes without the command's logging)
             print(f"[data] rank {ds.rank} epoch {ds.epoch}: skipped {corrupt} corrupt image(s) "

@@ -37,6 +37,7 @@ CASES = [
     ("data.mix_weights=[1, 2]", "data.mix_weights", "need one weight per dataset (data.root, then each of data.mix: 1)"),
     ("data.mix_weights=[-1]", "data.mix_weights", "each must be >= 0 and one > 0, got (-1.0,)"),
     ("data.mix=['']", "data.mix", "every entry must be a dataset folder or URL"),
+    ("data.mix=[/data/a, /data/a]", "data.mix", "a dataset is named twice in data.root + data.mix"),
     ("data.window_shards=0", "data.window_shards", "must be >= 1, got 0"),
     ("data.image_aug=2", "data.image_aug", "cannot use 2: expected true or false"),
     ("data.text_aug=yes please", "data.text_aug", "expected true or false"),
