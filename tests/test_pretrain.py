@@ -12,6 +12,7 @@ import torch
 
 from itself.checkpoint import latest_tag, tag_for
 from itself.config import TrainConfig
+from itself.dist import free_port
 from itself.engine import lr_factor
 from itself.model import ITSELF
 from itself.model.init import init_from
@@ -111,3 +112,18 @@ def test_a_fine_tune_starts_from_the_pretrained_run_and_reports_zero_shot(pretra
     assert all(math.isfinite(v) for row in zero["metrics"].values() for v in row.values())
     assert f"init_from: {pretrained / 'model.pt'}" in (run_dir / "config.yaml").read_text()
     assert "zero-shot (initial weights)" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_identity_free_pretraining_on_two_ranks_follows_one_rank(pretrained, small_dataset, tmp_path):
+    """The pseudo-identities (an image's captions) and TAL over the gathered global batch: 2 ranks train
+    what 1 rank trains, but for float summation order (the stated tolerance of the scale-out tests:
+    every tensor within 5% relative norm, losses within 1e-3)."""
+    run_dir = tmp_path / "two"
+    run_train(pretrain_args(small_dataset, f"run_dir={run_dir}"),
+              launcher=[shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
+    a, b = final_weights(pretrained), final_weights(run_dir)
+    worst = max(float((a[k].float() - b[k].float()).norm() / (a[k].float().norm() + 1e-12)) for k in a)
+    assert a.keys() == b.keys() and worst < 0.05, worst
+    losses = lambda run: [r["loss"] for r in RunDir(run).records("train")]  # noqa: E731
+    assert losses(run_dir) == pytest.approx(losses(pretrained), rel=1e-3)
