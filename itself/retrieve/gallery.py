@@ -257,7 +257,7 @@ def read_image(root: str, item: dict, what: str) -> bytes:
 
 
 def _read_remote_file(root: str, rel: str) -> bytes:
-    from ..data.catalog import _open
+    from ..data.locations import _open
 
     with _open(_url_join(root, rel)) as f:
         data = f.read(MAX_IMAGE_BYTES + 1)
