@@ -13,7 +13,6 @@ folder must be on a file system every node sees.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -24,8 +23,8 @@ from itself.errors import UserError
 from itself.retrieve.cli import parser as retrieve_parser
 from launch.jobdir import JobDir
 from launch.profiles import ProfileError
-from launch.slurm import (SubmitError, cluster_arguments, dry_run, git_commit, make_executor, require_slurm,
-                          resolve_profile, submit, wait_for)
+from launch.slurm import (SubmitError, cluster_arguments, executor_or_dry_run, resolve_profile, submission, submit,
+                          wait_for)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,13 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{command[0]}-{Path(out).name}")
         job = JobDir.new(args.jobs_dir, name)
         world = args.nodes * profile.ranks_per_node
-        if args.dry_run:
-            print(dry_run(job, profile, args.nodes, name, args.local))
-            print(f"\n# every rank runs: python -m itself.retrieve {' '.join(command)}")
+        executor = executor_or_dry_run(args, job, profile, name,
+                                       f"\n# every rank runs: python -m itself.retrieve {' '.join(command)}\n")
+        if executor is None:
             return 0
-        if not args.local:
-            require_slurm()
-        executor = make_executor(job, profile, args.nodes, name, args.local)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -73,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except SubmitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    job.write_submission({
-        "command": [sys.executable, *sys.argv], "retrieve": command, "job_ids": [str(submitted.job_id)],
-        "executor": "local" if args.local else "slurm", "nodes": args.nodes, "ranks": world,
-        "profile": dataclasses.asdict(profile), "git_commit": git_commit(),
-    })
+    job.write_submission(submission(args, submitted.job_id, profile, world, retrieve=command))
     print(f"submitted job {submitted.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s) indexing into {out}")
     print(f"job folder: {job}")
     print(f"follow: {job.follow(submitted.job_id)}")

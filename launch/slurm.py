@@ -148,6 +148,25 @@ def submit(executor, job: JobDir, payload):
         raise SubmitError(f"the job was not submitted: {submit_error(e)}") from None
 
 
+def executor_or_dry_run(args, job: JobDir, profile: SlurmProfile, name: str, shown: str):
+    """The executor of the job `args` asks for, or None after printing the dry run (the sbatch
+    script, then `shown`: what each rank runs) without submitting anything."""
+    if args.dry_run:
+        print(dry_run(job, profile, args.nodes, name, args.local))
+        print(shown, end="")
+        return None
+    if not args.local:
+        require_slurm()
+    return make_executor(job, profile, args.nodes, name, args.local)
+
+
+def submission(args, job_id, profile: SlurmProfile, world: int, **extra) -> dict:
+    """What submission.json records of a job: the command, the job id, where it runs, the commit."""
+    return {"command": [sys.executable, *sys.argv], **extra, "job_ids": [str(job_id)],
+            "executor": "local" if args.local else "slurm", "nodes": args.nodes, "ranks": world,
+            "profile": dataclasses.asdict(profile), "git_commit": git_commit()}
+
+
 def make_executor(job: JobDir, profile: SlurmProfile, nodes: int, name: str, local: bool,
                   render_only: bool = False):
     """submitit's executor for the job: local, for SLURM, or (`render_only`) one that only renders
@@ -242,14 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, profile, job = plan(args)
         name, world = args.name or cfg.name, args.nodes * profile.ranks_per_node
-        if args.dry_run:
-            print(dry_run(job, profile, args.nodes, name, args.local))
-            print("\n# training config\n")
-            print(config_yaml(cfg), end="")
+        executor = executor_or_dry_run(args, job, profile, name, "\n# training config\n\n" + config_yaml(cfg))
+        if executor is None:
             return 0
-        if not args.local:
-            require_slurm()
-        executor = make_executor(job, profile, args.nodes, name, args.local)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -261,11 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     job.write_config(cfg)
-    job.write_submission({
-        "command": [sys.executable, *sys.argv], "job_ids": [str(submitted.job_id)],
-        "executor": "local" if args.local else "slurm", "nodes": args.nodes, "ranks": world,
-        "profile": dataclasses.asdict(profile), "git_commit": git_commit(), "run_dir": cfg.run_dir,
-    })
+    job.write_submission(submission(args, submitted.job_id, profile, world, run_dir=cfg.run_dir))
     print(f"submitted job {submitted.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s), "
           f"{profile.gpus_per_node} GPU(s)/node")
     print(f"job folder: {job}")
