@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import socket
 from datetime import timedelta
 from typing import Callable, TypeVar
@@ -224,11 +225,18 @@ class Process:
         _init_group(self.device, timeout_s)
 
     def close(self) -> None:
-        """Leave the group cleanly (a live group aborts the process at interpreter shutdown)."""
+        """Leave the group cleanly (a live group aborts the process at interpreter shutdown). When
+        DeepSpeed joined it, through DeepSpeed: it drops the groups it keeps, so that a second run in
+        this process (train() called again, from a notebook or a test) starts from nothing."""
         if self.grouped:
             import torch.distributed as dist
 
-            dist.destroy_process_group()
+            deepspeed_comm = sys.modules.get("deepspeed.comm.comm")  # (the module that holds `cdb`)
+            if deepspeed_comm is not None and getattr(deepspeed_comm, "cdb", None) is not None \
+                    and deepspeed_comm.cdb.is_initialized():
+                deepspeed_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
 
     def _broadcast(self, box: list) -> list:
         import torch.distributed as dist

@@ -59,12 +59,18 @@ class Outcome:
                       + ("  * best" if is_best else "")
                       + (f"  ({skipped} corrupt gallery images skipped)" if skipped else ""))
 
+    @property
+    def has_own_test(self) -> bool:
+        """Whether the dataset trained on has test shards (a pre-training corpus lists an empty test
+        split, or none)."""
+        return bool(self.info["splits"].get("test", {}).get("shards"))
+
     def evaluate_zero_shot(self, module) -> dict | None:
         """Test metrics of the initial weights (`model.init_from`), before any step: the "direct
         transfer" of a pre-trained model, reported beside the fine-tuned numbers. The fusion weight
         and GRAB selection are chosen on val, as for the trained model."""
         p = self.proc
-        if "test" not in self.info["splits"]:
+        if not self.has_own_test:
             return None
         val, test = (evaluate(module, self.cfg, split, p.rank, p.world, p.device) for split in ("val", "test"))
         zero_shot = None
@@ -90,7 +96,7 @@ class Outcome:
         best = state.best
         selection, a = best.selection, best.fusion_weight
         # (a pre-training corpus has no test split: the benchmarks of eval.test_roots are its tests)
-        own_test = "test" in self.info["splits"]
+        own_test = self.has_own_test
         roots = ([self.cfg.data.root] if own_test else []) + list(self.cfg.eval.test_roots)
         tests = {root: evaluate(model, self.cfg, "test", self.proc.rank, self.proc.world, self.proc.device,
                                 selections=(selection,), root=root) for root in roots}

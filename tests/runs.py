@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,11 +49,58 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 def run_train(args: list[str], launcher: list[str] | None = None, check: bool = True,
               **env) -> subprocess.CompletedProcess:
+    """`itself/train.py ARGS` under `launcher`, or as `python` when none: a run of one process without
+    extra environment runs in this process (the same `main`, its output captured; the test suite's
+    interpreter and imports are paid once), unless ITSELF_TESTS_SUBPROCESS=1 asks for real processes."""
+    if launcher is None and not env and os.environ.get("ITSELF_TESTS_SUBPROCESS") != "1":
+        run = train_in_process(args)
+        if check:
+            assert run.returncode == 0, f"train {' '.join(args)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+        return run
     cmd = (launcher or [sys.executable]) + ["itself/train.py", *args]
     run = subprocess.run(cmd, cwd=REPO, env=train_env(**env), capture_output=True, text=True, timeout=600)
     if check:
         assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     return run
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+    """os.environ replaced by `env` for the duration."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`python itself/train.py ARGS` run by this process: exit code, stdout and stderr as a process's
+    (an exception that escapes is exit 1 with its traceback on stderr, as the interpreter would)."""
+    import io
+    import traceback
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from itself import logs
+    from itself.train import main
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    with _environment(train_env()), redirect_stdout(out), redirect_stderr(err):
+        os.chdir(REPO)
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # (argparse's usage errors)
+            code = e.code if isinstance(e.code, int) else 2
+        except Exception:  # noqa: BLE001 - reported as the process would report it
+            traceback.print_exc()
+            code = 1
+        finally:
+            os.chdir(cwd)
+            logs.reset()
+    return subprocess.CompletedProcess(["itself/train.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def plant_undecodable_image(root: Path, split: str, shard_name: str, index: int) -> int:

@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 
+import shards
+
 from itself.checkpoint import latest_tag, tag_for
 from itself.config import TrainConfig
 from itself.dist import free_port
@@ -30,13 +32,22 @@ def pretrain_args(root, *extra):
 
 
 @pytest.fixture(scope="module")
-def pretrained(small_dataset, tmp_path_factory):
+def corpus(tmp_path_factory):
+    """A converted pre-training corpus as a user builds it (`--dataset synthetic-pretrain`): WebPerson's
+    layout converted, one pseudo-identity per image, held-out val identities, an empty test split."""
+    out = tmp_path_factory.mktemp("corpus") / "synthetic-pretrain"
+    shards.build_synthetic_pretrain(out, pairs=256, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, small_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    run_train(pretrain_args(small_dataset, f"run_dir={run_dir}"))
+    run_train(pretrain_args(corpus, f"run_dir={run_dir}", f"eval.test_roots=[{small_dataset}]"))
     return run_dir
 
 
-def test_identity_free_pretraining_runs_on_steps_without_classifiers(pretrained):
+def test_identity_free_pretraining_runs_on_steps_without_classifiers(pretrained, small_dataset):
     weights = torch.load(pretrained / "model.pt", weights_only=True)["state_dict"]
     assert weights and not [k for k in weights if k.startswith(("cid_heads", "id_heads"))]
     records = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
@@ -54,6 +65,9 @@ def test_identity_free_pretraining_runs_on_steps_without_classifiers(pretrained)
     assert evals == [3, 6]  # eval.every_steps, and the end
     results = RunDir(pretrained).results()
     assert results.best_step in (3, 6) and results.init_from is None and results.zero_shot is None
+    # The corpus has no test split: the benchmark named in eval.test_roots is its test, zero-shot.
+    tested = results.test_datasets[str(small_dataset)]
+    assert tested["counts"]["queries"] == 32 and set(tested["metrics"]) == {"global", "grab", "fused"}
 
 
 def final_weights(run_dir) -> dict:
@@ -61,7 +75,7 @@ def final_weights(run_dir) -> dict:
     return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
 
 
-def test_a_step_schedule_resumes_mid_stream_exactly(pretrained, tmp_path, small_dataset):
+def test_a_step_schedule_resumes_mid_stream_exactly(pretrained, tmp_path, corpus, small_dataset):
     # A job killed after its step-3 checkpoint: the run folder as it was then, resumed.
     run_dir = tmp_path / "killed"
     shutil.copytree(pretrained, run_dir)
@@ -70,7 +84,7 @@ def test_a_step_schedule_resumes_mid_stream_exactly(pretrained, tmp_path, small_
     shutil.rmtree(run_dir / "checkpoints" / tag_for(6))
     (run_dir / "checkpoints" / "latest").write_text(tag_for(3))
     (run_dir / "checkpoints" / "best").write_text(tag_for(3))
-    run_train(pretrain_args(small_dataset, f"run_dir={run_dir}", "train.resume=latest"))
+    run_train(pretrain_args(corpus, f"run_dir={run_dir}", f"eval.test_roots=[{small_dataset}]", "train.resume=latest"))
     a, b = final_weights(pretrained), final_weights(run_dir)
     assert latest_tag(run_dir / "checkpoints") == tag_for(6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -115,12 +129,12 @@ def test_a_fine_tune_starts_from_the_pretrained_run_and_reports_zero_shot(pretra
 
 
 @pytest.mark.slow
-def test_identity_free_pretraining_on_two_ranks_follows_one_rank(pretrained, small_dataset, tmp_path):
+def test_identity_free_pretraining_on_two_ranks_follows_one_rank(pretrained, corpus, small_dataset, tmp_path):
     """The pseudo-identities (an image's captions) and TAL over the gathered global batch: 2 ranks train
     what 1 rank trains, but for float summation order (the stated tolerance of the scale-out tests:
     every tensor within 5% relative norm, losses within 1e-3)."""
     run_dir = tmp_path / "two"
-    run_train(pretrain_args(small_dataset, f"run_dir={run_dir}"),
+    run_train(pretrain_args(corpus, f"run_dir={run_dir}", f"eval.test_roots=[{small_dataset}]"),
               launcher=[shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     a, b = final_weights(pretrained), final_weights(run_dir)
     worst = max(float((a[k].float() - b[k].float()).norm() / (a[k].float().norm() + 1e-12)) for k in a)
