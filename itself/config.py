@@ -67,10 +67,11 @@ class DataConfig:
     """Tokens per caption, including start and end tokens (CLIP: 77)."""
     num_instance: int = 2
     """(image, caption) pairs of each identity in a batch (paper: 2). Holds for the global batch."""
-    num_workers: int = 8
+    num_workers: int = -1
     """DataLoader worker processes per rank (at most: a worker adds at least one identity to each
     step, so a rank uses no more than micro-batch / num_instance, and a divisor of its data slots).
-    Each reads its slots' identities."""
+    Each reads its slots' identities. -1 = auto: 8 for the data layout (the batches do not depend on
+    the host), read by at most the rank's cores - 1 processes; 0 = read in the training process."""
     num_slots: int = 0
     """Data slots: runs of whole identities (not whole shards), each an equal share of every global batch.
     0 = ranks x workers. A fixed value (a multiple of the world size, at most the number of train
@@ -94,8 +95,8 @@ class DataConfig:
             raise ConfigError(f"data.text_length: must be at least 3 (start, one token, end), got {self.text_length}")
         if self.num_instance < 1:
             raise ConfigError(f"data.num_instance: must be >= 1, got {self.num_instance}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.num_workers < -1:
+            raise ConfigError(f"data.num_workers: must be >= 0, or -1 (auto), got {self.num_workers}")
         if self.num_slots < 0:
             raise ConfigError(f"data.num_slots: must be >= 0 (0 = ranks x workers), got {self.num_slots}")
         if self.window_shards < 1:
@@ -288,6 +289,9 @@ class TrainConfig:
     """`auto` (CUDA when available), `cuda` or `cpu`."""
     compile: bool = False
     """torch.compile the two towers (inductor, on CPU and GPU; the first steps compile)."""
+    cpu_threads: int = 0
+    """CPU threads of each rank on a CPU run (0 = auto: the cores this process may use (affinity,
+    cgroup quota, SLURM_CPUS_PER_TASK) shared among the host's ranks; OMP_NUM_THREADS also sets it)."""
     grad_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them: less activation memory (a larger micro-batch fits), about a third more compute."""
@@ -345,7 +349,7 @@ class TrainConfig:
             raise ConfigError(f"train.nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}, "
                               f"got {_short(self.nonfinite)}")
         for field in ("weight_decay", "grad_clip", "warmup_epochs", "max_skipped_steps", "checkpoint_every",
-                      "max_steps", "warmup_steps"):
+                      "max_steps", "warmup_steps", "cpu_threads"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"train.{field}: must be >= 0, got {getattr(self, field)}")
         if not 1 <= self.collective_timeout_s <= 7 * 86400:
