@@ -376,3 +376,17 @@ def test_a_16_bit_png_in_an_older_shard_decodes_scaled_not_clipped():
     buf = io.BytesIO()
     Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)).save(buf, "PNG")
     assert decode(buf.getvalue())[0, 0].tolist() == [0, 128, 255]
+
+
+@pytest.mark.slow
+def test_auto_workers_follow_the_cores_and_give_the_batches_of_explicit_workers(small_dataset):
+    # data.num_workers=-1 (the default): the layout's slot readers run in at most cores - 1 loader
+    # processes (itself.cpus), so the process count depends on the host but the batches do not.
+    from itself.cpus import loader_worker_cap
+
+    auto, explicit = _epoch(small_dataset, 1, -1, num_slots=2), _epoch(small_dataset, 1, 0, num_slots=2)
+    assert len(auto[0]) == len(explicit[0])
+    for a, b in zip(auto[0], explicit[0]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    loader = train_loader(_cfg(small_dataset, num_workers=-1, num_slots=2), rank=0, world_size=1, micro_batch=MICRO_BATCH)
+    assert loader.dataset.loader_workers <= max(0, loader_worker_cap())
