@@ -290,8 +290,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the two towers (inductor, on CPU and GPU; the first steps compile)."""
     cpu_threads: int = 0
-    """CPU threads of each rank on a CPU run (0 = auto: the cores this process may use (affinity,
-    cgroup quota, SLURM_CPUS_PER_TASK) shared among the host's ranks; OMP_NUM_THREADS also sets it)."""
+    """CPU (intra-op) threads of each rank. 0 = auto: OMP_NUM_THREADS when set, else the cores this
+    process may use (affinity, cgroup quota, SLURM_CPUS_PER_TASK) shared among the host's ranks."""
     grad_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them: less activation memory (a larger micro-batch fits), about a third more compute."""

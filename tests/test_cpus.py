@@ -8,7 +8,7 @@ import pytest
 
 from itself.cpus import cgroup_quota, parse_cfs, parse_cpu_max, plan_cpus
 from itself.layout import data_layout, loader_processes
-from tests.runs import REPO, train_env
+from tests.runs import REPO, small_run_args, train_env
 
 
 def test_an_affinity_mask_bounds_the_threads_on_a_bigger_host():
@@ -87,3 +87,13 @@ def test_a_process_pinned_to_one_core_runs_one_thread():
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["1", "1", "0"]
+
+
+@pytest.mark.slow
+def test_train_cpu_threads_sets_the_threads_of_a_real_run(small_dataset, tmp_path):
+    args = small_run_args(small_dataset, "train.cpu_threads=1", "train.epochs=1", "train.max_steps=1",
+                          f"run_dir={tmp_path / 'run'}", "train.report_to=none")
+    run = subprocess.run([sys.executable, "itself/train.py", *args], cwd=REPO, env=train_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "CPU threads: 1 intra-op, 1 inter-op" in run.stdout and "(from train.cpu_threads=1 (" in run.stdout
