@@ -109,7 +109,8 @@ def main() -> int:
     c = counts()
     me, mc = statistics.median(times["eager"]), statistics.median(times["compiled"])
     print(f"{len(ks)} distinct (k_image, k_text) over {steps} steps; compilations {c['compilations']} (two towers; "
-          f"training, then one evaluation encode under no_grad), graphs {c['graphs']}, graph breaks {c['graph_breaks']}")
+          f"training, then one evaluation encode under no_grad), graphs {c['graphs']}, "
+          f"graph breaks {c['graph_breaks']}")
     print(f"step (median of steps 3..{steps}): eager {me * 1000:.0f} ms, compiled {mc * 1000:.0f} ms, "
           f"compiled / eager {mc / me:.2f}x")
     print(f"compiled vs eager: worst relative loss difference {worst:.1e}, evaluation embeddings max |diff| {enc:.1e}")

@@ -3,9 +3,10 @@ on (affinity mask, cgroup quota, SLURM's cpus-per-task), shared among the ranks 
 
 Oversubscription is ruinous on CPU: a rank that starts one OpenMP thread per core of the host,
 on a machine where other jobs (or other ranks) hold those cores, waits on its slowest thread at
-every operator, so a busy 2-core machine turned a 5 s epoch into 3 minutes. The plan never asks
-for more threads than the cores it may use, unless the user says so (`train.cpu_threads`, then
-OMP_NUM_THREADS).
+every operator. The plan never asks for more threads than the cores it may use, unless the user
+says so (`train.cpu_threads`, then OMP_NUM_THREADS). Waiting threads also sleep instead of
+spinning (OMP_WAIT_POLICY, set in itself/__init__.py): on a busy 2-core machine that, not the
+thread count, was the difference between 3-minute and 15-second epochs (BENCHMARKS.md).
 
 `plan_cpus` is the pure computation (values in, a CpuPlan out); `apply_cpu_plan` reads this
 process's affinity, cgroup and environment, sets torch's threads and logs the plan once.

@@ -388,5 +388,6 @@ def test_auto_workers_follow_the_cores_and_give_the_batches_of_explicit_workers(
     assert len(auto[0]) == len(explicit[0])
     for a, b in zip(auto[0], explicit[0]):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    loader = train_loader(_cfg(small_dataset, num_workers=-1, num_slots=2), rank=0, world_size=1, micro_batch=MICRO_BATCH)
+    loader = train_loader(_cfg(small_dataset, num_workers=-1, num_slots=2), rank=0, world_size=1,
+                          micro_batch=MICRO_BATCH)
     assert loader.dataset.loader_workers <= max(0, loader_worker_cap())
