@@ -147,12 +147,12 @@ def resolve_device(name: str, local_rank: int):
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def share_cpu_threads(where: WorldInfo) -> None:
+def share_cpu_threads(where: WorldInfo, cpu_threads: int = 0) -> None:
     """On CPU, split the cores this process may use among the ranks of this host (oversubscription
-    is ruinous). The policy is `itself.cpus`."""
+    is ruinous); `cpu_threads` > 0 (train.cpu_threads) overrides. The policy is `itself.cpus`."""
     from .cpus import apply_cpu_plan
 
-    apply_cpu_plan(where)
+    apply_cpu_plan(where, cpu_threads)
 
 
 # ----------------------------------------------------------------------------------- the process
@@ -250,15 +250,15 @@ class Process:
         return dist.get_backend() != "gloo"
 
 
-def start(device: str = "auto", timeout_s: float = 600, *, group: str = "auto") -> Process:
+def start(device: str = "auto", timeout_s: float = 600, *, group: str = "auto", cpu_threads: int = 0) -> Process:
     """Start this process: check the launcher's environment, pick the device (this rank's GPU with
     `auto`), share the CPU cores among this host's ranks, and form the process group (`group`:
     `auto` = when the world is larger than one, `always`, `never`). A collective waits at most
-    `timeout_s` for the other ranks."""
+    `timeout_s` for the other ranks; `cpu_threads` > 0 (train.cpu_threads) sets the CPU threads."""
     where = ensure_process_env()
     dev = resolve_device(device, where.local_rank)
     if dev.type == "cpu":
-        share_cpu_threads(where)
+        share_cpu_threads(where, cpu_threads)
     proc = Process(where, dev)
     if group == "always" or (group == "auto" and where.world_size > 1):
         proc.join_group(timeout_s)

@@ -105,8 +105,14 @@ def skip_shm_all_reduce(deepspeed) -> None:
 
 
 def build_engine(model, cfg: Config, ds_config: dict, steps_per_epoch: int):
-    """The DeepSpeed engine of `model` with `ds_config` (see `deepspeed_config`)."""
+    """The DeepSpeed engine of `model` with `ds_config` (see `deepspeed_config`); `train.cpu_threads`,
+    when set, replaces the automatic CPU thread count the process started with."""
     import deepspeed
+
+    if cfg.train.cpu_threads:
+        from .cpus import apply_cpu_plan
+
+        apply_cpu_plan(cpu_threads=cfg.train.cpu_threads)
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg), config=ds_config,

@@ -11,6 +11,10 @@ import dataclasses
 
 from .errors import ConfigError
 
+AUTO_WORKERS = 8
+"""Slot readers per rank of `data.num_workers=-1` (auto) in the layout; the loader processes that
+run them are capped by the rank's cores (itself.cpus), which does not change the batches."""
+
 
 @dataclasses.dataclass(frozen=True)
 class DataLayout:
@@ -32,6 +36,7 @@ def data_layout(batch_size: int, world_size: int, grad_accum: int, num_instance:
     most micro_batch / num_instance workers, and a number that divides its slots. Slots default
     (num_slots = 0) to ranks x workers; a fixed count makes batches independent of the world size.
     """
+    num_workers = AUTO_WORKERS if num_workers < 0 else num_workers
     unit = world_size * grad_accum * num_instance
     if batch_size % unit:
         raise ConfigError(
@@ -56,6 +61,15 @@ def data_layout(batch_size: int, world_size: int, grad_accum: int, num_instance:
     per_rank = num_slots // world_size
     workers = max(d for d in range(1, cap + 1) if per_rank % d == 0)
     return DataLayout(micro, num_slots, workers, step_pairs // num_slots)
+
+
+def loader_processes(layout: DataLayout, world_size: int, cap: int) -> int:
+    """DataLoader processes that read a rank's slots with at most `cap` of them: the largest divisor
+    of the rank's slots up to the layout's workers and `cap` (0: the rank reads them itself). Each
+    process reads consecutive slots and the parts join in slot order, so the batches are the same."""
+    per_rank = layout.num_slots // world_size
+    fits = [d for d in range(1, min(layout.workers_per_rank, cap) + 1) if per_rank % d == 0]
+    return max(fits, default=0)
 
 
 def _slot_counts(step_pairs: int, world_size: int, num_instance: int) -> list[int]:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import itself  # noqa: F401 - (first, before torch: it sets OpenMP's wait policy, read once when torch loads)
 import torch
 
 from itself import logs
@@ -81,7 +82,7 @@ def start_training(cfg: Config) -> tuple[Process, bool]:
         logs.setup()
     resolve_references(cfg)
     owns_group = not dist.is_initialized()
-    proc = start(cfg.train.device, cfg.train.collective_timeout_s, group="never")
+    proc = start(cfg.train.device, cfg.train.collective_timeout_s, group="never", cpu_threads=cfg.train.cpu_threads)
     cfg.validate(proc.world)  # fail before any work
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     # Every rank checks the data (one builds the synthetic set under a file lock, the others wait

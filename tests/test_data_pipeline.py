@@ -391,3 +391,18 @@ def test_an_epoch_counts_the_pairs_it_uses_per_dataset(small_dataset, tmp_path):
     pairs = _all_pairs(small_dataset).total()
     assert loader.stats["pairs_used_by_dataset"] == {str(small_dataset): pairs, str(twin): 2 * pairs}
     assert loader.stats["pairs_total"] == 2 * pairs
+
+
+@pytest.mark.slow
+def test_auto_workers_follow_the_cores_and_give_the_batches_of_explicit_workers(small_dataset):
+    # data.num_workers=-1 (the default): the layout's slot readers run in at most cores - 1 loader
+    # processes (itself.cpus), so the process count depends on the host but the batches do not.
+    from itself.cpus import loader_worker_cap
+
+    auto, explicit = _epoch(small_dataset, 1, -1, num_slots=2), _epoch(small_dataset, 1, 0, num_slots=2)
+    assert len(auto[0]) == len(explicit[0])
+    for a, b in zip(auto[0], explicit[0]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    loader = train_loader(_cfg(small_dataset, num_workers=-1, num_slots=2), rank=0, world_size=1,
+                          micro_batch=MICRO_BATCH)
+    assert loader.dataset.loader_workers <= max(0, loader_worker_cap())

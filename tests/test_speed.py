@@ -27,10 +27,10 @@ def _batch() -> dict:
     return {"images": torch.randn(8, 3, 48, 16, generator=g), "tokens": tokens, "pids": torch.arange(8) // 2}
 
 
-def _step(model: ITSELF) -> tuple[dict, dict, dict]:
+def _step(model: ITSELF, step: int = 3) -> tuple[dict, dict, dict]:
     """(loss terms, parameter gradients, BatchNorm statistics) of one training step."""
     model.zero_grad(set_to_none=True)
-    out = model(_batch(), step=3)
+    out = model(_batch(), step=step)
     total_loss(out).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
@@ -66,3 +66,34 @@ def test_a_compiled_step_gives_the_loss_and_gradients_of_eager():
     compiled.speed_options(compile=True)
     _assert_same_step(_step(eager), _step(compiled), rtol=1e-4, atol=1e-5)
     _assert_same_step(_step(eager), _step(compiled), rtol=1e-4, atol=1e-5)  # (a second step: no recompile needed)
+
+
+@pytest.mark.slow
+def test_compiled_steps_through_the_ats_schedule_equal_eager_and_compile_each_tower_once():
+    # ATS over 4 steps: k (image, text) is (7, 45), (6, 42), (6, 40), (6, 37) at steps 1-4. The compiled
+    # towers take whole token sequences and the selection of k tokens runs after them, so a new k is no
+    # new shape for a compiled graph: each tower compiles once for training, once for no_grad encoding.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="tiny", pretrained="", grab_dim=32, mars_layers=(1, 3), t_small="4 steps")
+    eager = ITSELF(cfg, num_ids=4, image_size=(48, 16))
+    compiled = copy.deepcopy(eager)
+    compiled.speed_options(compile=True)
+    ks = []
+    for t in range(1, 6):
+        a, b = _step(eager, t), _step(compiled, t)
+        _assert_same_step(a, b, rtol=1e-4, atol=1e-5)
+        ks.append((a[0]["k_image"], a[0]["k_text"]))
+    assert ks == [(7, 45), (6, 42), (6, 40), (6, 37), (6, 37)]
+    assert counters["frames"]["ok"] == 2 and not counters["graph_break"]  # one compilation per tower
+    with torch.no_grad():
+        images, tokens = _batch()["images"], _batch()["tokens"]
+        torch.testing.assert_close(compiled.encode_images(images)[1]["train"], eager.encode_images(images)[1]["train"],
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled.encode_texts(tokens)[1]["train"], eager.encode_texts(tokens)[1]["train"],
+                                   rtol=1e-4, atol=1e-5)
+    assert counters["frames"]["ok"] == 4

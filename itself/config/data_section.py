@@ -33,10 +33,11 @@ class DataConfig:
     """Tokens per caption, including start and end tokens (CLIP: 77)."""
     num_instance: int = 2
     """(image, caption) pairs of each identity in a batch (paper: 2). Holds for the global batch."""
-    num_workers: int = 8
+    num_workers: int = -1
     """DataLoader worker processes per rank (at most: a worker adds at least one identity to each
     step, so a rank uses no more than micro-batch / num_instance, and a divisor of its data slots).
-    Each reads its slots' identities."""
+    Each reads its slots' identities. -1 = auto: 8 for the data layout (the batches do not depend on
+    the host), read by at most the rank's cores - 1 processes; 0 = read in the training process."""
     num_slots: int = 0
     """Data slots: runs of whole identities (not whole shards), each an equal share of every global batch.
     0 = ranks x workers. A fixed value (a multiple of the world size, at most the number of train
@@ -60,8 +61,8 @@ class DataConfig:
             raise ConfigError(f"data.text_length: must be at least 3 (start, one token, end), got {self.text_length}")
         if self.num_instance < 1:
             raise ConfigError(f"data.num_instance: must be >= 1, got {self.num_instance}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.num_workers < -1:
+            raise ConfigError(f"data.num_workers: must be >= 0, or -1 (auto), got {self.num_workers}")
         if self.num_slots < 0:
             raise ConfigError(f"data.num_slots: must be >= 0 (0 = ranks x workers), got {self.num_slots}")
         if self.window_shards < 1:

@@ -48,6 +48,9 @@ class TrainConfig:
     """`auto` (CUDA when available), `cuda` or `cpu`."""
     compile: bool = False
     """torch.compile the two towers (inductor, on CPU and GPU; the first steps compile)."""
+    cpu_threads: int = 0
+    """CPU (intra-op) threads of each rank. 0 = auto: OMP_NUM_THREADS when set, else the cores this
+    process may use (affinity, cgroup quota, SLURM_CPUS_PER_TASK) shared among the host's ranks."""
     grad_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them: less activation memory (a larger micro-batch fits), about a third more compute."""
@@ -105,7 +108,7 @@ class TrainConfig:
             raise ConfigError(f"train.nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}, "
                               f"got {short_repr(self.nonfinite)}")
         for field in ("weight_decay", "grad_clip", "warmup_epochs", "max_skipped_steps", "checkpoint_every",
-                      "max_steps", "warmup_steps"):
+                      "max_steps", "warmup_steps", "cpu_threads"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"train.{field}: must be >= 0, got {getattr(self, field)}")
         if not 1 <= self.collective_timeout_s <= 7 * 86400:

@@ -28,7 +28,8 @@ from shards import schema
 
 from ..config import DataConfig
 from ..errors import DataError
-from ..layout import DataLayout, data_layout
+from ..cpus import loader_worker_cap
+from ..layout import AUTO_WORKERS, DataLayout, data_layout, loader_processes
 from . import transforms as T
 from .catalog import TrainData, check_sample, dataset_info, image_member, is_url, iter_shard, join, split_digests
 from .plan import EpochLayout, Pair, Window, derive_seed, epoch_layout, plan_slot
@@ -100,7 +101,10 @@ class TrainDataset(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.layout: DataLayout = data_layout(micro_batch * world_size, world_size, 1, cfg.num_instance,
                                               cfg.num_workers, cfg.num_slots)
-        self.loader_workers = self.layout.workers_per_rank if cfg.num_workers else 0
+        # auto (-1): the layout's slot readers run in as many processes as the rank's cores allow
+        auto = cfg.num_workers < 0
+        self.loader_workers = (loader_processes(self.layout, world_size, loader_worker_cap()) if auto
+                               else self.layout.workers_per_rank if cfg.num_workers else 0)
         # The epoch and start step, shared with persistent workers (set before each epoch's iteration).
         self._epoch = multiprocessing.get_context("fork").Value("q", 0, lock=False)
         self._start = multiprocessing.get_context("fork").Value("q", 0, lock=False)
@@ -138,9 +142,9 @@ class TrainDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if workers != self.layout.workers_per_rank:
-            raise DataError(f"the DataLoader runs {workers} workers but the data layout has "
-                            f"{self.layout.workers_per_rank} per rank: build the loader with train_loader()")
+        if workers != max(1, self.loader_workers):
+            raise DataError(f"the DataLoader runs {workers} workers but this dataset planned "
+                            f"{self.loader_workers}: build the loader with train_loader()")
         layout, start = self.epoch_layout(), self.start_step
         readers = [iter(_SlotReader(self, layout, slot, start)) for slot in self.my_slots(worker, workers)]
         for _ in range(start, layout.steps):
@@ -250,7 +254,7 @@ class TrainLoader:
         layout, corrupt, steps, parts = ds.epoch_layout(), 0, 0, []
         for part in self.loader:  # one part per worker per step, in worker (= slot) order
             parts.append(part)
-            if len(parts) < ds.layout.workers_per_rank:
+            if len(parts) < max(1, ds.loader_workers):
                 continue
             batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "corrupt"}
             corrupt += sum(p["corrupt"] for p in parts)
@@ -337,6 +341,11 @@ class EvalTexts(_EvalStream):
                 yield tokenizer(caption), meta["pid"], meta["image_id"], i
 
 
+def eval_workers(cfg: DataConfig) -> int:
+    """Loader processes of evaluation: `data.num_workers`, or with auto (-1) up to the rank's cores - 1."""
+    return cfg.num_workers if cfg.num_workers >= 0 else min(AUTO_WORKERS, loader_worker_cap())
+
+
 def eval_loaders(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
                  batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
     """(gallery, queries) loaders of `split` ('val' or 'test') for one rank's disjoint slice."""
@@ -344,6 +353,6 @@ def eval_loaders(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int 
     urls = split_urls(cfg.root, split, info)
     expected = [s["samples"] for s in info["splits"][split]["shards"]]
     images = DataLoader(EvalImages(urls, cfg.image_size, rank, world_size, expected, split_digests(cfg.root, split)),
-                        batch_size=batch_size, num_workers=cfg.num_workers)
+                        batch_size=batch_size, num_workers=eval_workers(cfg))
     texts = DataLoader(EvalTexts(urls, cfg.text_length, rank, world_size, expected), batch_size=batch_size)
     return images, texts
