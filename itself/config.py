@@ -121,6 +121,12 @@ class ModelConfig:
     """Transformer MLP activation: `auto` (what the weights were trained with: QuickGELU for OpenAI's
     weights, the `openai` tag or a local file in OpenAI's layout; the architecture's own otherwise),
     `quick_gelu` or `gelu`. A choice that contradicts the weights is refused."""
+    patch_stride: int = 0
+    """Stride of the image patches in pixels; 0 = the patch size (non-overlapping patches, as
+    open_clip builds them). The reference code's `--stride_size` defaults to 16 whatever the
+    backbone, so its ViT-B/32 runs overlapping 32-pixel patches every 16 pixels (a 23x7 grid at
+    384x128 instead of 12x4): the `vit-b32` presets set 16 to match the reference. At most the
+    patch size (a larger stride leaves pixels unseen). The position embedding follows the grid."""
     global_only: bool = False
     """Baseline: train the global branch only (no GRAB, no attention capture)."""
     grab_dim: int = 4096
@@ -143,8 +149,8 @@ class ModelConfig:
     `<n> steps`, or `from:RUN_DIR` (the best val epoch of a finished baseline run, read from its
     results.json when the config is resolved). A bare number is epochs. Default: the reference
     code's 1450 steps, used there for every dataset (10 epochs of RSTPReid at batch 256)."""
-    fixed_ratio: float = 0.5
-    """Keep ratio when `ats` is `fixed`."""
+    fixed_ratio: float = 0.4
+    """Keep ratio when `ats` is `fixed` (the reference code's `select_ratio` without ATS: 0.4)."""
     tau: float = 0.015
     """TAL temperature (paper: 0.015)."""
     margin: float = 0.1
@@ -456,6 +462,9 @@ class Config:
         if min(self.data.image_size) < spec.patch_size:
             raise ConfigError(f"data.image_size: must be at least {spec.patch_size} x {spec.patch_size}, the patch "
                               f"size of model.arch {self.model.arch}, got {self.data.image_size}")
+        if not 0 <= self.model.patch_stride <= spec.patch_size:
+            raise ConfigError(f"model.patch_stride: must be in 0..{spec.patch_size} (0 = the patch size of model.arch "
+                              f"{self.model.arch}; a larger stride leaves pixels unseen), got {self.model.patch_stride}")
         self.train.validate()
         self.layout(world_size)
         self.eval.validate()
