@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -192,4 +193,42 @@ def resolve_references(cfg: Config) -> None:
                 raise ValueError("no best_epoch in its results.json")
         except (ConfigError, KeyError, ValueError) as e:
             raise ConfigError(f"model.t_small={ref}: {run} is not a finished training run ({e})") from None
+        check_t_small_source(cfg, run, ref)
         cfg.model.t_small = f"{best} epochs"
+
+
+def check_t_small_source(cfg: Config, run, ref: str) -> None:
+    """The paper's rule takes T from the epoch at which the *global-only baseline* peaks *on the
+    same data*: a ConfigError naming which of the two the run `ref` points at is not (read from
+    its config.yaml: model.global_only; data.root and data.mix, compared by the datasets' content
+    digests where both are readable, else by path)."""
+    saved = run.config()
+    if saved is None:
+        raise ConfigError(f"model.t_small={ref}: {run} has no {run.CONFIG}: cannot check that it is a global-only "
+                          "baseline on the same data")
+    model, data = saved.get("model") or {}, saved.get("data") or {}
+    if model.get("global_only") is not True:
+        raise ConfigError(f"model.t_small={ref}: {run} is not a global-only baseline (its model.global_only is "
+                          f"{model.get('global_only')}: it trained GRAB and MARS); T is the epoch at which the "
+                          "global-only baseline peaks: point at a run with model.global_only=true")
+    theirs = [str(data.get("root", "")), *(str(m) for m in data.get("mix") or ())]
+    ours = [cfg.data.root, *cfg.data.mix]
+    (digest_a, paths_a), (digest_b, paths_b) = _data_identity(theirs), _data_identity(ours)
+    if (digest_a != digest_b) if digest_a and digest_b else paths_a != paths_b:
+        raise ConfigError(f"model.t_small={ref}: {run} was trained on other data ({' + '.join(theirs)}, this run: "
+                          f"{' + '.join(ours)}); T is the epoch at which the baseline peaks on the same data: "
+                          "train the baseline on this run's data.root")
+
+
+def _data_identity(roots: list[str]) -> tuple[str | None, list[str]]:
+    """(the datasets' content digest, None where a dataset.json is not readable; their absolute
+    paths): digests say whether two runs trained on the same data wherever it lies, paths where
+    the data cannot be read."""
+    from .checkpoint import dataset_fingerprint
+    from .data import dataset_info
+
+    try:
+        digest = dataset_fingerprint([dataset_info(root) for root in roots])
+    except (OSError, ValueError):  # (DataError: not a built dataset, or not readable from here)
+        digest = None
+    return digest, [root if "://" in root else os.path.abspath(root) for root in roots]
