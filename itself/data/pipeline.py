@@ -30,7 +30,8 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..layout import DataLayout, data_layout
 from . import transforms as T
-from .catalog import TrainData, check_sample, dataset_info, image_member, is_url, iter_shard, join, split_digests
+from .catalog import (TrainData, check_sample, dataset_info, image_member, is_url, iter_shard, join, ranged,
+                      split_digests)
 from .plan import EpochLayout, Pair, Window, derive_seed, epoch_layout, plan_slot
 
 # ----------------------------------------------------------------------------------- dataset
@@ -123,7 +124,7 @@ class TrainDataset(IterableDataset):
             self._layout = (self.epoch, epoch_layout(
                 self.data.table, num_slots=self.layout.num_slots, slot_batch=self.layout.slot_batch,
                 num_instance=self.cfg.num_instance, window_shards=self.cfg.window_shards, seed=self.seed,
-                epoch=self.epoch))
+                epoch=self.epoch, identity_order=self.cfg.identity_order))
         return self._layout[1]
 
     def __len__(self) -> int:
@@ -177,10 +178,11 @@ class _SlotReader:
             self.store.clear()
 
     def _read(self, window: Window) -> None:
-        for shard, lo, hi in window.segments:
+        for shard, lo, hi, keep in _reads(self.ds.data, window.segments):
             for row, sample in enumerate(self.ds.data.read_segment(shard, lo, hi), start=lo):
-                meta = json.loads(sample[schema.META_EXT])
-                self.store[(shard, row)] = (image_member(sample), meta["captions"], meta["image_id"])
+                if keep(row):
+                    meta = json.loads(sample[schema.META_EXT])
+                    self.store[(shard, row)] = (image_member(sample), meta["captions"], meta["image_id"])
 
     def _decode(self, k: tuple[int, int]) -> torch.Tensor | None:
         if k in self.corrupt:
@@ -217,6 +219,22 @@ class _SlotReader:
             "pids": torch.tensor(pids, dtype=torch.long), "image_ids": torch.tensor(image_ids, dtype=torch.long),
             "corrupt": len(self.corrupt) - corrupt_before,
         }
+
+
+def _reads(data: TrainData, segments: list[tuple[int, int, int]]):
+    """(shard, first row, end row, which rows to keep) to read a window's segments: one read per
+    segment where the shard is read by byte range, else one stream per shard up to its last
+    segment (a stream restarted per segment would reread the shard's start each time)."""
+    by_shard: dict[int, list[tuple[int, int]]] = {}
+    for shard, lo, hi in segments:
+        by_shard.setdefault(shard, []).append((lo, hi))
+    for shard, spans in by_shard.items():
+        rows = data.rows(shard)
+        if len(spans) == 1 or (ranged(rows.url) and rows.byte_range(0, 1) is not None):
+            yield from ((shard, lo, hi, lambda row: True) for lo, hi in spans)
+        else:
+            wanted = {row for lo, hi in spans for row in range(lo, hi)}
+            yield shard, min(lo for lo, _ in spans), max(hi for _, hi in spans), wanted.__contains__
 
 
 class TrainLoader:
