@@ -14,7 +14,8 @@ same synthetic people, drawn at 144x48:
   antialiasing, as the authors (the images are drawn at 1.5x the training size so that the
   decoder's reduced-scale JPEG path, taken from 2x on, stays out of the comparison).
 
-Same seeds, same hyper-parameters; only the stored images differ. Prints test R@1 (fused) mean
+Same seeds, same hyper-parameters (`data.identity_order=slots`, as when first recorded); only
+the stored images differ. Prints test R@1 (fused) mean
 +- sd per arm and writes <out>/resize_effect.json. Runs are reused when their results.json exists.
 """
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         for arm, root in arms.items():
             name = f"{'pre' if arm == 'pre-resized' else 'fly'}-seed{seed}"
             results = train(out, name, f"data.root={root}", f"seed={seed}", f"train.epochs={args.epochs}",
-                            f"model.t_small={max(1, args.epochs // 4)} epochs")
+                            f"model.t_small={max(1, args.epochs // 4)} epochs", "data.identity_order=slots")
             table[arm][seed] = r1(results)
     summary = {arm: {"mean": statistics.mean(v.values()),
                      "sd": statistics.stdev(v.values()) if len(v) > 1 else 0.0} for arm, v in table.items()}

@@ -78,17 +78,18 @@ class DataConfig:
     window_shards: int = 16
     """Shards a worker pools before forming batches: bigger mixes identities from more shards,
     smaller bounds memory (at most about this many shards of encoded images per worker)."""
-    identity_order: str = "slots"
-    """How a batch's identities are drawn. `slots`: from the shards of the batch's data slot and
-    window (shards permuted each epoch, identities in shard order: a batch's identities are
-    neighbours in the shard layout, typically close person ids). `uniform`: uniformly from the
-    whole train set, as the reference code's sampler (identities permuted each epoch, then dealt to
-    slots). Both use every pair once per epoch and keep batches independent of the world size.
-    `uniform` costs I/O: each reader loads the manifest rows of every shard (not of its own
-    shards) and reads one byte range per identity instead of one per shard; cheap on local disks
-    and servers answering HTTP ranges, slow over streamed sources (`pipe:`, servers without
-    ranges: each window then streams the shards it touches). Default `slots`: the streamed case
-    stays cheap at any scale; choose `uniform` for the reference code's batches."""
+    identity_order: str = "uniform"
+    """How a batch's identities are drawn. `uniform`: uniformly from the whole train set, as the
+    reference code's sampler (identities permuted each epoch, then dealt to data slots). `slots`:
+    from the shards of the batch's data slot and window (shards permuted each epoch, identities in
+    shard order: a batch's identities are neighbours in the shard layout, typically close person
+    ids). Both use every pair once per epoch and keep batches independent of the world size.
+    `uniform` costs I/O that grows with identities rather than shards: each reader loads the
+    manifest rows of every shard (not only its own) and reads one byte range per identity instead
+    of one per shard. That is cheap on local disks and servers answering HTTP ranges (the synthetic
+    benchmark's loader runs as fast either way), hence the default; over streamed sources (`pipe:`,
+    servers without ranges) each window streams every shard it touches: use `slots` there, and for
+    corpora of millions of pseudo-identities (the pre-training presets do)."""
     image_aug: bool = True
     """Paper image augmentation: flip, pad 10 + random crop, random erasing."""
     text_aug: bool = True

@@ -66,6 +66,7 @@ def _pretrain(name: str, root: str, num_instance: int = 2) -> Callable[[], Confi
     def preset() -> Config:
         cfg = Config(name=name)
         cfg.data.root, cfg.data.num_instance = root, num_instance
+        cfg.data.identity_order = "slots"  # (millions of pseudo-identities: I/O per shard, not per identity)
         cfg.model.cid, cfg.model.id_loss = False, False
         cfg.model.t_small = "2000 steps"
         t = cfg.train
@@ -82,6 +83,7 @@ def synthetic_pretrain() -> Config:
     cfg = synthetic()
     cfg.name = "pretrain-synthetic"
     cfg.data.root, cfg.data.build_synthetic = "data/synthetic-pretrain", False
+    cfg.data.identity_order = "slots"  # (as the corpus presets)
     cfg.model.cid, cfg.model.id_loss, cfg.model.t_small = False, False, "200 steps"
     t = cfg.train
     t.schedule, t.max_steps, t.warmup_steps, t.checkpoint_every = "steps", 1500, 100, 500

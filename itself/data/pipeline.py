@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
@@ -90,8 +91,9 @@ class TrainDataset(IterableDataset):
     Per step, a worker yields the concatenation of its slots' sub-batches; the loader (TrainLoader)
     concatenates its workers' outputs into the rank's micro-batch: dicts with images [B, 3, H, W]
     float, tokens [B, L] long, pids [B], image_ids [B], and `corrupt`, how many samples were newly
-    found undecodable (each is replaced by a decodable pair of the same identity group, so shapes
-    and the identity constraint hold).
+    found undecodable (each is replaced by a decodable pair of the same identity group, or of the
+    identity's other images when the whole group is undecodable, so shapes and the identity
+    constraint hold).
     """
 
     def __init__(self, data: TrainData, cfg: DataConfig, *, rank: int, world_size: int, micro_batch: int,
@@ -207,9 +209,11 @@ class _SlotReader:
             raise DataError(f"every image of a batch is undecodable (shards {shards})")
         images, tokens, pids, image_ids = [], [], [], []
         for g in groups:
-            good = [p for p in g if decoded[p[:2]] is not None] or good_groups[0]
+            good = [p for p in g if decoded[p[:2]] is not None] or self._other_images(g[0]) or good_groups[0]
             for p in g:
                 s, row, c, pid = p if decoded[p[:2]] is not None else rng.choice(good)
+                if (s, row) not in decoded:  # (another image of the identity, outside the batch)
+                    decoded[(s, row)] = self._decode((s, row))
                 images.append(T.train_image(decoded[(s, row)], cfg.image_size, gen, cfg.image_aug))
                 tokens.append(self.tokenizer(self.store[(s, row)][1][c], rng if cfg.text_aug else None))
                 pids.append(pid)
@@ -219,6 +223,16 @@ class _SlotReader:
             "pids": torch.tensor(pids, dtype=torch.long), "image_ids": torch.tensor(image_ids, dtype=torch.long),
             "corrupt": len(self.corrupt) - corrupt_before,
         }
+
+    def _other_images(self, pair: Pair) -> list[Pair]:
+        """Decodable pairs of the identity's other images (a group whose every image is corrupt
+        takes those, so the batch keeps its identities); [] when it has none."""
+        shard, row, _, pid = pair
+        t = self.ds.data.table
+        (i,) = np.flatnonzero((t.shard == shard) & (t.first_row <= row) & (row < t.first_row + t.images))[:1]
+        rows = range(int(t.first_row[i]), int(t.first_row[i] + t.images[i]))
+        return [(shard, r, c, pid) for r in rows if self._decode((shard, r)) is not None
+                for c in range(len(self.store[(shard, r)][1]))]
 
 
 def _reads(data: TrainData, segments: list[tuple[int, int, int]]):
