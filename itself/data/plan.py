@@ -12,11 +12,11 @@ Two levels, so that a process plans only what it reads:
    identity): the epoch's identity sequence is a seeded permutation, of the shards with their
    identities following in tar order (`identity_order` `slots`) or of the identities themselves
    (`uniform`: every batch's identities drawn from the whole set, as the reference sampler); the
-   sequence is cut into `num_slots` contiguous runs of equal pair counts
-   (identities are never split, so slots are identity-disjoint; the cuts make the largest run as
-   small as possible); each slot's run is cut into windows of `window_shards`
-   shards (`uniform`: of as many identities as that many shards hold on average). It also counts, per slot, the sub-batches its windows form, and sets the epoch's step
-   count to the largest: every slot runs the same number of steps (uneven ranks hang
+   sequence is cut into `num_slots` contiguous runs of equal pair counts (identities are never
+   split, so slots are identity-disjoint; the cuts make the largest run as small as possible);
+   each slot's run is cut into windows of `window_shards` shards (`uniform`: of as many
+   identities as that many shards hold on average). It also counts, per slot, the sub-batches
+   its windows form, and sets the epoch's step count to the largest: every slot runs the same number of steps (uneven ranks hang
    collectives), slots with fewer fill the difference with repeated groups of their identities.
 2. `plan_slot` (only the slot's reader, over the slot's own rows): every identity's pairs are
    shuffled and cut into groups of `num_instance` (a last short group is completed by drawing
