@@ -16,8 +16,9 @@ Two levels, so that a process plans only what it reads:
    split, so slots are identity-disjoint; the cuts make the largest run as small as possible);
    each slot's run is cut into windows of `window_shards` shards (`uniform`: of as many
    identities as that many shards hold on average). It also counts, per slot, the sub-batches
-   its windows form, and sets the epoch's step count to the largest: every slot runs the same number of steps (uneven ranks hang
-   collectives), slots with fewer fill the difference with repeated groups of their identities.
+   its windows form, and sets the epoch's step count to the largest: every slot runs the same
+   number of steps (uneven ranks hang collectives), slots with fewer fill the difference with
+   repeated groups of their identities.
 2. `plan_slot` (only the slot's reader, over the slot's own rows): every identity's pairs are
    shuffled and cut into groups of `num_instance` (a last short group is completed by drawing
    the identity's pairs again, so every pair is used); each window's groups are dealt round-robin
