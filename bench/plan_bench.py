@@ -6,6 +6,7 @@ only, shaped like the real ones (about 3 images of 2 captions per identity, 1,00
 
     python bench/plan_bench.py              # 34k, 340k, 1.7M and 5M images
     python bench/plan_bench.py --quick      # 20k images (the test runs this)
+    python bench/plan_bench.py --identity-order uniform   # batches drawn over the whole set
 
 Each size runs in a fresh process, so memory is this work's own: the peak resident memory above
 the process's level after imports.
@@ -72,7 +73,7 @@ def plant(root: Path, images: int, seed: int = 0) -> list[str]:
     return names
 
 
-def measure(root: str, ranks: int, workers: int, batch: int, baseline: bool) -> dict:
+def measure(root: str, ranks: int, workers: int, batch: int, baseline: bool, order: str = "slots") -> dict:
     """In this (fresh) process: one reader's planning, and optionally every slot's."""
     from bench.common import PeakRSS
     from itself.data.catalog import TrainData, join
@@ -92,7 +93,7 @@ def measure(root: str, ranks: int, workers: int, batch: int, baseline: bool) -> 
         data = TrainData([(root, urls, 1.0)])
         t1 = time.perf_counter()
         layout = epoch_layout(data.table, num_slots=lay.num_slots, slot_batch=lay.slot_batch, num_instance=2,
-                              window_shards=16, seed=0, epoch=0)
+                              window_shards=16, seed=0, epoch=0, identity_order=order)
         t2 = time.perf_counter()
         slot = lay.num_slots // 2
         data.load_rows(data.table.shard[layout.order[layout.entries(slot)]])  # (as the slot's reader does)
@@ -118,14 +119,17 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=64)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--batch", type=int, default=8192, help="global batch (pretraining scale: 64 ranks x 8 workers)")
+    p.add_argument("--identity-order", default="slots", choices=("slots", "uniform"), help="data.identity_order")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # (the child process)
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.ranks, args.workers, args.batch, args.baseline)))
+        print(json.dumps(measure(args.measure, args.ranks, args.workers, args.batch, args.baseline,
+                                 args.identity_order)))
         return
     sizes = [20_000] if args.quick else args.sizes
-    print(f"one reader of {args.ranks} ranks x {args.workers} workers, global batch {args.batch}; "
+    print(f"one reader of {args.ranks} ranks x {args.workers} workers, global batch {args.batch}, identity order "
+          f"{args.identity_order}; "
           "times in s, memory = peak above the process's level after imports")
     print(f"{'images':>10} {'ids':>9} {'slots':>6} {'table':>7} {'layout':>7} {'own slot':>9} {'total':>7} "
           f"{'MB':>6} {'all slots':>10} {'MB':>6} {'ratio':>6} {'unused':>7} {'repeated':>8}")
@@ -133,7 +137,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             plant(Path(tmp), images)
             run = subprocess.run([sys.executable, __file__, "--measure", tmp, "--ranks", str(args.ranks),
-                                  "--workers", str(args.workers), "--batch", str(args.batch)]
+                                  "--workers", str(args.workers), "--batch", str(args.batch),
+                                  "--identity-order", args.identity_order]
                                  + (["--baseline"] if images <= BASELINE_UP_TO else []),
                                  capture_output=True, text=True, check=True)
         r = json.loads(run.stdout.strip().splitlines()[-1])

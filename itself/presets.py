@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +66,7 @@ def _pretrain(name: str, root: str, num_instance: int = 2) -> Callable[[], Confi
     def preset() -> Config:
         cfg = Config(name=name)
         cfg.data.root, cfg.data.num_instance = root, num_instance
+        cfg.data.identity_order = "slots"  # (millions of pseudo-identities: I/O per shard, not per identity)
         cfg.model.cid, cfg.model.id_loss = False, False
         cfg.model.t_small = "2000 steps"
         t = cfg.train
@@ -81,6 +83,7 @@ def synthetic_pretrain() -> Config:
     cfg = synthetic()
     cfg.name = "pretrain-synthetic"
     cfg.data.root, cfg.data.build_synthetic = "data/synthetic-pretrain", False
+    cfg.data.identity_order = "slots"  # (as the corpus presets)
     cfg.model.cid, cfg.model.id_loss, cfg.model.t_small = False, False, "200 steps"
     t = cfg.train
     t.schedule, t.max_steps, t.warmup_steps, t.checkpoint_every = "steps", 1500, 100, 500
@@ -120,12 +123,14 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "pretrain-luperson-t": _pretrain("pretrain-luperson-t", "data/luperson-t"),
     "pretrain-synthetic": synthetic_pretrain,
     # Supplementary Tab. 1: the token scheduler
-    "ats-none": _ablation("ats-none", ats="fixed", fixed_ratio=0.5),
+    # (without ATS the reference code keeps its `select_ratio`, 0.4: the config's fixed_ratio)
+    "ats-none": _ablation("ats-none", ats="fixed", fixed_ratio=0.4),
     "ats-epoch": _ablation("ats-epoch", ats="epoch"),
     "ats-step": _ablation("ats-step", ats="step"),
     # Tab. 2: backbones, baseline (global only) and full
-    "vit-b32-baseline": _ablation("vit-b32-baseline", arch="ViT-B-32", global_only=True),
-    "vit-b32": _ablation("vit-b32", arch="ViT-B-32"),
+    # (32-pixel patches every 16 pixels, 23x7 at 384x128: the reference code's stride_size 16)
+    "vit-b32-baseline": _ablation("vit-b32-baseline", arch="ViT-B-32", patch_stride=16, global_only=True),
+    "vit-b32": _ablation("vit-b32", arch="ViT-B-32", patch_stride=16),
     "vit-b16-baseline": _ablation("vit-b16-baseline", global_only=True),
     "vit-b16": _ablation("vit-b16"),
     # Tab. 3: selection strategies A-D against MARS
@@ -190,4 +195,42 @@ def resolve_references(cfg: Config) -> None:
                 raise ValueError("no best_epoch in its results.json")
         except (ConfigError, KeyError, ValueError) as e:
             raise ConfigError(f"model.t_small={ref}: {run} is not a finished training run ({e})") from None
+        check_t_small_source(cfg, run, ref)
         cfg.model.t_small = f"{best} epochs"
+
+
+def check_t_small_source(cfg: Config, run, ref: str) -> None:
+    """The paper's rule takes T from the epoch at which the *global-only baseline* peaks *on the
+    same data*: a ConfigError naming which of the two the run `ref` points at is not (read from
+    its config.yaml: model.global_only; data.root and data.mix, compared by the datasets' content
+    digests where both are readable, else by path)."""
+    saved = run.config()
+    if saved is None:
+        raise ConfigError(f"model.t_small={ref}: {run} has no {run.CONFIG}: cannot check that it is a global-only "
+                          "baseline on the same data")
+    model, data = saved.get("model") or {}, saved.get("data") or {}
+    if model.get("global_only") is not True:
+        raise ConfigError(f"model.t_small={ref}: {run} is not a global-only baseline (its model.global_only is "
+                          f"{model.get('global_only')}: it trained GRAB and MARS); T is the epoch at which the "
+                          "global-only baseline peaks: point at a run with model.global_only=true")
+    theirs = [str(data.get("root", "")), *(str(m) for m in data.get("mix") or ())]
+    ours = [cfg.data.root, *cfg.data.mix]
+    (digest_a, paths_a), (digest_b, paths_b) = _data_identity(theirs), _data_identity(ours)
+    if (digest_a != digest_b) if digest_a and digest_b else paths_a != paths_b:
+        raise ConfigError(f"model.t_small={ref}: {run} was trained on other data ({' + '.join(theirs)}, this run: "
+                          f"{' + '.join(ours)}); T is the epoch at which the baseline peaks on the same data: "
+                          "train the baseline on this run's data.root")
+
+
+def _data_identity(roots: list[str]) -> tuple[str | None, list[str]]:
+    """(the datasets' content digest, None where a dataset.json is not readable; their absolute
+    paths): digests say whether two runs trained on the same data wherever it lies, paths where
+    the data cannot be read."""
+    from .checkpoint import dataset_fingerprint
+    from .data import dataset_info
+
+    try:
+        digest = dataset_fingerprint([dataset_info(root) for root in roots])
+    except (OSError, ValueError):  # (DataError: not a built dataset, or not readable from here)
+        digest = None
+    return digest, [root if "://" in root else os.path.abspath(root) for root in roots]

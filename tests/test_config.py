@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -40,13 +42,59 @@ def test_each_paper_default_is_the_dataclass_default():
     assert cfg == default
 
 
+def _finished_run(path, preset: str, *overrides: str, best_epoch: int = 7):
+    """A run directory as a finished training leaves the files `from:RUN_DIR` reads: config.yaml
+    (written as the trainer writes it) and results.json."""
+    from itself.config import config_yaml
+    from itself.records import Results
+    from itself.rundir import RunDir
+
+    run = RunDir(path)
+    run.path.mkdir(parents=True)
+    run.write_configs(config_yaml(resolve_config(preset, None, list(overrides))), {})
+    run.write_text(RunDir.RESULTS, Results(run_dir=str(path), best_epoch=best_epoch).to_json())
+    return path
+
+
 def test_t_small_from_a_baseline_run_is_its_best_epoch(tmp_path):
-    (tmp_path / "results.json").write_text('{"best_epoch": 7}')
-    cfg = resolve_config("rstpreid", None, [f"model.t_small=from:{tmp_path}"])
+    baseline = _finished_run(tmp_path / "baseline", "vit-b16-baseline")  # (global only, on data/rstpreid)
+    cfg = resolve_config("rstpreid", None, [f"model.t_small=from:{baseline}"])
     assert cfg.model.t_small == "7 epochs" and cfg.model.t_small_parsed() == (7.0, "epochs")
     assert get_preset("rstpreid").model.t_small_parsed() == (1450.0, "steps")  # the reference code's T
     with pytest.raises(ConfigError, match="is not a finished training run"):
         resolve_config("rstpreid", None, [f"model.t_small=from:{tmp_path / 'none'}"])
+
+
+def test_t_small_from_a_run_that_is_not_a_global_only_baseline_is_refused(tmp_path):
+    full = _finished_run(tmp_path / "full", "rstpreid")
+    with pytest.raises(ConfigError, match=r"model.t_small=from:.*full is not a global-only baseline \(its "
+                                          r"model.global_only is False: it trained GRAB and MARS\)"):
+        resolve_config("rstpreid", None, [f"model.t_small=from:{full}"])
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "results.json").write_text('{"best_epoch": 7}')
+    with pytest.raises(ConfigError, match="has no config.yaml: cannot check that it is a global-only baseline"):
+        resolve_config("rstpreid", None, [f"model.t_small=from:{tmp_path / 'bare'}"])
+
+
+def test_t_small_from_a_baseline_on_other_data_is_refused(tmp_path, small_dataset):
+    other = _finished_run(tmp_path / "cuhk", "vit-b16-baseline", "data.root=data/cuhk-pedes")
+    with pytest.raises(ConfigError, match=r"cuhk was trained on other data \(data/cuhk-pedes, this run: "
+                                          r"data/rstpreid\)"):
+        resolve_config("rstpreid", None, [f"model.t_small=from:{other}"])
+    mixed = _finished_run(tmp_path / "mixed", "vit-b16-baseline", "data.mix=[data/icfg-pedes]")
+    with pytest.raises(ConfigError, match="was trained on other data"):
+        resolve_config("rstpreid", None, [f"model.t_small=from:{mixed}"])
+    # Built data is compared by content: the same dataset elsewhere is the same data, another is not.
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    shutil.copy(small_dataset / "dataset.json", elsewhere / "dataset.json")
+    moved = _finished_run(tmp_path / "moved", "baseline", f"data.root={elsewhere}")
+    cfg = resolve_config("synthetic", None, [f"data.root={small_dataset}", f"model.t_small=from:{moved}"])
+    assert cfg.model.t_small == "7 epochs"
+    info = json.loads((small_dataset / "dataset.json").read_text())
+    (elsewhere / "dataset.json").write_text(json.dumps({**info, "content_sha256": "0" * 64}))
+    with pytest.raises(ConfigError, match="was trained on other data"):
+        resolve_config("synthetic", None, [f"data.root={small_dataset}", f"model.t_small=from:{moved}"])
 
 
 def test_overrides_are_typed():

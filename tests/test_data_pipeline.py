@@ -154,9 +154,9 @@ def _table(shards: list[list[tuple[int, list[int]]]], copies_of_shard=None) -> t
                                    copies_of_shard), caps
 
 
-def _plan(table, caps, num_slots, slot_batch, window_shards=16, epoch=0, k=2):
+def _plan(table, caps, num_slots, slot_batch, window_shards=16, epoch=0, k=2, identity_order="slots"):
     layout = epoch_layout(table, num_slots=num_slots, slot_batch=slot_batch, num_instance=k,
-                          window_shards=window_shards, seed=0, epoch=epoch)
+                          window_shards=window_shards, seed=0, epoch=epoch, identity_order=identity_order)
     slots = [[b for w in plan_slot(table, layout, s, lambda sh, r: caps[(sh, r)], seed=0, epoch=epoch)
               for b in w.batches] for s in range(num_slots)]
     return layout, slots
@@ -223,6 +223,48 @@ def test_mixture_weights_repeat_or_subsample_identities():
         assert 0 < len(drawn[-1]) < 8 and sum(count.values()) == 4 * layout.steps
         assert layout.stats["pairs_used"] == 16 + 2 * len(drawn[-1])
     assert drawn[0] != drawn[1]
+
+
+def test_uniform_identity_order_spreads_each_batch_over_the_whole_set_and_uses_every_pair_once():
+    # 40 shards of 10 identities in person-id order (as the builder writes them), 2 pairs each.
+    table, caps = _table([[(s * 10 + j, [1, 1]) for j in range(10)] for s in range(40)])
+    spread = {}
+    for order in ("slots", "uniform"):
+        layout, slots = _plan(table, caps, num_slots=4, slot_batch=8, window_shards=2, identity_order=order)
+        used = collections.Counter(p for batches in slots for b in batches for p in b)
+        assert set(used) == _all_table_pairs(caps, table) and set(used.values()) == {1}  # every pair, once
+        assert layout.stats["pairs_used"] == 800 and layout.stats["pairs_unused"] == layout.stats["pairs_repeated"] == 0
+        owners = [{p[3] for b in batches for p in b} for batches in slots]
+        assert sum(map(len, owners)) == len(set().union(*owners)) == 400  # slots identity-disjoint
+        gaps = []
+        for batches in slots:
+            for b in batches:
+                ids = sorted({p[3] for p in b})
+                assert len(ids) == 4 and all(collections.Counter(p[3] for p in b)[i] == 2 for i in ids)
+                gaps += [y - x for n, x in enumerate(ids) for y in ids[n + 1:]]
+        spread[order] = float(np.median(gaps))
+    # slots: a batch's identities come from the 2 shards of a window (ids at most 19 apart);
+    # uniform: from the whole set (two ids drawn from 0..399 sit a third of it apart: ~133).
+    assert spread["slots"] <= 19 and spread["uniform"] > 90, spread
+
+
+@pytest.mark.parametrize("world,workers", [(2, 0), (2, 2)])
+def test_uniform_identity_order_keeps_global_batches_independent_of_world_size(small_dataset, world, workers):
+    def global_batches(world, workers):
+        ranks = []
+        for rank in range(world):
+            loader = train_loader(_cfg(small_dataset, num_workers=workers, num_slots=4, identity_order="uniform"),
+                                  rank=rank, world_size=world, micro_batch=8 // world, seed=0)
+            loader.set_epoch(1)
+            ranks.append(list(loader))
+        return [{k: torch.cat([r[step][k] for r in ranks]) for k in ranks[0][step]} for step in range(len(ranks[0]))]
+
+    reference, other = global_batches(1, 0), global_batches(world, workers)
+    assert len(reference) == len(other)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(reference, other) for k in a)
+    seen = collections.Counter((i, tuple(t.tolist())) for b in reference for i, t in zip(b["image_ids"].tolist(), b["tokens"]))
+    assert seen == _all_pairs(small_dataset)  # every caption of the set, once
+    assert all(set(collections.Counter(b["pids"].tolist()).values()) == {2} for b in reference)
 
 
 def test_fewer_identities_than_slots_is_an_error_naming_what_to_change():

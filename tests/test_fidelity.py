@@ -14,7 +14,10 @@ import torch.nn.functional as F
 
 from itself.config import ConfigError
 from itself.engine import param_groups
+from itself.evaluate import evaluate
+from itself.metrics import fused_key
 from itself.model import ITSELF
+from itself.model.export import load_exported
 from itself.presets import get_preset
 from runs import run_train, small_run_args
 
@@ -235,3 +238,58 @@ def test_model_pt_holds_the_fp32_master_weights_under_bf16_zero1(small_dataset, 
     # fp32 precision is kept: the masters are not bf16 values cast back (most hold bits bf16 lacks).
     lossy = [n for n, m in masters.items() if not torch.equal(m, m.bfloat16().float())]
     assert len(lossy) > len(masters) // 2
+    # results.json's test metrics are those of model.pt (the fp32 masters), not of the bf16 module
+    # that trained: evaluating the exported file gives them exactly.
+    model, cfg, a = load_exported(run_dir / "model.pt")
+    metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"),
+                       selections=(model.selection,)).selections[model.selection]
+    for branch, key in (("global", "global"), ("grab", "grab"), ("fused", fused_key(a))):
+        assert metrics[key] == results["test"][branch], branch
+
+
+# ----------------------------------------------------------------------------- token selection, patches
+
+
+def test_ats_none_keeps_the_reference_codes_select_ratio_without_ats():
+    cfg = get_preset("ats-none")
+    assert (cfg.model.ats, cfg.model.fixed_ratio) == ("fixed", 0.4)
+    cfg.model.arch, cfg.model.pretrained, cfg.model.mars_layers = "tiny", "", (1, 3)
+    model = ITSELF(cfg.model, num_ids=4, image_size=(96, 32))  # a 12x4 grid: 48 patches
+    assert [model.schedule.num_keep(48, step) for step in (0, 10_000)] == [19, 19]  # int(48 * 0.4), every step
+
+
+def _visual_tokens(arch: str, stride: int, image_size=(384, 128)) -> tuple[tuple[int, int], int]:
+    from itself.model.backbone import ClipBackbone, build_clip
+
+    backbone = ClipBackbone(build_clip(arch, image_size, patch_stride=stride)).eval()
+    with torch.no_grad():
+        tokens, _ = backbone.encode_image(torch.randn(1, 3, *image_size))
+    visual = backbone.clip.visual
+    assert visual.positional_embedding.shape[0] == tokens.shape[1] == 1 + backbone.num_patches
+    return tuple(visual.grid_size), tokens.shape[1]
+
+
+def test_patch_stride_overlaps_patches_on_the_reference_codes_grid(tmp_path):
+    # (H - patch) // stride + 1: 8-pixel patches every 4 pixels at 96x32 give 23x7, as 32-pixel
+    # patches every 16 pixels at 384x128 (ViT-B/32 in the reference code).
+    assert _visual_tokens("tiny", 0, (96, 32)) == ((12, 4), 1 + 48)
+    assert _visual_tokens("tiny", 4, (96, 32)) == ((23, 7), 1 + 161)
+    # Square pretrained weights are resized to the strided grid when loaded.
+    from itself.model.backbone import build_clip, interpolate_pos_embed
+
+    square = build_clip("tiny", (32, 32))
+    torch.save(square.state_dict(), tmp_path / "clip.pt")
+    loaded = build_clip("tiny", (96, 32), pretrained=str(tmp_path / "clip.pt"), patch_stride=4)
+    assert loaded.visual.conv1.stride == (4, 4)
+    torch.testing.assert_close(loaded.visual.positional_embedding,
+                               interpolate_pos_embed(square.visual.positional_embedding, (23, 7)))
+    with pytest.raises(ConfigError, match="model.patch_stride: must be in 0..8"):
+        build_clip("tiny", (96, 32), patch_stride=9)
+
+
+@pytest.mark.slow
+def test_vit_b32_presets_take_32_pixel_patches_every_16_pixels():
+    for name in ("vit-b32", "vit-b32-baseline"):
+        assert (get_preset(name).model.arch, get_preset(name).model.patch_stride) == ("ViT-B-32", 16)
+    assert _visual_tokens("ViT-B-32", 0) == ((12, 4), 12 * 4 + 1)
+    assert _visual_tokens("ViT-B-32", 16) == ((23, 7), 23 * 7 + 1)

@@ -83,7 +83,8 @@ def test_paper_presets_lay_out_the_real_datasets_on_1_to_64_ranks_using_every_pa
     for world in (1, 8, 32, 64):
         lay = cfg.layout(world)
         layout = epoch_layout(table, num_slots=lay.num_slots, slot_batch=lay.slot_batch, num_instance=2,
-                              window_shards=cfg.data.window_shards, seed=0, epoch=3)
+                              window_shards=cfg.data.window_shards, seed=0, epoch=3,
+                              identity_order=cfg.data.identity_order)
         assert layout.stats["pairs_unused"] / table.num_pairs <= 0.01  # (every pair, in fact)
         for slot in range(lay.num_slots):  # every slot, as its reader would plan it
             windows = plan_slot(table, layout, slot, lambda s, r: rows_of[s][r], seed=0, epoch=3)

@@ -45,6 +45,18 @@ class DataConfig:
     window_shards: int = 16
     """Shards a worker pools before forming batches: bigger mixes identities from more shards,
     smaller bounds memory (at most about this many shards of encoded images per worker)."""
+    identity_order: str = "uniform"
+    """How a batch's identities are drawn. `uniform`: uniformly from the whole train set, as the
+    reference code's sampler (identities permuted each epoch, then dealt to data slots). `slots`:
+    from the shards of the batch's data slot and window (shards permuted each epoch, identities in
+    shard order: a batch's identities are neighbours in the shard layout, typically close person
+    ids). Both use every pair once per epoch and keep batches independent of the world size.
+    `uniform` costs I/O that grows with identities rather than shards: each reader loads the
+    manifest rows of every shard (not only its own) and reads one byte range per identity instead
+    of one per shard. That is cheap on local disks and servers answering HTTP ranges (the synthetic
+    benchmark's loader runs as fast either way), hence the default; over streamed sources (`pipe:`,
+    servers without ranges) each window streams every shard it touches: use `slots` there, and for
+    corpora of millions of pseudo-identities (the pre-training presets do)."""
     image_aug: bool = True
     """Paper image augmentation: flip, pad 10 + random crop, random erasing."""
     text_aug: bool = True
@@ -65,6 +77,8 @@ class DataConfig:
             raise ConfigError(f"data.num_workers: must be >= 0, or -1 (auto), got {self.num_workers}")
         if self.num_slots < 0:
             raise ConfigError(f"data.num_slots: must be >= 0 (0 = ranks x workers), got {self.num_slots}")
+        if self.identity_order not in ("slots", "uniform"):
+            raise ConfigError(f"data.identity_order: must be slots or uniform, got {short_repr(self.identity_order)}")
         if self.window_shards < 1:
             raise ConfigError(f"data.window_shards: must be >= 1, got {self.window_shards}")
         if self.mix_weights and len(self.mix_weights) != 1 + len(self.mix):

@@ -22,6 +22,12 @@ class ModelConfig:
     """Transformer MLP activation: `auto` (what the weights were trained with: QuickGELU for OpenAI's
     weights, the `openai` tag or a local file in OpenAI's layout; the architecture's own otherwise),
     `quick_gelu` or `gelu`. A choice that contradicts the weights is refused."""
+    patch_stride: int = 0
+    """Stride of the image patches in pixels; 0 = the patch size (non-overlapping patches, as
+    open_clip builds them). The reference code's `--stride_size` defaults to 16 whatever the
+    backbone, so its ViT-B/32 runs overlapping 32-pixel patches every 16 pixels (a 23x7 grid at
+    384x128 instead of 12x4): the `vit-b32` presets set 16 to match the reference. At most the
+    patch size (a larger stride leaves pixels unseen). The position embedding follows the grid."""
     global_only: bool = False
     """Baseline: train the global branch only (no GRAB, no attention capture)."""
     grab_dim: int = 4096
@@ -44,8 +50,8 @@ class ModelConfig:
     `<n> steps`, or `from:RUN_DIR` (the best val epoch of a finished baseline run, read from its
     results.json when the config is resolved). A bare number is epochs. Default: the reference
     code's 1450 steps, used there for every dataset (10 epochs of RSTPReid at batch 256)."""
-    fixed_ratio: float = 0.5
-    """Keep ratio when `ats` is `fixed`."""
+    fixed_ratio: float = 0.4
+    """Keep ratio when `ats` is `fixed` (the reference code's `select_ratio` without ATS: 0.4)."""
     tau: float = 0.015
     """TAL temperature (paper: 0.015)."""
     margin: float = 0.1

@@ -54,6 +54,9 @@ class Config:
         if min(self.data.image_size) < spec.patch_size:
             raise ConfigError(f"data.image_size: must be at least {spec.patch_size} x {spec.patch_size}, the patch "
                               f"size of model.arch {self.model.arch}, got {self.data.image_size}")
+        if not 0 <= self.model.patch_stride <= spec.patch_size:
+            raise ConfigError(f"model.patch_stride: must be in 0..{spec.patch_size} (0 = the patch size of model.arch "
+                              f"{self.model.arch}; a larger stride leaves pixels unseen), got {self.model.patch_stride}")
         self.train.validate()
         self.layout(world_size)
         self.eval.validate()

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
@@ -31,7 +32,8 @@ from ..errors import DataError
 from ..cpus import loader_worker_cap
 from ..layout import AUTO_WORKERS, DataLayout, data_layout, loader_processes
 from . import transforms as T
-from .catalog import TrainData, check_sample, dataset_info, image_member, is_url, iter_shard, join, split_digests
+from .catalog import (TrainData, check_sample, dataset_info, image_member, is_url, iter_shard, join, ranged,
+                      split_digests)
 from .plan import EpochLayout, Pair, Window, derive_seed, epoch_layout, plan_slot
 
 # ----------------------------------------------------------------------------------- dataset
@@ -90,8 +92,9 @@ class TrainDataset(IterableDataset):
     Per step, a worker yields the concatenation of its slots' sub-batches; the loader (TrainLoader)
     concatenates its workers' outputs into the rank's micro-batch: dicts with images [B, 3, H, W]
     float, tokens [B, L] long, pids [B], image_ids [B], and `corrupt`, how many samples were newly
-    found undecodable (each is replaced by a decodable pair of the same identity group, so shapes
-    and the identity constraint hold).
+    found undecodable (each is replaced by a decodable pair of the same identity group, or of the
+    identity's other images when the whole group is undecodable, so shapes and the identity
+    constraint hold).
     """
 
     def __init__(self, data: TrainData, cfg: DataConfig, *, rank: int, world_size: int, micro_batch: int,
@@ -127,7 +130,7 @@ class TrainDataset(IterableDataset):
             self._layout = (self.epoch, epoch_layout(
                 self.data.table, num_slots=self.layout.num_slots, slot_batch=self.layout.slot_batch,
                 num_instance=self.cfg.num_instance, window_shards=self.cfg.window_shards, seed=self.seed,
-                epoch=self.epoch))
+                epoch=self.epoch, identity_order=self.cfg.identity_order))
         return self._layout[1]
 
     def __len__(self) -> int:
@@ -181,10 +184,11 @@ class _SlotReader:
             self.store.clear()
 
     def _read(self, window: Window) -> None:
-        for shard, lo, hi in window.segments:
+        for shard, lo, hi, keep in _reads(self.ds.data, window.segments):
             for row, sample in enumerate(self.ds.data.read_segment(shard, lo, hi), start=lo):
-                meta = json.loads(sample[schema.META_EXT])
-                self.store[(shard, row)] = (image_member(sample), meta["captions"], meta["image_id"])
+                if keep(row):
+                    meta = json.loads(sample[schema.META_EXT])
+                    self.store[(shard, row)] = (image_member(sample), meta["captions"], meta["image_id"])
 
     def _decode(self, k: tuple[int, int]) -> torch.Tensor | None:
         if k in self.corrupt:
@@ -209,9 +213,11 @@ class _SlotReader:
             raise DataError(f"every image of a batch is undecodable (shards {shards})")
         images, tokens, pids, image_ids = [], [], [], []
         for g in groups:
-            good = [p for p in g if decoded[p[:2]] is not None] or good_groups[0]
+            good = [p for p in g if decoded[p[:2]] is not None] or self._other_images(g[0]) or good_groups[0]
             for p in g:
                 s, row, c, pid = p if decoded[p[:2]] is not None else rng.choice(good)
+                if (s, row) not in decoded:  # (another image of the identity, outside the batch)
+                    decoded[(s, row)] = self._decode((s, row))
                 images.append(T.train_image(decoded[(s, row)], cfg.image_size, gen, cfg.image_aug))
                 tokens.append(self.tokenizer(self.store[(s, row)][1][c], rng if cfg.text_aug else None))
                 pids.append(pid)
@@ -221,6 +227,32 @@ class _SlotReader:
             "pids": torch.tensor(pids, dtype=torch.long), "image_ids": torch.tensor(image_ids, dtype=torch.long),
             "corrupt": len(self.corrupt) - corrupt_before,
         }
+
+    def _other_images(self, pair: Pair) -> list[Pair]:
+        """Decodable pairs of the identity's other images (a group whose every image is corrupt
+        takes those, so the batch keeps its identities); [] when it has none."""
+        shard, row, _, pid = pair
+        t = self.ds.data.table
+        (i,) = np.flatnonzero((t.shard == shard) & (t.first_row <= row) & (row < t.first_row + t.images))[:1]
+        rows = range(int(t.first_row[i]), int(t.first_row[i] + t.images[i]))
+        return [(shard, r, c, pid) for r in rows if self._decode((shard, r)) is not None
+                for c in range(len(self.store[(shard, r)][1]))]
+
+
+def _reads(data: TrainData, segments: list[tuple[int, int, int]]):
+    """(shard, first row, end row, which rows to keep) to read a window's segments: one read per
+    segment where the shard is read by byte range, else one stream per shard up to its last
+    segment (a stream restarted per segment would reread the shard's start each time)."""
+    by_shard: dict[int, list[tuple[int, int]]] = {}
+    for shard, lo, hi in segments:
+        by_shard.setdefault(shard, []).append((lo, hi))
+    for shard, spans in by_shard.items():
+        rows = data.rows(shard)
+        if len(spans) == 1 or (ranged(rows.url) and rows.byte_range(0, 1) is not None):
+            yield from ((shard, lo, hi, lambda row: True) for lo, hi in spans)
+        else:
+            wanted = {row for lo, hi in spans for row in range(lo, hi)}
+            yield shard, min(lo for lo, _ in spans), max(hi for _, hi in spans), wanted.__contains__
 
 
 class TrainLoader:

@@ -9,13 +9,16 @@ depends on the slot count, never on the world size or the number of workers: wit
 Two levels, so that a process plans only what it reads:
 
 1. `epoch_layout` (every process, vectorised over the compact `IdentityTable`, a few bytes per
-   identity): the epoch's shard order is a seeded permutation; identities follow it (tar order
-   within a shard); the sequence is cut into `num_slots` contiguous runs of equal pair counts
-   (identities are never split, so slots are identity-disjoint; the cuts make the largest run as
-   small as possible); each slot's run is cut into windows of `window_shards`
-   shards. It also counts, per slot, the sub-batches its windows form, and sets the epoch's step
-   count to the largest: every slot runs the same number of steps (uneven ranks hang
-   collectives), slots with fewer fill the difference with repeated groups of their identities.
+   identity): the epoch's identity sequence is a seeded permutation, of the shards with their
+   identities following in tar order (`identity_order` `slots`) or of the identities themselves
+   (`uniform`: every batch's identities drawn from the whole set, as the reference sampler); the
+   sequence is cut into `num_slots` contiguous runs of equal pair counts (identities are never
+   split, so slots are identity-disjoint; the cuts make the largest run as small as possible);
+   each slot's run is cut into windows of `window_shards` shards (`uniform`: of as many
+   identities as that many shards hold on average). It also counts, per slot, the sub-batches
+   its windows form, and sets the epoch's step count to the largest: every slot runs the same
+   number of steps (uneven ranks hang collectives), slots with fewer fill the difference with
+   repeated groups of their identities.
 2. `plan_slot` (only the slot's reader, over the slot's own rows): every identity's pairs are
    shuffled and cut into groups of `num_instance` (a last short group is completed by drawing
    the identity's pairs again, so every pair is used); each window's groups are dealt round-robin
@@ -163,20 +166,38 @@ class EpochLayout:
         return np.arange(np.searchsorted(self.slot, slot), np.searchsorted(self.slot, slot, side="right"))
 
 
+IDENTITY_ORDERS = ("slots", "uniform")
+
+
 def epoch_layout(table: IdentityTable, *, num_slots: int, slot_batch: int, num_instance: int, window_shards: int,
-                 seed: int, epoch: int) -> EpochLayout:
-    """The layout of one epoch (see the module docstring); vectorised, no rows needed."""
+                 seed: int, epoch: int, identity_order: str = "slots") -> EpochLayout:
+    """The layout of one epoch (see the module docstring); vectorised, no rows needed.
+
+    `identity_order` `slots`: the shards are permuted, identities follow in tar order, so a slot
+    (and each batch) holds identities of a few neighbouring shards. `uniform`: the identities
+    themselves are permuted, so every slot, window and batch holds identities drawn uniformly from
+    the whole train set, as the reference sampler draws them; a window then holds as many
+    identities as `window_shards` average shards (the same memory), spread over every shard."""
+    if identity_order not in IDENTITY_ORDERS:
+        raise ValueError(f"identity_order: one of {IDENTITY_ORDERS}, got {identity_order!r}")
     rng = np.random.default_rng(derive_seed(seed, epoch, "layout"))
     whole = np.floor(table.copies).astype(np.int64)
     copies = whole + (rng.random(len(table)) < table.copies - whole)  # a weight of 0.5: half, drawn anew
-    rank_of_shard = np.empty(table.num_shards, np.int64)
-    rank_of_shard[rng.permutation(table.num_shards)] = np.arange(table.num_shards)
-    order = np.argsort(rank_of_shard[table.shard], kind="stable").astype(np.int32)  # shards permuted, tar order within
+    if identity_order == "uniform":
+        order = rng.permutation(len(table)).astype(np.int32)
+    else:
+        rank_of_shard = np.empty(table.num_shards, np.int64)
+        rank_of_shard[rng.permutation(table.num_shards)] = np.arange(table.num_shards)
+        order = np.argsort(rank_of_shard[table.shard], kind="stable").astype(np.int32)  # shards permuted, tar order
     order = order[copies[order] > 0]
     copies = copies[order].astype(np.int32)
     groups = copies * -(-table.pairs[order].astype(np.int64) // num_instance)  # a short last group is completed
     slot = _balanced_cuts(groups, num_slots)
-    window = _windows(table.shard[order], slot, window_shards)
+    if identity_order == "uniform":
+        per_window = max(slot_batch // num_instance, round(len(table) / table.num_shards * window_shards))
+        window = _counted_windows(slot, per_window)
+    else:
+        window = _windows(table.shard[order], slot, window_shards)
     per_slot = _slot_batches(slot, window, groups, slot_batch // num_instance, num_slots)
     steps = int(per_slot.max())
     used = table.pairs[order].astype(np.int64).sum()
@@ -220,6 +241,12 @@ def _windows(shard_seq: np.ndarray, slot: np.ndarray, window_shards: int) -> np.
     return (shard_no - base) // window_shards
 
 
+def _counted_windows(slot: np.ndarray, per_window: int) -> np.ndarray:
+    """Per entry: its window in its slot, a window being `per_window` consecutive entries."""
+    first = np.searchsorted(slot, slot)  # (slots are non-decreasing: each entry's slot's first entry)
+    return ((np.arange(len(slot)) - first) // per_window).astype(np.int32)
+
+
 def _slot_batches(slot: np.ndarray, window: np.ndarray, groups: np.ndarray, per_batch: int, num_slots: int):
     """Per slot: sub-batches its windows form: a window of G groups whose largest identity has m
     forms max(ceil(G / per_batch), m) (an identity joins a sub-batch at most once)."""
@@ -258,13 +285,17 @@ def plan_slot(table: IdentityTable, layout: EpochLayout, slot: int, captions_of,
     return windows
 
 
-def _segments(table: IdentityTable, ids: list[int]) -> list[tuple[int, int, int]]:
-    spans: dict[int, list[int]] = {}
-    for i in ids:
-        lo, hi = int(table.first_row[i]), int(table.first_row[i] + table.images[i])
-        span = spans.setdefault(int(table.shard[i]), [lo, hi])
-        span[0], span[1] = min(span[0], lo), max(span[1], hi)
-    return [(s, lo, hi) for s, (lo, hi) in spans.items()]
+def _segments(table: IdentityTable, ids) -> list[tuple[int, int, int]]:
+    """The row ranges holding these identities, in shard then row order, adjacent ones joined: one
+    per shard when the identities are neighbours (slots), one per identity or run of neighbours
+    when they are spread over the set (uniform)."""
+    spans: list[list[int]] = []
+    for s, lo, n in sorted((int(table.shard[i]), int(table.first_row[i]), int(table.images[i])) for i in ids):
+        if spans and spans[-1][0] == s and spans[-1][2] == lo:
+            spans[-1][2] = lo + n
+        else:
+            spans.append([s, lo, lo + n])
+    return [tuple(span) for span in spans]
 
 
 def _pairs(table: IdentityTable, i: int, captions_of) -> list[Pair]:

@@ -103,11 +103,38 @@ def pretrained_file(arch: str, tag: str) -> str:
                           "internet, or point model.pretrained at a local weights file") from None
 
 
-def build_clip(arch: str, image_size: tuple[int, int], pretrained: str = "", activation: str = "auto") -> nn.Module:
+def strided_grid(image_size: tuple[int, int], patch: int, stride: int) -> tuple[int, int]:
+    """(rows, columns) of patches of side `patch` taken every `stride` pixels (the reference code's
+    grid: (H - patch) // stride + 1)."""
+    return (image_size[0] - patch) // stride + 1, (image_size[1] - patch) // stride + 1
+
+
+def set_patch_stride(visual: nn.Module, stride: int) -> None:
+    """Take the image tower's patches every `stride` pixels (overlapping when below the patch size):
+    the patch convolution's stride, the grid, and a position embedding for that grid (the current
+    one resized bilinearly; pretrained weights are resized to it when loaded)."""
+    patch = visual.conv1.kernel_size[0]
+    if not 0 < stride <= patch:
+        raise ConfigError(f"model.patch_stride: must be in 0..{patch} (0 = the patch size), got {stride}")
+    if stride == visual.conv1.stride[0]:
+        return
+    old_grid = tuple(visual.grid_size)
+    visual.conv1.stride = (stride, stride)
+    visual.grid_size = strided_grid(visual.image_size, patch, stride)
+    with torch.no_grad():  # (random weights: the drawn embedding, resized; open_clip draws no other)
+        pos = visual.positional_embedding
+        grid = pos[1:].T.reshape(1, -1, *old_grid).float()
+        grid = F.interpolate(grid, size=visual.grid_size, mode="bilinear", align_corners=False)
+        visual.positional_embedding = nn.Parameter(torch.cat([pos[:1], grid[0].flatten(1).T.to(pos.dtype)]))
+
+
+def build_clip(arch: str, image_size: tuple[int, int], pretrained: str = "", activation: str = "auto",
+               patch_stride: int = 0) -> nn.Module:
     """An open_clip CLIP for `image_size` (H, W) with the activation its weights were trained with:
     weights random (`pretrained=""`), from a local file (OpenAI's TorchScript archive, a state dict
     in OpenAI's layout, or an open_clip checkpoint), or an open_clip pretrained tag (its cached or
-    downloaded file). The image position embedding is resized bilinearly to the image grid."""
+    downloaded file); patches taken every `patch_stride` pixels (0: the patch size). The image
+    position embedding is resized bilinearly to the image grid."""
     sd, weights_quick = None, None
     if pretrained and os.path.isfile(pretrained):
         sd, openai = read_clip_state_dict(pretrained)
@@ -129,6 +156,8 @@ def build_clip(arch: str, image_size: tuple[int, int], pretrained: str = "", act
         if arch not in open_clip.list_models():
             raise ConfigError(f"model.arch: unknown architecture {arch!r}; use one of {', '.join(known_archs())}")
         clip = open_clip.create_model(arch, pretrained=None, force_image_size=image_size, force_quick_gelu=quick)
+    if patch_stride:
+        set_patch_stride(clip.visual, patch_stride)
     if sd is not None:
         load_clip_weights(clip, sd, pretrained)
     # DeepSpeed crashes broadcasting 0-dim parameters; ITSELF uses a fixed temperature instead.

@@ -79,7 +79,8 @@ class ITSELF(nn.Module):
         """`steps_per_epoch`: optimizer steps per epoch of the data plan (ATS's T is given in epochs)."""
         super().__init__()
         self.cfg, self.num_ids = cfg, num_ids
-        self.backbone = ClipBackbone(clip if clip is not None else build_clip(cfg.arch, image_size, cfg.pretrained, cfg.activation))
+        self.backbone = ClipBackbone(clip if clip is not None else build_clip(cfg.arch, image_size, cfg.pretrained,
+                                                                                cfg.activation, cfg.patch_stride))
         cfg.validate(num_layers=min(self.backbone.image_layers, self.backbone.text_layers))
         self.schedule = KeepSchedule.from_config(cfg, steps_per_epoch)
         self.selection = TRAIN

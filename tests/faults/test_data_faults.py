@@ -181,18 +181,21 @@ def test_tar_member_with_an_escaping_path_is_refused(dataset, name):
     assert not (dataset.parent / "outside.jpg").exists() and not (dataset / "outside.jpg").exists()
 
 
-def test_a_dataset_on_a_server_without_range_requests_is_streamed(small_dataset):
+@pytest.mark.parametrize("order", ["slots", "uniform"])
+def test_a_dataset_on_a_server_without_range_requests_is_streamed(small_dataset, order):
     # `python -m http.server` answers every request with the whole file: the manifest is then read
-    # whole and the shards streamed, and the batches are those of the local dataset.
+    # whole and the shards streamed (once per window, also when a window holds identities spread
+    # over a shard: uniform), and the batches are those of the local dataset.
     from http_server import serve
 
     args = dict(rank=0, world_size=1, micro_batch=16, seed=0)
-    local = train_loader(DataConfig(root=str(small_dataset), image_size=(48, 16), num_workers=0, num_slots=4), **args)
+    data = dict(image_size=(48, 16), num_workers=0, num_slots=4, identity_order=order)
+    local = train_loader(DataConfig(root=str(small_dataset), **data), **args)
     local.set_epoch(0)
     want = [b["image_ids"].tolist() for b in local]
     with serve(small_dataset.parent, ranges=False) as url:
         root = f"{url}/{small_dataset.name}"
-        remote = train_loader(DataConfig(root=root, image_size=(48, 16), num_workers=0, num_slots=4), **args)
+        remote = train_loader(DataConfig(root=root, **data), **args)
         remote.set_epoch(0)
         got = [b["image_ids"].tolist() for b in remote]
         gallery, queries = eval_loaders(DataConfig(root=root, image_size=(48, 16)), "val")
