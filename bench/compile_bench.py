@@ -127,17 +127,22 @@ def real_run() -> None:
     import shards
     from itself.presets import resolve_config
     from itself.train import train
-    from tests.runs import SMALL, SMALL_SHARD_SAMPLES, small_run_args
+    from shards.synthetic import SyntheticSpec
+
+    # (the test suite's small dataset: 48 identities, 2 images x 2 captions each, 8 images a shard)
+    small = SyntheticSpec(num_ids=48, images_per_id=2, captions_per_image=2, image_size=(48, 16), seed=3)
 
     logging.getLogger().setLevel(logging.WARNING)
     torch._dynamo.reset()
     counters.clear()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "small"
-        shards.build_synthetic(data, SMALL, max_samples=SMALL_SHARD_SAMPLES, progress=False)
-        cfg = resolve_config("synthetic", None, small_run_args(
-            data, "train.epochs=3", "model.t_small=2 epochs", "train.compile=true", f"run_dir={Path(tmp) / 'run'}",
-            "train.report_to=none"))
+        shards.build_synthetic(data, small, max_samples=8, progress=False)
+        cfg = resolve_config("synthetic", None, [
+            f"data.root={data}", "data.image_size=[48,16]", "data.num_workers=0", "data.num_slots=4",
+            "model.grab_dim=32", "train.batch_size=16", "train.warmup_epochs=1", "eval.batch_size=32",
+            "train.log_every=2", "train.epochs=3", "model.t_small=2 epochs", "train.compile=true",
+            f"run_dir={Path(tmp) / 'run'}", "train.report_to=none"])
         start = time.perf_counter()
         results = train(cfg)
         seconds = time.perf_counter() - start

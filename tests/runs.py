@@ -77,30 +77,39 @@ def _environment(env: dict):
         os.environ.update(saved)
 
 
-def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
-    """`python itself/train.py ARGS` run by this process: exit code, stdout and stderr as a process's
-    (an exception that escapes is exit 1 with its traceback on stderr, as the interpreter would)."""
+def run_main(main, argv: list[str], env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """A command's `main(argv)` run by this process as its script would run: the environment
+    `env` (default: `train_env()`), the folder `cwd` (default: the repository), exit code, stdout
+    and stderr as a process's (an exception that escapes is exit 1 with its traceback on stderr,
+    as the interpreter would print it; argparse's exits keep their codes)."""
     import io
     import traceback
     from contextlib import redirect_stderr, redirect_stdout
 
     from itself import logs
-    from itself.train import main
 
-    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
-    with _environment(train_env()), redirect_stdout(out), redirect_stderr(err):
-        os.chdir(REPO)
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    with _environment(train_env() if env is None else env), redirect_stdout(out), redirect_stderr(err):
+        os.chdir(cwd or REPO)
         try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:  # (argparse's usage errors)
-            code = e.code if isinstance(e.code, int) else 2
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except Exception:  # noqa: BLE001 - reported as the process would report it
             traceback.print_exc()
             code = 1
         finally:
-            os.chdir(cwd)
+            os.chdir(here)
             logs.reset()
-    return subprocess.CompletedProcess(["itself/train.py", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([getattr(main, "__module__", "main"), *map(str, argv)], code,
+                                       out.getvalue(), err.getvalue())
+
+
+def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`python itself/train.py ARGS` run by this process."""
+    from itself.train import main
+
+    return run_main(main, args)
 
 
 def plant_undecodable_image(root: Path, split: str, shard_name: str, index: int) -> int:

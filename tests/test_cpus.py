@@ -8,7 +8,7 @@ import pytest
 
 from itself.cpus import cgroup_quota, parse_cfs, parse_cpu_max, plan_cpus
 from itself.layout import data_layout, loader_processes
-from tests.runs import REPO, small_run_args, train_env
+from runs import REPO, small_run_args, train_env
 
 
 def test_an_affinity_mask_bounds_the_threads_on_a_bigger_host():

@@ -11,18 +11,24 @@ from pathlib import Path
 
 import pytest
 
-from runs import REPO, train_env
+from runs import REPO, run_main, train_env
 
 
 def _files(root: Path) -> list[Path]:
     return sorted(root.rglob("*"))
 
 
-def search(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """The search with a dataset root and Ray temp folder of its own (neither may appear)."""
-    return subprocess.run([sys.executable, "tune/search.py", *args, f"data.root={tmp_path / 'data'}"], cwd=REPO,
-                          env=train_env(RAY_TMPDIR=str(tmp_path / "ray"), RAY_USAGE_STATS_ENABLED="0"),
-                          capture_output=True, text=True, timeout=300)
+def search(tmp_path: Path, *args: str, process: bool = False) -> subprocess.CompletedProcess:
+    """The search with a dataset root and Ray temp folder of its own (neither may appear): its `main`
+    run by this process, or (`process`) the script as a user starts it."""
+    args = [*args, f"data.root={tmp_path / 'data'}"]
+    env = train_env(RAY_TMPDIR=str(tmp_path / "ray"), RAY_USAGE_STATS_ENABLED="0")
+    if not process:
+        from tune.search import main
+
+        return run_main(main, args, env=env)
+    return subprocess.run([sys.executable, "tune/search.py", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def assert_refused(run: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -44,7 +50,7 @@ def a_file(tmp_path) -> Path:
 
 def test_a_storage_path_under_a_regular_file_is_refused_before_ray_starts(tmp_path, a_file):
     before = _files(tmp_path)
-    run = search(tmp_path, "--storage-path", str(a_file / "tune"), "--name", "x")
+    run = search(tmp_path, "--storage-path", str(a_file / "tune"), "--name", "x", process=True)
     assert_refused(run, "error: --storage-path: ", f"{a_file / 'tune'} cannot be created: {a_file} is a file")
     assert _files(tmp_path) == before and a_file.read_text() == "not a folder\n"  # no data, no ray/ folder
 
