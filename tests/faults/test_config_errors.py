@@ -39,6 +39,9 @@ CASES = [
     ("data.mix=['']", "data.mix", "every entry must be a dataset folder or URL"),
     ("data.mix=[/data/a, /data/a]", "data.mix", "a dataset is named twice in data.root + data.mix"),
     ("data.window_shards=0", "data.window_shards", "must be >= 1, got 0"),
+    ("data.identity_order=random", "data.identity_order", "must be slots or uniform, got 'random'"),
+    ("model.patch_stride=9", "model.patch_stride",
+     "must be in 0..8 (0 = the patch size of model.arch tiny; a larger stride leaves pixels unseen), got 9"),
     ("data.image_aug=2", "data.image_aug", "cannot use 2: expected true or false"),
     ("data.text_aug=yes please", "data.text_aug", "expected true or false"),
     # model
