@@ -11,6 +11,47 @@ import shards
 from runs import SMALL, SMALL_SHARD_SAMPLES
 
 
+def pytest_sessionstart(session):
+    """Compile the project's modules once (the controller, before any worker starts): the commands the
+    tests start as processes then read bytecode instead of compiling every module again each time,
+    which they would where PYTHONDONTWRITEBYTECODE is set (about 2 s of each start here)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    import compileall
+
+    from runs import REPO
+
+    for package in ("itself", "shards", "launch", "tune", "bench"):  # (py_compile writes even then)
+        compileall.compile_dir(REPO / package, quiet=1)
+
+
+SHARED_FIXTURES = {
+    "slurm": "the Slurm cluster (the munged it may start is stopped with it: one cluster at a time)",
+    "cluster": "the 2-node Ray cluster of tests/test_tune_cluster.py",
+    "trained_run": "the retrieval model trained on the default synthetic set",
+    "straight_run": "tests/test_train.py's reference run",
+    "reference": "tests/faults/test_checkpoints.py's reference run",
+    "uninterrupted": "the uninterrupted 2-rank run of the rank-failure tests",
+    "corpus": "a converted corpus (pre-training; the conversion-resume tests)",
+    "installed": "the built wheel in a venv of its own",
+    "one_rank_index": "the small train split indexed by one rank",
+}
+"""Fixtures built once per module or session that cost seconds to minutes: the tests that use one
+share an xdist group, hence one worker, which builds it once (`-n 0` runs everything in one process)."""
+
+
+@pytest.hookimpl(tryfirst=True)  # (before xdist reads the groups)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+    if hasattr(config, "workerinput"):
+        # Workers are handed tests in this order: the long ones first, so that no single search or
+        # multi-node job starts last and runs on while the other workers idle.
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _logging_as_pytest_found_it():
     """Each test starts with the project's loggers reaching pytest's capture (caplog): a command run

@@ -49,11 +49,12 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 def run_train(args: list[str], launcher: list[str] | None = None, check: bool = True,
               **env) -> subprocess.CompletedProcess:
-    """`itself/train.py ARGS` under `launcher`, or as `python` when none: a run of one process without
-    extra environment runs in this process (the same `main`, its output captured; the test suite's
-    interpreter and imports are paid once), unless ITSELF_TESTS_SUBPROCESS=1 asks for real processes."""
-    if launcher is None and not env and os.environ.get("ITSELF_TESTS_SUBPROCESS") != "1":
-        run = train_in_process(args)
+    """`itself/train.py ARGS` under `launcher` (`[sys.executable]`: a plain process of its own), or,
+    when none is given, run by this process with `env` added to its environment (the same `main`,
+    its output captured; the test suite's interpreter and imports are paid once), unless
+    ITSELF_TESTS_SUBPROCESS=1 asks for real processes."""
+    if launcher is None and os.environ.get("ITSELF_TESTS_SUBPROCESS") != "1":
+        run = train_in_process(args, train_env(**env))
         if check:
             assert run.returncode == 0, f"train {' '.join(args)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
         return run
@@ -105,11 +106,30 @@ def run_main(main, argv: list[str], env: dict | None = None, cwd=None) -> subpro
                                        out.getvalue(), err.getvalue())
 
 
-def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
-    """`python itself/train.py ARGS` run by this process."""
+def run_script(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGV` (a path under the repository) run by this process, as `__main__` with
+    its `sys.argv`, through `run_main`."""
+    import runpy
+
+    path = str(REPO / script)
+
+    def main(args: list[str]) -> int:
+        saved = sys.argv
+        sys.argv = [path, *args]
+        try:
+            runpy.run_path(path, run_name="__main__")
+        finally:
+            sys.argv = saved
+        return 0
+
+    return run_main(main, argv)
+
+
+def train_in_process(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python itself/train.py ARGS` run by this process (in `env`, default: `train_env()`)."""
     from itself.train import main
 
-    return run_main(main, args)
+    return run_main(main, args, env=env)
 
 
 def plant_undecodable_image(root: Path, split: str, shard_name: str, index: int) -> int:

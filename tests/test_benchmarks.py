@@ -4,12 +4,9 @@ here; bench/README.md and BENCHMARKS.md hold the numbers."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from runs import REPO
+from runs import run_script
 
 
 @pytest.mark.parametrize("script,expected", [
@@ -20,7 +17,7 @@ from runs import REPO
     ("bench/search_bench.py", ["exact == brute force: True", "hnsw ef=512 candidates=50", "recall@10 = "]),
 ])
 def test_benchmark_quick_run(script, expected):
-    run = subprocess.run([sys.executable, script, "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    run = run_script(script, ["--quick"])  # (in this process: the imports are paid once)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     for text in expected:
         assert text in run.stdout, text

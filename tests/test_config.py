@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from itself.config import Config, ConfigError, apply_overrides, to_dict
 from itself.presets import PRESETS, get_preset, resolve_config
-from runs import REPO, train_env
+from runs import run_train
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -138,11 +136,8 @@ def test_unknown_preset_and_bad_config_file(tmp_path):
 
 
 def test_cli_fails_before_any_work_with_the_message():
-    run = subprocess.run([sys.executable, "itself/train.py", "model.p_start=0.3", "run_dir=/nonexistent/x"],
-                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=120)
+    run = run_train(["model.p_start=0.3", "run_dir=/nonexistent/x"], check=False)
     assert run.returncode == 2
     assert "error: model.p_start / model.p_end: need 0 < p_end <= p_start <= 1" in run.stderr
-    printed = subprocess.run([sys.executable, "itself/train.py", "--preset", "rstpreid", "--print-config",
-                              "train.epochs=3"], cwd=REPO, env=train_env(), capture_output=True, text=True,
-                             timeout=120, check=True).stdout
+    printed = run_train(["--preset", "rstpreid", "--print-config", "train.epochs=3"]).stdout
     assert yaml.safe_load(printed)["train"]["epochs"] == 3

@@ -24,7 +24,13 @@ def _help(*cmd: str) -> str:
     return run.stdout
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
+def _params(scripts):
+    """Each command starts as a process of its own: slow, but for `itself-shards`, which starts in a
+    second (the others load torch, DeepSpeed or Ray first)."""
+    return [pytest.param(s, marks=[] if s == "itself-shards" else [pytest.mark.slow]) for s in scripts]
+
+
+@pytest.mark.parametrize("script", _params(SCRIPTS))
 def test_each_console_script_names_itself(script):
     path = shutil.which(script)
     if path is None:
@@ -32,7 +38,7 @@ def test_each_console_script_names_itself(script):
     assert _help(path).startswith(f"usage: {script} "), script
 
 
-@pytest.mark.parametrize("script", [s for s, source in SCRIPTS.items() if source])
+@pytest.mark.parametrize("script", _params(s for s, source in SCRIPTS.items() if source))
 def test_run_from_the_source_a_command_names_what_was_typed(script):
     source = SCRIPTS[script]
     cmd = [sys.executable, *source.split()[1:]] if source.startswith("python ") else [sys.executable, source]

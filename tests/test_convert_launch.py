@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from corpus_plant import plant_mals, plant_webperson
-from runs import REPO
+from runs import REPO, run_main
 from test_corpora import build, snapshot
 from test_slurm import slurm  # noqa: F401 - the real Slurm of this machine, as test_slurm.py starts it
 
@@ -25,8 +25,10 @@ def launch(env, jobs: Path, *args: str, timeout: int = 600) -> subprocess.Comple
 
 def test_dry_run_prints_the_array_and_the_dependent_merge(tmp_path):
     plant_mals(tmp_path / "raw", faults=False)
-    run = launch(os.environ.copy(), tmp_path / "jobs", "--nodes", "4", "--profile", "local-test", "--dry-run", "--",
-                 "--dataset", "mals", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "out"))
+    from launch.convert import main
+
+    run = run_main(main, ["--jobs-dir", tmp_path / "jobs", "--nodes", "4", "--profile", "local-test", "--dry-run",
+                          "--", "--dataset", "mals", "--root", tmp_path / "raw", "--out", tmp_path / "out"])
     assert run.returncode == 0, run.stderr
     assert "#SBATCH --array=0-3%4" in run.stdout and "--dependency='afterany:<array job id>'" in run.stdout
     assert "#SBATCH --gpus-per-node" not in run.stdout and "#SBATCH --ntasks-per-node=1" in run.stdout

@@ -30,6 +30,7 @@ OTHER_TOOLS_FLAGS = {
     "--resolution", "--extra", "--python",  # uv
     "--only_global",  # the reference code's run.sh
     "--help", "--bogus",  # argparse's own; the docs' example of an unknown option
+    "--dist", "--maxprocesses", "--durations",  # pytest and pytest-xdist
 }
 """Flags of the other programs the docs show (DeepSpeed's and torchrun's launchers, sbatch, pip ...)."""
 NOT_MODULES = {"itself.schema_version"}

@@ -49,6 +49,7 @@ export(sys.argv[1] + "/model.pt", ITSELF(cfg.model, 4, cfg.data.image_size).stat
 """
 
 
+@pytest.mark.slow  # (a process per umask: it is read once, at import)
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_the_three_files_get_the_umask_permissions(tmp_path, umask, mode):
     # A run's export in a process of its own with that umask: model.safetensors once came out 0600

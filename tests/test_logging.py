@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_offline_wandb_run_holds_the_metrics_and_panels(small_dataset, tmp_path)
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "my-wandb"  # (the user's WANDB_DIR wins)
     wandb_dir.mkdir()
     run_train(small_run_args(small_dataset, "train.epochs=1", "train.report_to=wandb", f"run_dir={run_dir}"),
-              WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(wandb_dir))
+              launcher=[sys.executable], WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(wandb_dir))
     assert not (run_dir / "wandb").exists()
     runs = list((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

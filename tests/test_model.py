@@ -188,6 +188,7 @@ def test_baseline_is_global_only():
     assert model.capture_layers(4) == () and model.capture_layers(4, ("last_layer@0.4",)) == ()
 
 
+@pytest.mark.slow
 def test_world_size_invariance_two_gloo_processes(tmp_path):
     kwargs = dict(cfg=_tiny(), num_ids=4, image_size=(32, 16))
     batch = _batch(8, seed=1)

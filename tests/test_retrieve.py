@@ -6,7 +6,6 @@ import json
 import math
 import re
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -21,22 +20,34 @@ from itself.model.export import export
 from browser import DevTools
 from itself.retrieve import Index
 from itself.retrieve.store import IndexDir
-from runs import REPO
+from itself.retrieve.cli import main
+from runs import run_main
 
 
-def _cli(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "itself.retrieve", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+def _cli(*args) -> subprocess.CompletedProcess:
+    """`python -m itself.retrieve ARGS`, run by this process (tests/faults/test_exit_codes.py starts
+    the real script)."""
+    return run_main(main, args)
+
+
+def _index(model: Path, data: Path, out: Path) -> Path:
+    res = _cli("index", "--model", str(model), "--gallery", str(data), "--split", "test", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")
-def index_dir(trained_run, tmp_path_factory):
+def index_dir(untrained_model, small_dataset, tmp_path_factory):
+    """The small dataset's test split (16 images) indexed by a model with random weights: what the
+    commands do does not depend on training."""
+    return _index(untrained_model, small_dataset, tmp_path_factory.mktemp("index") / "test")
+
+
+@pytest.fixture(scope="module")
+def trained_index(trained_run, tmp_path_factory):
+    """The default synthetic test split (160 images) indexed by the trained model."""
     run, data = trained_run
-    out = tmp_path_factory.mktemp("index") / "test"
-    res = _cli("index", "--model", str(run / "model.pt"), "--gallery", str(data), "--split", "test", "--out", str(out))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "indexed 160 images" in res.stdout
-    return out
+    return _index(run / "model.pt", data, tmp_path_factory.mktemp("index") / "trained")
 
 
 def _test_captions(data: Path) -> list[tuple[str, int]]:
@@ -46,18 +57,17 @@ def _test_captions(data: Path) -> list[tuple[str, int]]:
 
 def test_index_holds_both_embeddings_and_metadata(index_dir):
     info = json.loads((index_dir / "index.json").read_text())
-    assert info["images"] == 160 and info["global_dim"] == 64 and info["grab_dim"] == 256
+    assert info["images"] == 16 and info["global_dim"] == 64 and info["grab_dim"] == 32
     store = IndexDir(index_dir).embeddings()
     g, l = store.rows(np.arange(len(store)))
-    assert g.shape == (160, 64) and l.shape == (160, 256)
+    assert g.shape == (16, 64) and l.shape == (16, 32)
     assert np.allclose(np.linalg.norm(g, axis=1), 1, atol=1e-5) and np.allclose(np.linalg.norm(l, axis=1), 1, atol=1e-5)
     items = store.items()
-    assert len(items) == 160 and all(i["pid"] is not None and i["name"].startswith("synthetic/test/") for i in items)
+    assert len(items) == 16 and all(i["pid"] is not None and i["name"].startswith("synthetic/test/") for i in items)
 
 
-def test_query_returns_sorted_scores_as_json(index_dir, trained_run):
-    _, data = trained_run
-    (text, _), (text2, _) = _test_captions(data)[:2]
+def test_query_returns_sorted_scores_as_json(index_dir, small_dataset):
+    (text, _), (text2, _) = _test_captions(small_dataset)[:2]
     res = _cli("query", "--index", str(index_dir), "--text", text, "--text", text2, "--top-k", "7", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
@@ -70,10 +80,12 @@ def test_query_returns_sorted_scores_as_json(index_dir, trained_run):
     assert plain.returncode == 0 and len(re.findall(r"^\s+\d+\s+-?\d\.\d{4}\s", plain.stdout, re.M)) == 3
 
 
-def test_the_queried_identity_ranks_high_more_often_than_chance(index_dir, trained_run):
+@pytest.mark.slow
+def test_the_queried_identity_ranks_high_more_often_than_chance(trained_index, trained_run):
     _, data = trained_run
     captions = _test_captions(data)
-    index = Index(str(index_dir))
+    index = Index(str(trained_index))
+    assert len(index.items) == 160
     results = index.search([c for c, _ in captions], top_k=10)
     hits = [any(r["pid"] == pid for r in hits) for (_, pid), hits in zip(captions, results)]
     gallery = [i["pid"] for i in index.items]
@@ -81,36 +93,36 @@ def test_the_queried_identity_ranks_high_more_often_than_chance(index_dir, train
     assert np.mean(hits) > 1.5 * np.mean(chance), (np.mean(hits), np.mean(chance))
 
 
-def test_folder_gallery_and_errors(trained_run, index_dir, tmp_path):
-    run, data = trained_run
+def test_folder_gallery_and_errors(untrained_model, small_dataset, index_dir, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    with tarfile.open(data / "test" / "test-000000.tar") as t:
+    with tarfile.open(small_dataset / "test" / "test-000000.tar") as t:
         for m in t.getmembers()[:10]:
             if m.name.endswith(".jpg"):
                 (folder / m.name).write_bytes(t.extractfile(m).read())
-    res = _cli("index", "--model", str(run / "model.pt"), "--gallery", str(folder), "--out", str(tmp_path / "fi"))
+    res = _cli("index", "--model", str(untrained_model), "--gallery", str(folder), "--out", str(tmp_path / "fi"))
     assert res.returncode == 0 and "indexed 5 images" in res.stdout
     assert all(i["pid"] is None for i in IndexDir(tmp_path / "fi").embeddings().items())
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = _cli("index", "--model", str(run / "model.pt"), "--gallery", str(empty), "--out", str(tmp_path / "e"))
+    res = _cli("index", "--model", str(untrained_model), "--gallery", str(empty), "--out", str(tmp_path / "e"))
     assert res.returncode == 2 and "holds no readable image" in res.stderr
     # A model with another embedding size cannot query this index.
-    blob = torch.load(run / "model.pt", weights_only=True)
+    blob = torch.load(untrained_model, weights_only=True)
     cfg = from_dict(blob["config"])
-    cfg.model.grab_dim = 32
+    cfg.model.grab_dim = 16
     other = ITSELF(cfg.model, blob["num_ids"], cfg.data.image_size)
 
     export(tmp_path / "other.pt", other.state_dict(), to_dict(cfg), blob["num_ids"], 0.5)
     res = _cli("query", "--index", str(index_dir), "--model", str(tmp_path / "other.pt"), "--text", "a man")
-    assert res.returncode == 2 and "model/index mismatch" in res.stderr and "32 (GRAB)" in res.stderr and "64 / 256" in res.stderr
+    assert res.returncode == 2 and "model/index mismatch" in res.stderr and "16 (GRAB)" in res.stderr and "64 / 32" in res.stderr
 
 
-def test_report_is_self_contained_and_renders_in_chromium(index_dir, trained_run, tmp_path):
+@pytest.mark.slow
+def test_report_is_self_contained_and_renders_in_chromium(trained_index, trained_run, tmp_path):
     run, data = trained_run
     out = tmp_path / "report"
-    res = _cli("report", "--index", str(index_dir), "--sample-queries", "3", "--top-k", "4", "--run", str(run),
+    res = _cli("report", "--index", str(trained_index), "--sample-queries", "3", "--top-k", "4", "--run", str(run),
                "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     page = (out / "index.html").read_text()

@@ -27,15 +27,19 @@ from browser import DevTools
 from itself.dist import free_port
 from itself.retrieve import Index
 from itself.retrieve.store import IndexDir
-from runs import REPO, train_env, wait_until
+from itself.retrieve.cli import main
+from runs import REPO, run_main, train_env, wait_until
 
 ALL = 10_000  # a top-k that covers every gallery here
 
 
 def _retrieve(*args, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m itself.retrieve ARGS` under `launcher`; without one, run by this process."""
     quiet = ["--no-progress"] if args[0] in ("index", "add") else []
-    cmd = (launcher or [sys.executable, "-m", "itself.retrieve"]) + [*args, *quiet]
-    return subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    if launcher is None:
+        return run_main(main, [*args, *quiet])
+    return subprocess.run(launcher + [*args, *quiet], cwd=REPO, env=train_env(), capture_output=True, text=True,
+                          timeout=600)
 
 
 def _ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -305,6 +309,7 @@ def evil_index(untrained_model, small_dataset, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_search_page_over_http(evil_index, tmp_path):
     index = Index(str(evil_index))
     with Server(evil_index, tmp_path) as server:

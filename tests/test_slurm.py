@@ -13,7 +13,7 @@ import pytest
 
 from itself.checkpoint import COMPLETE, tag_for
 from itself.rundir import RunDir
-from runs import REPO, SECRETS, assert_no_secrets, small_run_args, wait_until
+from runs import REPO, SECRETS, assert_no_secrets, run_main, small_run_args, wait_until
 from slurm_cluster import SlurmCluster, missing_binaries
 
 
@@ -28,9 +28,20 @@ def slurm(tmp_path_factory):
         yield env
 
 
-def _submit(env, jobs: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch/slurm.py", "--jobs-dir", str(jobs), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def _command(script: str, env, jobs: Path, args, in_process: bool) -> subprocess.CompletedProcess:
+    """`python launch/SCRIPT --jobs-dir JOBS ARGS` in `env`: its `main` run by this process (dry runs and
+    refusals), or the script started as a user starts it (submissions)."""
+    argv = ["--jobs-dir", str(jobs), *args]
+    if in_process:
+        from launch import index, slurm
+
+        return run_main({"slurm.py": slurm.main, "index.py": index.main}[script], argv, env=env)
+    return subprocess.run([sys.executable, f"launch/{script}", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _submit(env, jobs: Path, *args: str, in_process: bool = False) -> subprocess.CompletedProcess:
+    return _command("slurm.py", env, jobs, args, in_process)
 
 
 def _job_folder(jobs: Path) -> Path:
@@ -105,7 +116,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, small_dataset, tm
 @pytest.mark.slow
 def test_a_job_sbatch_refuses_is_an_error_line_and_exit_1(slurm, small_dataset, tmp_path):
     run = _submit(slurm, tmp_path, "--profile", "local-test", "--partition", "nosuch",
-                  *small_run_args(small_dataset, "train.max_steps=1"), timeout=120)
+                  *small_run_args(small_dataset, "train.max_steps=1"), in_process=True)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     last = run.stderr.strip().splitlines()[-1]  # (sbatch's own lines come first)
     assert last.startswith("error: the job was not submitted:") and "invalid partition" in last.lower()
@@ -121,7 +132,7 @@ def _without_slurm(tmp_path: Path) -> dict:
 
 
 def test_without_slurm_commands_the_error_says_so(tmp_path):
-    run = _submit(_without_slurm(tmp_path), tmp_path / "jobs", "--nodes", "2", timeout=120)
+    run = _submit(_without_slurm(tmp_path), tmp_path / "jobs", "--nodes", "2", in_process=True)
     assert run.returncode == 2 and run.stderr.startswith("error: sbatch and srun not found on PATH"), run.stderr[-2000:]
     assert "--dry-run shows the sbatch script anywhere" in run.stderr
     assert not (tmp_path / "jobs").exists()
@@ -131,11 +142,11 @@ def test_a_dry_run_needs_no_slurm(tmp_path):
     # The README's check of what would be submitted, on a machine without SLURM: the script and
     # the config are rendered all the same, and nothing is written.
     env, jobs = _without_slurm(tmp_path), tmp_path / "jobs"
-    run = _submit(env, jobs, "--nodes", "4", "--dry-run", timeout=120)
+    run = _submit(env, jobs, "--nodes", "4", "--dry-run", in_process=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "#SBATCH --nodes=4" in run.stdout and "srun --unbuffered" in run.stdout and "name: synthetic" in run.stdout
     index = _submit_index(env, jobs, "--nodes", "2", "--dry-run", "--", "index", "--model", "M", "--gallery", "G",
-                          "--out", "D", timeout=120)
+                          "--out", "D", in_process=True)
     assert index.returncode == 0, index.stderr[-2000:]
     assert "#SBATCH --nodes=2" in index.stdout and "every rank runs: python -m itself.retrieve index" in index.stdout
     assert not jobs.exists()
@@ -160,7 +171,7 @@ def test_a_job_keeps_the_resume_point_the_user_gave(tmp_path):
 
 def test_dry_run_prints_the_sbatch_script_with_the_right_counts(tmp_path):
     run = _submit(os.environ.copy(), tmp_path, "--nodes", "4", "--gpus-per-node", "8", "--preset", "cuhk-pedes",
-                  "--partition", "a100", "--time", "2-00:00:00", "--dry-run", timeout=120)
+                  "--partition", "a100", "--time", "2-00:00:00", "--dry-run", in_process=True)
     assert run.returncode == 0, run.stderr
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=a100", "#SBATCH --time=2880", "#SBATCH --requeue", "#SBATCH --signal=USR2@180"):
@@ -241,9 +252,8 @@ def test_a_job_starts_from_the_checkpoint_the_user_named(small_dataset, tmp_path
     assert RunDir(folder / "run").records("train")[0]["step"] > 8  # (no step of epoch 1 trained again)
 
 
-def _submit_index(env, jobs: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch/index.py", "--jobs-dir", str(jobs), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def _submit_index(env, jobs: Path, *args: str, in_process: bool = False) -> subprocess.CompletedProcess:
+    return _command("index.py", env, jobs, args, in_process)
 
 
 @pytest.mark.slow
@@ -275,13 +285,13 @@ def test_index_job_on_two_nodes_embeds_half_each_as_one_rank_would(slurm, small_
 
 def test_index_dry_run_and_a_missing_command(tmp_path):
     run = _submit_index(os.environ.copy(), tmp_path, "--nodes", "3", "--gpus-per-node", "4", "--dry-run", "--",
-                        "index", "--model", "m.pt", "--gallery", "g", "--out", "o", timeout=120)
+                        "index", "--model", "m.pt", "--gallery", "g", "--out", "o", in_process=True)
     assert run.returncode == 0, run.stderr
     for line in ("#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --requeue"):
         assert line in run.stdout
     assert "12 ranks" in run.stdout and "every rank runs: python -m itself.retrieve index --model m.pt" in run.stdout
     assert not list(tmp_path.iterdir()), "a dry run submits nothing"
-    run = _submit_index(os.environ.copy(), tmp_path, "--dry-run", "--", "query", "--index", "o", timeout=120)
+    run = _submit_index(os.environ.copy(), tmp_path, "--dry-run", "--", "query", "--index", "o", in_process=True)
     assert run.returncode == 2 and "give the indexing command after --" in run.stderr
-    run = _submit_index(os.environ.copy(), tmp_path, "--dry-run", "--", "index", "--gallery", "g", timeout=120)
+    run = _submit_index(os.environ.copy(), tmp_path, "--dry-run", "--", "index", "--gallery", "g", in_process=True)
     assert run.returncode == 2 and "required: --model, --out" in run.stderr

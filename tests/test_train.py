@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from itself.metrics import fused_at, fused_key
 from itself.model.export import load_exported
 from itself.presets import resolve_config
 from itself.rundir import RunDir
-from runs import REPO, STEPS_PER_EPOCH, run_train, small_run_args, train_env
+from runs import STEPS_PER_EPOCH, run_train, small_run_args
 
 def final_weights(run_dir: Path) -> dict:
     tag = latest_tag(run_dir / "checkpoints")
@@ -129,8 +127,7 @@ def test_two_ranks_reach_the_same_metrics_as_one(straight_run, small_dataset, tm
 
 
 def test_existing_run_needs_resume(straight_run, small_dataset):
-    run = subprocess.run([sys.executable, "itself/train.py", *small_run_args(small_dataset), f"run_dir={straight_run}"],
-                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    run = run_train([*small_run_args(small_dataset), f"run_dir={straight_run}"], check=False)
     assert run.returncode == 2 and "already holds checkpoints; pass train.resume=latest" in run.stderr
 
 

@@ -5,8 +5,10 @@ config trains as is. The Ray cluster and SLURM paths are in test_tune_cluster.py
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pandas as pd
 import pytest
@@ -15,17 +17,21 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from itself.presets import resolve_config
-from runs import REPO, SECRETS, STEPS_PER_EPOCH, assert_no_secrets, small_run_args, train_env
+from runs import REPO, SECRETS, STEPS_PER_EPOCH, assert_no_secrets, run_main, small_run_args, train_env
 from tune import rungs
 from tune.search import best_configs
 from tune.settings import SHORT_SCHEDULE, SearchSettings, short_schedule
 
-RAY_ENV = {"RAY_TMPDIR": "/tmp/ray-tune-t", "RAY_USAGE_STATS_ENABLED": "0"}  # short: socket paths must fit
-
-
 def search(tmp_path, *args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tune/search.py", "--storage-path", str(tmp_path), *args], cwd=REPO,
-                          env=train_env(**RAY_ENV, **env), capture_output=True, text=True, timeout=900)
+    """`tune/search.py --storage-path TMP_PATH ARGS` with a Ray temp folder of its own (searches may
+    run side by side), short: Ray's socket paths must fit."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    try:
+        return subprocess.run([sys.executable, "tune/search.py", "--storage-path", str(tmp_path), *args], cwd=REPO,
+                              env=train_env(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", **env),
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------- rungs
@@ -175,12 +181,18 @@ def test_settings_go_to_search_json_and_back_through_their_type():
     assert settings.demand(2) == {"CPU": 2, "GPU": 0} and settings.largest_demand() == {"CPU": 1, "GPU": 0}
 
 
-def test_bad_search_arguments_are_user_errors(small_dataset, tmp_path):
-    run = search(tmp_path, "--seeds", "0")
+def test_bad_search_arguments_are_user_errors(tmp_path):
+    from tune.search import main
+
+    run = run_main(main, ["--storage-path", tmp_path, "--seeds", "0"], env=train_env(RAY_TMPDIR=str(tmp_path / "ray")))
     assert run.returncode == 2 and "error: --seeds must be >= 1, got 0" in run.stderr
-    run = search(tmp_path, "--resume", "--name", "nothing-here")
+    run = run_main(main, ["--storage-path", tmp_path, "--resume", "--name", "nothing-here"], env=train_env(RAY_TMPDIR=str(tmp_path / "ray")))
     assert run.returncode == 2 and "error: --resume:" in run.stderr and "not a search" in run.stderr
-    # A trial no node can hold would wait forever: said before anything is written.
+
+
+@pytest.mark.slow
+def test_a_trial_no_node_can_hold_is_refused_before_anything_is_written(small_dataset, tmp_path):
+    # It would wait forever: said once Ray is up, before anything is written.
     run = search(tmp_path, "--name", "gpu", "--seeds", "2", "--gpus-per-trial", "1", *small_run_args(small_dataset))
     assert run.returncode == 2 and "error: a trial needs 2 CPU(s) and 2 GPU(s) on one node" in run.stderr, run.stderr
     assert not (tmp_path / "gpu").exists()

@@ -84,6 +84,7 @@ def lock_holder(out: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow
 def test_a_second_build_of_the_same_folder_fails_at_once_naming_the_first(tmp_path):
     out = tmp_path / "data"
     assert build("--dataset", "synthetic", "--out", str(out), *SMALL).returncode == 0
@@ -124,6 +125,7 @@ def test_two_builds_started_together_never_mix(tmp_path, attempt):
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_a_refused_or_failing_overwrite_keeps_the_old_dataset_byte_for_byte(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     make_rstpreid(raw)
@@ -181,6 +183,7 @@ def test_a_killed_build_leaves_the_old_dataset_and_the_next_build_cleans_up(tmp_
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_a_killed_conversion_takes_its_workers_with_it(tmp_path):
     """A SIGKILLed conversion's worker processes die with it (none keeps running, or keeps the
     lock), and a new build of the folder can start at once."""
@@ -229,6 +232,7 @@ def test_a_killed_conversion_takes_its_workers_with_it(tmp_path):
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_build_with_exit_1_and_keeps_the_old_dataset(mount):
     point = mount("size=3m")
     out = point / "data"

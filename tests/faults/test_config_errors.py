@@ -4,14 +4,12 @@ dotted field name and states what is allowed (and what was given)."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 
 from itself.config import SECTIONS, Config, ConfigError
 from itself.presets import resolve_config
-from runs import REPO, train_env
+from runs import run_train
 
 # (override on the synthetic preset, what the message starts with, fragments it contains). The
 # synthetic preset: tiny arch (4 layers, 8-pixel patches), 96x32 images, batch 64, 8 data slots.
@@ -192,8 +190,7 @@ def test_model_validate_alone_checks_the_arch_and_its_layers():
 
 
 def test_cli_exits_2_naming_the_field_and_the_allowed_values():
-    run = subprocess.run([sys.executable, "itself/train.py", "train.nonfinite=maybe"], cwd=REPO, env=train_env(),
-                         capture_output=True, text=True, timeout=120)
+    run = run_train(["train.nonfinite=maybe"], check=False)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "train.nonfinite" in run.stderr and "skip, stop" in run.stderr
     assert run.stderr.strip().splitlines()[-1] == "error: train.nonfinite: must be one of skip, stop, got 'maybe'"

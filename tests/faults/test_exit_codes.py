@@ -93,7 +93,15 @@ def _filled(text: str, inputs: dict[str, str]) -> str:
     return text
 
 
-@pytest.mark.parametrize("command,args,message", CASES, ids=[f"{c}:{' '.join(a)[:40]}" for c, a, _ in CASES])
+def _params(cases):
+    """The cases as parameters: those that start the script itself (`--bogus`) are slow, but for
+    `shards`, which starts in a second (the others load torch, DeepSpeed or Ray first)."""
+    return [pytest.param(c, a, m, id=f"{c}:{' '.join(a)[:40]}",
+                         marks=[pytest.mark.slow] if "--bogus" in a and c != "shards" else [])
+            for c, a, m in cases]
+
+
+@pytest.mark.parametrize("command,args,message", _params(CASES))
 def test_a_mistake_is_one_error_line_and_exit_2(command, args, message, tmp_path):
     inputs = _inputs(tmp_path)
     args, message = [_filled(a, inputs) for a in args], _filled(message, inputs)

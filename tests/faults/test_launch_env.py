@@ -47,6 +47,7 @@ def _train(args, timeout, **env):
     return run, time.monotonic() - started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env,message", [
     ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}, "RANK=3 but WORLD_SIZE=2"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"}, "MASTER_PORT='http'"),
@@ -61,6 +62,7 @@ def test_a_launch_mistake_fails_the_training_within_seconds(small_dataset, env, 
     assert took < 60  # (no rendezvous was waited for: a hang guard, not a speed check)
 
 
+@pytest.mark.slow
 def test_a_taken_master_port_is_named_with_the_fix(small_dataset, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -85,6 +87,7 @@ def test_a_single_process_run_takes_a_free_port_when_the_default_is_taken(small_
     assert (tmp_path / "run" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_a_second_training_into_the_same_run_dir_is_refused_naming_the_first(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     args = small_run_args(small_dataset, f"run_dir={run_dir}", "train.epochs=2")
@@ -108,6 +111,7 @@ def test_a_second_training_into_the_same_run_dir_is_refused_naming_the_first(sma
     assert not (run_dir / ".itself-run.lock").exists()  # (released at the end)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_the_resume_command_and_no_traceback(small_dataset, tmp_path):
     import signal
 

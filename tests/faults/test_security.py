@@ -6,18 +6,19 @@ and annotation paths: test_data_faults.py, tests/test_converters.py.)"""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
-from runs import REPO, SECRETS, assert_no_secrets, run_train, small_run_args, train_env
+from runs import SECRETS, assert_no_secrets, run_main, run_train, small_run_args
 
 EVIL_YAML = "train: !!python/object/apply:os.system ['touch {marker}']\n"
 
 
 def slurm_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch/slurm.py", "--jobs-dir", str(tmp_path / "jobs"), "--dry-run", *args],
-                          cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=120)
+    """`python launch/slurm.py --dry-run ARGS`, run by this process."""
+    from launch.slurm import main
+
+    return run_main(main, ["--jobs-dir", tmp_path / "jobs", "--dry-run", *args])
 
 
 def test_training_config_yaml_cannot_run_code(small_dataset, tmp_path):

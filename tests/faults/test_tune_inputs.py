@@ -48,6 +48,7 @@ def a_file(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_storage_path_under_a_regular_file_is_refused_before_ray_starts(tmp_path, a_file):
     before = _files(tmp_path)
     run = search(tmp_path, "--storage-path", str(a_file / "tune"), "--name", "x", process=True)
