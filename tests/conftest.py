@@ -29,8 +29,7 @@ SHARED_FIXTURES = {
     "slurm": "the Slurm cluster (the munged it may start is stopped with it: one cluster at a time)",
     "cluster": "the 2-node Ray cluster of tests/test_tune_cluster.py",
     "trained_run": "the retrieval model trained on the default synthetic set",
-    "straight_run": "tests/test_train.py's reference run",
-    "reference": "tests/faults/test_checkpoints.py's reference run",
+    "small_run": "the small test run",
     "uninterrupted": "the uninterrupted 2-rank run of the rank-failure tests",
     "corpus": "a converted corpus (pre-training; the conversion-resume tests)",
     "installed": "the built wheel in a venv of its own",
@@ -68,6 +67,18 @@ def small_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "small"
     shards.build_synthetic(out, SMALL, max_samples=SMALL_SHARD_SAMPLES, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_run(small_dataset, tmp_path_factory):
+    """Run directory of `small_run_args` trained straight through (2 epochs of 8 steps), in this
+    process: what resumed, killed or damaged runs are compared with (treat as read-only; copy it
+    to change it)."""
+    from runs import run_train, small_run_args
+
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"])
+    return run_dir
 
 
 @pytest.fixture(scope="session")

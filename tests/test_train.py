@@ -25,15 +25,8 @@ def final_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
 
 
-@pytest.fixture(scope="module")
-def straight_run(small_dataset, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "straight"
-    run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"])
-    return run_dir
-
-
-def test_run_writes_results_logs_and_checkpoints(straight_run):
-    results = json.loads((straight_run / "results.json").read_text())
+def test_run_writes_results_logs_and_checkpoints(small_run):
+    results = json.loads((small_run / "results.json").read_text())
     assert set(results["test"]) == set(results["val"]) == {"global", "grab", "fused"}
     assert results["test_chance_R1"] == 100 / 8 and results["test_counts"]["queries"] == 32
     # Both GRAB selections were evaluated on val (MARS at p_end, the reference code's last layer at
@@ -42,44 +35,44 @@ def test_run_writes_results_logs_and_checkpoints(straight_run):
     assert set(candidates) == {"train", "last_layer@0.4"} and candidates["train"] != candidates["last_layer@0.4"]
     best = max(candidates, key=lambda s: (candidates[s]["R1"], candidates[s]["mAP"]))
     assert results["selection"] == best and results["fusion_weight"] == candidates[best]["fusion_weight"]
-    assert torch.load(straight_run / "model.pt", weights_only=True)["selection"] == best
-    assert all(set(e.candidates) == set(candidates) for e in RunDir(straight_run).evals("val"))
+    assert torch.load(small_run / "model.pt", weights_only=True)["selection"] == best
+    assert all(set(e.candidates) == set(candidates) for e in RunDir(small_run).evals("val"))
     assert 0 <= results["fusion_weight"] <= 1 and results["best_epoch"] in (1, 2)
-    records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (small_run / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["type"] for r in records]
     assert kinds.count("train") == 2 * STEPS_PER_EPOCH // 2 and kinds.count("eval") == 2 and kinds.count("test") == 1
     assert all("tal_grab_loss" in r and "lr" in r for r in records if r["type"] == "train")
-    assert (straight_run / "config.yaml").exists() and (straight_run / "tensorboard").is_dir()
-    ds = json.loads((straight_run / "deepspeed_config.json").read_text())
+    assert (small_run / "config.yaml").exists() and (small_run / "tensorboard").is_dir()
+    ds = json.loads((small_run / "deepspeed_config.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["train_batch_size"] == 16
-    assert "val R@1" in (straight_run / "train.log").read_text()
-    tags = sorted(p.name for p in (straight_run / "checkpoints").glob("step*"))
+    assert "val R@1" in (small_run / "train.log").read_text()
+    tags = sorted(p.name for p in (small_run / "checkpoints").glob("step*"))
     assert tags == [tag_for(STEPS_PER_EPOCH), tag_for(2 * STEPS_PER_EPOCH)]
-    assert all((straight_run / "checkpoints" / t / "COMPLETE").exists() for t in tags)
+    assert all((small_run / "checkpoints" / t / "COMPLETE").exists() for t in tags)
 
 
-def test_one_epoch_then_resume_equals_two_epochs_straight(straight_run, small_dataset, tmp_path):
+def test_one_epoch_then_resume_equals_two_epochs_straight(small_run, small_dataset, tmp_path):
     run_dir = tmp_path / "resumed"
     args = small_run_args(small_dataset) + [f"run_dir={run_dir}"]
     run_train(args + [f"train.max_steps={STEPS_PER_EPOCH}"])
     assert latest_tag(run_dir / "checkpoints") == tag_for(STEPS_PER_EPOCH)
     run_train(args + ["train.resume=latest"])
-    a, b = final_weights(straight_run), final_weights(run_dir)
+    a, b = final_weights(small_run), final_weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_mid_epoch_resume_continues_exactly(straight_run, small_dataset, tmp_path):
+def test_mid_epoch_resume_continues_exactly(small_run, small_dataset, tmp_path):
     run_dir = tmp_path / "mid"
     args = small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.checkpoint_every=3"]
     run_train(args + ["train.max_steps=3"])
     run_train(args + ["train.resume=latest"])
-    a, b = final_weights(straight_run), final_weights(run_dir)
+    a, b = final_weights(small_run), final_weights(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_exported_model_reproduces_the_test_metrics_without_deepspeed(straight_run):
-    results = json.loads((straight_run / "results.json").read_text())
-    model, cfg, a = load_exported(straight_run / "model.pt")
+def test_exported_model_reproduces_the_test_metrics_without_deepspeed(small_run):
+    results = json.loads((small_run / "results.json").read_text())
+    model, cfg, a = load_exported(small_run / "model.pt")
     assert a == results["fusion_weight"] and model.selection == results["selection"]
     metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"),
                        selections=(model.selection,)).selections[model.selection]
@@ -89,21 +82,21 @@ def test_exported_model_reproduces_the_test_metrics_without_deepspeed(straight_r
             assert metrics[key][name] == value, (branch, name)
 
 
-def test_safetensors_and_config_json_load_to_the_same_model(straight_run):
+def test_safetensors_and_config_json_load_to_the_same_model(small_run):
     from safetensors.torch import load_file
 
-    pt, cfg_pt, a_pt = load_exported(straight_run / "model.pt")
-    st, cfg_st, a_st = load_exported(straight_run / "model.safetensors")
+    pt, cfg_pt, a_pt = load_exported(small_run / "model.pt")
+    st, cfg_st, a_st = load_exported(small_run / "model.safetensors")
     assert (cfg_st, a_st, st.selection) == (cfg_pt, a_pt, pt.selection)
-    assert set(load_file(straight_run / "model.safetensors")) == set(pt.state_dict())
+    assert set(load_file(small_run / "model.safetensors")) == set(pt.state_dict())
     assert all(torch.equal(x, y) for x, y in zip(pt.state_dict().values(), st.state_dict().values()))
     images = torch.randn(2, 3, 48, 16)
     assert all(torch.equal(x, y) for x, y in zip(pt.encode_image(images), st.encode_image(images)))
-    assert load_exported(straight_run)[2] == a_pt  # (the run directory: its model.safetensors)
+    assert load_exported(small_run)[2] == a_pt  # (the run directory: its model.safetensors)
 
 
 @pytest.mark.slow
-def test_two_ranks_reach_the_same_metrics_as_one(straight_run, small_dataset, tmp_path):
+def test_two_ranks_reach_the_same_metrics_as_one(small_run, small_dataset, tmp_path):
     run_dir = tmp_path / "two"
     launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
     run = run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"], launcher=launcher)
@@ -116,9 +109,9 @@ def test_two_ranks_reach_the_same_metrics_as_one(straight_run, small_dataset, tm
     def losses(run):
         return [r["loss"] for r in RunDir(run).records("train")]
     half = STEPS_PER_EPOCH // 2  # (logged every 2 steps)
-    assert losses(run_dir)[:half] == pytest.approx(losses(straight_run)[:half], rel=1e-4)
-    assert losses(run_dir) == pytest.approx(losses(straight_run), rel=1e-2)
-    one = json.loads((straight_run / "results.json").read_text())
+    assert losses(run_dir)[:half] == pytest.approx(losses(small_run)[:half], rel=1e-4)
+    assert losses(run_dir) == pytest.approx(losses(small_run), rel=1e-2)
+    one = json.loads((small_run / "results.json").read_text())
     two = json.loads((run_dir / "results.json").read_text())
     for split in ("val", "test"):
         for branch in one[split]:
@@ -126,8 +119,8 @@ def test_two_ranks_reach_the_same_metrics_as_one(straight_run, small_dataset, tm
                 assert two[split][branch][name] == pytest.approx(value, abs=100 / 32 + 1e-6), (split, branch, name)
 
 
-def test_existing_run_needs_resume(straight_run, small_dataset):
-    run = run_train([*small_run_args(small_dataset), f"run_dir={straight_run}"], check=False)
+def test_existing_run_needs_resume(small_run, small_dataset):
+    run = run_train([*small_run_args(small_dataset), f"run_dir={small_run}"], check=False)
     assert run.returncode == 2 and "already holds checkpoints; pass train.resume=latest" in run.stderr
 
 

@@ -58,15 +58,8 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.fixture(scope="module")
-def reference(small_dataset, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ckpt") / "reference"
-    run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"])
-    return run_dir
-
-
 @pytest.mark.slow
-def test_kill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_uses_it(small_dataset, reference, tmp_path):
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_uses_it(small_dataset, small_run, tmp_path):
     run_dir = tmp_path / "run"
     args = small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.checkpoint_every=2"]
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "step00000004", *args], cwd=REPO,
@@ -85,22 +78,22 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_uses_
     # The partial folder was replaced by a complete checkpoint of the same step, and the run ends
     # where an uninterrupted one does (exact resume: float noise only).
     assert (ckpts / "step00000004").exists() is False or (ckpts / "step00000004" / "COMPLETE").exists()
-    want, got = (json.loads((r / "results.json").read_text()) for r in (reference, run_dir))
+    want, got = (json.loads((r / "results.json").read_text()) for r in (small_run, run_dir))
     for branch, metrics in want["test"].items():
         for name, value in metrics.items():
             assert got["test"][branch][name] == pytest.approx(value, abs=1e-6), (branch, name)
 
 
-def test_every_file_a_run_writes_loads_with_weights_only(reference):
-    files = sorted(reference.rglob("*.pt"))
-    assert reference / "model.pt" in files and len(files) >= 3
+def test_every_file_a_run_writes_loads_with_weights_only(small_run):
+    files = sorted(small_run.rglob("*.pt"))
+    assert small_run / "model.pt" in files and len(files) >= 3
     for path in files:
         torch.load(path, weights_only=True)
 
 
-def test_checkpoint_holding_code_is_refused_at_resume(reference, tmp_path, small_dataset):
+def test_checkpoint_holding_code_is_refused_at_resume(small_run, tmp_path, small_dataset):
     run_dir = tmp_path / "run"
-    shutil.copytree(reference, run_dir)
+    shutil.copytree(small_run, run_dir)
     marker = tmp_path / "code-ran"
     tag = latest_tag(run_dir / "checkpoints")
     torch.save({"module": RunsCode(marker)}, run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt")
@@ -149,14 +142,14 @@ def test_torchscript_weights_load_without_unpickling(tmp_path):
 # ------------------------------------------------------------------------------ what a resume continues
 
 
-def _resumable_copy(reference, tmp_path) -> Path:
+def _resumable_copy(small_run, tmp_path) -> Path:
     run_dir = tmp_path / "run"
-    shutil.copytree(reference, run_dir)
+    shutil.copytree(small_run, run_dir)
     return run_dir
 
 
-def test_a_model_of_another_shape_is_refused_before_anything_is_written(reference, tmp_path, small_dataset):
-    run_dir = _resumable_copy(reference, tmp_path)
+def test_a_model_of_another_shape_is_refused_before_anything_is_written(small_run, tmp_path, small_dataset):
+    run_dir = _resumable_copy(small_run, tmp_path)
     before = (run_dir / "config.yaml").read_bytes()
     run = run_train(small_run_args(small_dataset, f"run_dir={run_dir}", "train.resume=latest", "model.grab_dim=64"),
                     check=False)
@@ -165,20 +158,20 @@ def test_a_model_of_another_shape_is_refused_before_anything_is_written(referenc
     assert (run_dir / "config.yaml").read_bytes() == before  # the run is left as it was
 
 
-def test_a_resume_on_other_data_is_refused(reference, tmp_path, small_dataset):
+def test_a_resume_on_other_data_is_refused(small_run, tmp_path, small_dataset):
     import shards
     from runs import SMALL, SMALL_SHARD_SAMPLES
 
     other = tmp_path / "other"  # the same sizes and identity count, other images
     shards.build_synthetic(other, SMALL.__class__(**{**SMALL.__dict__, "seed": 5}), max_samples=SMALL_SHARD_SAMPLES,
                            progress=False)
-    run_dir = _resumable_copy(reference, tmp_path)
+    run_dir = _resumable_copy(small_run, tmp_path)
     run = run_train(small_run_args(other, f"run_dir={run_dir}", "train.resume=latest"), check=False)
     assert run.returncode == 2 and "was trained on other data than data.root" in run.stderr, run.stderr[-2000:]
 
 
-def test_a_latest_pointer_leaving_the_run_is_reported_and_not_followed(reference, tmp_path, caplog):
-    run_dir = _resumable_copy(reference, tmp_path)
+def test_a_latest_pointer_leaving_the_run_is_reported_and_not_followed(small_run, tmp_path, caplog):
+    run_dir = _resumable_copy(small_run, tmp_path)
     (tmp_path / "step99999999").mkdir()
     (tmp_path / "step99999999" / "COMPLETE").write_text("")
     latest = run_dir / "checkpoints" / "latest"
@@ -192,16 +185,16 @@ def test_a_latest_pointer_leaving_the_run_is_reported_and_not_followed(reference
     assert caplog.text.count("ignored; taking the newest complete one (step00000016)") == 2
 
 
-def test_a_truncated_file_in_a_complete_checkpoint_names_it_and_the_previous_checkpoint(reference, tmp_path,
+def test_a_truncated_file_in_a_complete_checkpoint_names_it_and_the_previous_checkpoint(small_run, tmp_path,
                                                                                         small_dataset):
-    run_dir = _resumable_copy(reference, tmp_path)
+    run_dir = _resumable_copy(small_run, tmp_path)
     damaged = run_dir / "checkpoints" / tag_for(16) / "mp_rank_00_model_states.pt"
     size = damaged.stat().st_size
     with open(damaged, "r+b") as f:
         f.truncate(size // 3)
     run = run_train(small_run_args(small_dataset, f"run_dir={run_dir}", "train.resume=latest"), check=False)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
-    assert f"mp_rank_00_model_states.pt" in run.stderr and ("cannot be read" in run.stderr or
+    assert "mp_rank_00_model_states.pt" in run.stderr and ("cannot be read" in run.stderr or
                                                               f"of its {size} bytes" in run.stderr)
     previous = run_dir / "checkpoints" / tag_for(8)
     assert f"continue from the previous complete checkpoint with train.resume={previous}" in run.stderr
