@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -102,6 +103,17 @@ def skip_shm_all_reduce(deepspeed) -> None:
     inference, which training never uses: a ~60 s compile on first use, and a 66 MiB /dev/shm
     segment per rank that is never removed (a leak of RAM on every node, every run). Turn it off."""
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def restore_torch_linear() -> None:
+    """Under ZeRO-3 DeepSpeed replaces torch.nn.functional.linear for the whole process ("this will
+    persist unless manually reset"): put torch's back when a run ends, so that whatever runs next in
+    this process (another train(), a Tune trial in a reused worker, torch.jit.script of a model) gets
+    torch's own."""
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    original = getattr(getattr(zero, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
 
 
 def build_engine(model, cfg: Config, ds_config: dict, steps_per_epoch: int):

@@ -24,7 +24,8 @@ from itself.checkpoint import Checkpointer, TrainState
 from itself.config import Config, ConfigError, config_yaml, describe, to_dict
 from itself.data import ensure_dataset, train_loader
 from itself.dist import Process, start
-from itself.engine import build_engine, checkpoint_bytes, deepspeed_config, resolve_precision, skip_shm_all_reduce
+from itself.engine import (build_engine, checkpoint_bytes, deepspeed_config, resolve_precision, restore_torch_linear,
+                           skip_shm_all_reduce)
 from itself.errors import UserError
 from itself.losses import total_loss
 from itself.meter import StepMeter, progress_bar, show_rate
@@ -62,6 +63,7 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> Results
             discard_empty_run(run)
         raise
     finally:
+        restore_torch_linear()
         if lock is not None:
             lock.release()
     log.close()

@@ -42,13 +42,16 @@ share an xdist group, hence one worker, which builds it once (`-n 0` runs everyt
 @pytest.hookimpl(tryfirst=True)  # (before xdist reads the groups)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        parameters = getattr(getattr(item, "callspec", None), "params", {})  # (a parameter may share a name)
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames and name not in parameters]
         if shared:
             item.add_marker(pytest.mark.xdist_group(shared[0]))
     if hasattr(config, "workerinput"):
-        # Workers are handed tests in this order: the long ones first, so that no single search or
-        # multi-node job starts last and runs on while the other workers idle.
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        # xdist hands out the groups first (the largest first), then single tests in this order: the
+        # slow ones first, so that no search or multi-node job starts last and runs on while the
+        # other workers idle. Grouped tests keep their order (a module's fixtures are built once).
+        items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None
+                   and item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

@@ -119,8 +119,9 @@ def test_two_ranks_reach_the_same_metrics_as_one(small_run, small_dataset, tmp_p
                 assert two[split][branch][name] == pytest.approx(value, abs=100 / 32 + 1e-6), (split, branch, name)
 
 
-def test_existing_run_needs_resume(small_run, small_dataset):
-    run = run_train([*small_run_args(small_dataset), f"run_dir={small_run}"], check=False)
+def test_existing_run_needs_resume(small_run, small_dataset, tmp_path):
+    shutil.copytree(small_run, tmp_path / "run")  # (a refused run still opens its logs: not in the shared one)
+    run = run_train([*small_run_args(small_dataset), f"run_dir={tmp_path / 'run'}"], check=False)
     assert run.returncode == 2 and "already holds checkpoints; pass train.resume=latest" in run.stderr
 
 
@@ -143,6 +144,9 @@ def test_zero_stages_train_and_export(small_dataset, tmp_path, stage):
     run_dir = tmp_path / stage
     run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.epochs=1", f"train.deepspeed={stage}"])
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == int(stage[-1])
+    # ZeRO-3 swaps torch's linear for its own in the whole process; the run puts torch's back (a
+    # TorchScript export or another run in this process failed on DeepSpeed's).
+    assert torch.nn.functional.linear is torch._C._nn.linear
     results = json.loads((run_dir / "results.json").read_text())
     model, cfg, a = load_exported(run_dir / "model.pt")  # ZeRO-3 partitions are gathered for the export
     metrics = evaluate(model, cfg, "test", rank=0, world=1, device=torch.device("cpu"),

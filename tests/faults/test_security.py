@@ -6,6 +6,7 @@ and annotation paths: test_data_faults.py, tests/test_converters.py.)"""
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -63,8 +64,10 @@ def test_slurm_values_with_shell_syntax_are_quoted_in_the_batch_script(tmp_path)
     assert "#SBATCH --constraint='a100|h100'" in run.stdout
 
 
+@pytest.mark.slow
 def test_run_folder_holds_no_credentials_from_the_environment(small_dataset, tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.epochs=1"], **SECRETS)
+    run_dir = tmp_path / "run"  # (a process of its own: the credentials are there from its first import on)
+    run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}", "train.epochs=1"], launcher=[sys.executable],
+              **SECRETS)
     assert (run_dir / "model.pt").exists() and (run_dir / "checkpoints").is_dir()
     assert_no_secrets(run_dir)
