@@ -25,6 +25,16 @@ def pytest_sessionstart(session):
         compileall.compile_dir(REPO / package, quiet=1)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core for the fast subset (its tests compute in their own process), one
+    more for a run with the slow tests, which spend much of their time waiting on the Slurm jobs,
+    Ray clusters and ranks they started (measured on 2 cores: see the README)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    return cores if "not slow" in (config.getoption("markexpr") or "") else cores + 1
+
+
 SHARED_FIXTURES = {
     "slurm": "the Slurm cluster (the munged it may start is stopped with it: one cluster at a time)",
     "cluster": "the 2-node Ray cluster of tests/test_tune_cluster.py",
@@ -34,6 +44,7 @@ SHARED_FIXTURES = {
     "corpus": "a converted corpus (pre-training; the conversion-resume tests)",
     "installed": "the built wheel in a venv of its own",
     "one_rank_index": "the small train split indexed by one rank",
+    "compiled_steps": "the training steps of a torch.compile'd model (inductor compiles for minutes here)",
 }
 """Fixtures built once per module or session that cost seconds to minutes: the tests that use one
 share an xdist group, hence one worker, which builds it once (`-n 0` runs everything in one process)."""

@@ -59,20 +59,12 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_step():
                            checkpointed.encode_images(_batch()["images"])[1]["train"])
 
 
-@pytest.mark.slow
-def test_a_compiled_step_gives_the_loss_and_gradients_of_eager():
-    # Stated tolerance: 1e-4 relative (inductor fuses and reorders float operations on CPU).
-    eager, compiled = _model(), copy.deepcopy(_model())
-    compiled.speed_options(compile=True)
-    _assert_same_step(_step(eager), _step(compiled), rtol=1e-4, atol=1e-5)
-    _assert_same_step(_step(eager), _step(compiled), rtol=1e-4, atol=1e-5)  # (a second step: no recompile needed)
-
-
-@pytest.mark.slow
-def test_compiled_steps_through_the_ats_schedule_equal_eager_and_compile_each_tower_once():
-    # ATS over 4 steps: k (image, text) is (7, 45), (6, 42), (6, 40), (6, 37) at steps 1-4. The compiled
-    # towers take whole token sequences and the selection of k tokens runs after them, so a new k is no
-    # new shape for a compiled graph: each tower compiles once for training, once for no_grad encoding.
+@pytest.fixture(scope="module")
+def compiled_steps():
+    """Five training steps of an eager model and of a torch.compile'd copy through an ATS schedule over
+    4 steps, compiled once for both tests below (inductor's compilation is minutes on 2 cores):
+    {"steps": [(eager step, compiled step)], "frames": compiled frames after each step, "graph_breaks",
+    "encoded": [(compiled, eager) no_grad image and text encodings], "frames_after_encoding"}."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -83,17 +75,39 @@ def test_compiled_steps_through_the_ats_schedule_equal_eager_and_compile_each_to
     eager = ITSELF(cfg, num_ids=4, image_size=(48, 16))
     compiled = copy.deepcopy(eager)
     compiled.speed_options(compile=True)
-    ks = []
+    steps, frames = [], []
     for t in range(1, 6):
-        a, b = _step(eager, t), _step(compiled, t)
-        _assert_same_step(a, b, rtol=1e-4, atol=1e-5)
-        ks.append((a[0]["k_image"], a[0]["k_text"]))
-    assert ks == [(7, 45), (6, 42), (6, 40), (6, 37), (6, 37)]
-    assert counters["frames"]["ok"] == 2 and not counters["graph_break"]  # one compilation per tower
+        steps.append((_step(eager, t), _step(compiled, t)))
+        frames.append(counters["frames"]["ok"])
+    graph_breaks = dict(counters["graph_break"])
     with torch.no_grad():
         images, tokens = _batch()["images"], _batch()["tokens"]
-        torch.testing.assert_close(compiled.encode_images(images)[1]["train"], eager.encode_images(images)[1]["train"],
-                                   rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(compiled.encode_texts(tokens)[1]["train"], eager.encode_texts(tokens)[1]["train"],
-                                   rtol=1e-4, atol=1e-5)
-    assert counters["frames"]["ok"] == 4
+        encoded = [(compiled.encode_images(images)[1]["train"], eager.encode_images(images)[1]["train"]),
+                   (compiled.encode_texts(tokens)[1]["train"], eager.encode_texts(tokens)[1]["train"])]
+    return {"steps": steps, "frames": frames, "graph_breaks": graph_breaks, "encoded": encoded,
+            "frames_after_encoding": counters["frames"]["ok"]}
+
+
+@pytest.mark.slow
+def test_a_compiled_step_gives_the_loss_and_gradients_of_eager(compiled_steps):
+    # Stated tolerance: 1e-4 relative (inductor fuses and reorders float operations on CPU).
+    (first_eager, first_compiled), (second_eager, second_compiled) = compiled_steps["steps"][:2]
+    _assert_same_step(first_eager, first_compiled, rtol=1e-4, atol=1e-5)
+    _assert_same_step(second_eager, second_compiled, rtol=1e-4, atol=1e-5)
+    assert compiled_steps["frames"][:2] == [2, 2]  # (the second step needed no new compilation)
+
+
+@pytest.mark.slow
+def test_compiled_steps_through_the_ats_schedule_equal_eager_and_compile_each_tower_once(compiled_steps):
+    # ATS over 4 steps: k (image, text) is (7, 45), (6, 42), (6, 40), (6, 37) at steps 1-4. The compiled
+    # towers take whole token sequences and the selection of k tokens runs after them, so a new k is no
+    # new shape for a compiled graph: each tower compiles once for training, once for no_grad encoding.
+    ks = []
+    for eager, compiled in compiled_steps["steps"]:
+        _assert_same_step(eager, compiled, rtol=1e-4, atol=1e-5)
+        ks.append((eager[0]["k_image"], eager[0]["k_text"]))
+    assert ks == [(7, 45), (6, 42), (6, 40), (6, 37), (6, 37)]
+    assert compiled_steps["frames"] == [2] * 5 and not compiled_steps["graph_breaks"]  # one compilation per tower
+    for compiled, eager in compiled_steps["encoded"]:
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert compiled_steps["frames_after_encoding"] == 4

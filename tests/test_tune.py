@@ -17,7 +17,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from itself.presets import resolve_config
-from runs import REPO, SECRETS, STEPS_PER_EPOCH, assert_no_secrets, run_main, small_run_args, train_env
+from runs import REPO, SECRETS, STEPS_PER_EPOCH, assert_no_secrets, run_main, run_train, small_run_args, train_env
 from tune import rungs
 from tune.search import best_configs
 from tune.settings import SHORT_SCHEDULE, SearchSettings, short_schedule
@@ -145,10 +145,7 @@ def test_default_search_decides_after_the_signal_with_seed_means(small_dataset, 
     assert (exp / "val_R1_vs_params.png").stat().st_size > 1000
     best = yaml.safe_load((exp / "best_config.yaml").read_text())
     assert best["model"]["p_start"] == pytest.approx(table["p_start"].iloc[0])
-    trained = subprocess.run([sys.executable, "itself/train.py", "--config", str(exp / "best_config.yaml"),
-                              "train.epochs=1", f"run_dir={tmp_path / 'best_run'}"], cwd=REPO, env=train_env(),
-                             capture_output=True, text=True, timeout=600)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_train(["--config", str(exp / "best_config.yaml"), "train.epochs=1", f"run_dir={tmp_path / 'best_run'}"])
     assert (tmp_path / "best_run" / "results.json").exists()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from itself.checkpoint import tag_for
+from itself.filenames import tag_for
 from itself.rundir import RunDir
 from runs import REPO, STEPS_PER_EPOCH, small_run_args, train_env, wait_until
 
@@ -124,6 +124,7 @@ class RayNodes:
 
 @pytest.fixture(scope="module")
 def cluster():
+    """One 2-node cluster for this module's tests, in their order: the last kills its worker node."""
     with RayNodes() as nodes:
         yield nodes
 
@@ -173,48 +174,9 @@ def test_trials_run_on_both_nodes_and_come_back_with_their_node(cluster, small_d
     assert (table["failures"] == 0).all()
 
 
-def test_a_trial_whose_node_dies_is_retried_from_its_checkpoint(small_dataset, tmp_path):
-    epochs = 6  # room to kill the node mid-run once Tune has a report (and its checkpoint) from it
-    with RayNodes() as nodes:
-        ids = nodes.node_ids()
-        exp = tmp_path / "die"
-        proc = _search(nodes, tmp_path, "--name", "die", "--num-samples", "2", "--max-failures", "2",
-                       *small_run_args(small_dataset, f"train.epochs={epochs}"))
-        try:
-            wait_until(lambda: _still_running(proc) and nodes.trial_dir("w", exp), 600,
-                       "a trial training on the worker node")
-            victim = nodes.trial_dir("w", exp)
-            wait_until(lambda: _still_running(proc) and victim.name in _reports(exp) and _reports(exp)[victim.name],
-                       600, "Tune to record its first report")
-            nodes.kill("w")  # the node dies with its trial running
-            out = _finish(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    table = pd.read_parquet(exp / "results.parquet")
-    assert len(table) == 2 and (table["evaluations"] == epochs).all() and (table["error"] == "").all(), out[-3000:]
-    moved = table[table["failures"] > 0]
-    assert len(moved) == 1 and _ran_on(moved, ids) == [["w", "head"]]
-    assert "(retried)" in moved["failure"].iloc[0]
-    trial_id = moved["trial_id"].iloc[0]
-    assert victim.name.startswith(f"run_trial_{trial_id}_")
-    assert f"trial {trial_id} failed on " in out and "retrying from its last checkpoint" in out
-    (failure,) = [json.loads(line) for line in (exp / "failures.jsonl").read_text().splitlines()]
-    assert failure["trial_id"] == trial_id and failure["retried"] and failure["after_evaluation"] >= 1, failure
-    reports = _reports(exp)[victim.name]
-    assert [r["epoch"] for r in reports] == list(range(1, epochs + 1)), "an evaluation was lost or repeated"
-    first = [r for r in reports if r["attempt"] == 1]  # (a report in flight when the node died may still count)
-    assert 1 <= len(first) < epochs and {r["node_id"] for r in first} == {ids["w"]}
-    assert {r["node_id"] for r in reports[len(first):]} == {ids["head"]}
-    (resumed,) = [line for line in (victim / "attempt2" / "seed0" / "train.log").read_text().splitlines()
-                  if "resumed from" in line]
-    checkpoint = victim / "attempt2" / "seed0" / "checkpoints" / tag_for(len(first) * STEPS_PER_EPOCH)
-    assert f"resumed from {checkpoint}:" in resumed, "not from the checkpoint of its last recorded evaluation"
-
-
 def test_a_killed_driver_resumes_with_its_finished_trials_kept(cluster, small_dataset, tmp_path):
     exp = tmp_path / "r"
-    args = ["--name", "r", "--num-samples", "4", "--searcher", "random",
+    args = ["--name", "r", "--num-samples", "3", "--searcher", "random",
             *small_run_args(small_dataset, "train.epochs=2")]
     proc = _search(cluster, tmp_path, *args)
 
@@ -236,10 +198,50 @@ def test_a_killed_driver_resumes_with_its_finished_trials_kept(cluster, small_da
     assert f"resuming: {exp}" in out
     table = pd.read_csv(exp / "results.csv")
     # (2 epochs: the derived first rung is the last evaluation, so ASHA stops nobody)
-    assert len(table) == 4 and (table["evaluations"] == 2).all() and table["val_R1_mean"].notna().all()
+    assert len(table) == 3 and (table["evaluations"] == 2).all() and table["val_R1_mean"].notna().all()
     after = _reports(exp)
     for trial, reports in done.items():
         # (Tune may report an evaluation again that it had logged but not yet saved: never a new one)
         assert sorted({r["epoch"] for r in after[trial]}) == [r["epoch"] for r in reports], trial
         for attempt in sorted((exp / trial).glob("attempt*"))[1:]:  # its run had ended: no process again
             assert not (attempt / "seed0").exists() and not (attempt / "seed0.log").exists(), f"{trial} ran again"
+
+
+def test_a_trial_whose_node_dies_is_retried_from_its_checkpoint(cluster, small_dataset, tmp_path):
+    # (The last test of this module: it kills the cluster's worker node.)
+    epochs = 4  # room to kill the node mid-run once Tune has a report (and its checkpoint) from it
+    ids = cluster.node_ids()
+    assert set(ids) == {"head", "w"}, ids
+    exp = tmp_path / "die"
+    proc = _search(cluster, tmp_path, "--name", "die", "--num-samples", "2", "--max-failures", "2",
+                   *small_run_args(small_dataset, f"train.epochs={epochs}"))
+    try:
+        wait_until(lambda: _still_running(proc) and cluster.trial_dir("w", exp), 600,
+                   "a trial training on the worker node")
+        victim = cluster.trial_dir("w", exp)
+        wait_until(lambda: _still_running(proc) and victim.name in _reports(exp) and _reports(exp)[victim.name],
+                   600, "Tune to record its first report")
+        cluster.kill("w")  # the node dies with its trial running
+        out = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    table = pd.read_parquet(exp / "results.parquet")
+    assert len(table) == 2 and (table["evaluations"] == epochs).all() and (table["error"] == "").all(), out[-3000:]
+    moved = table[table["failures"] > 0]
+    assert len(moved) == 1 and _ran_on(moved, ids) == [["w", "head"]]
+    assert "(retried)" in moved["failure"].iloc[0]
+    trial_id = moved["trial_id"].iloc[0]
+    assert victim.name.startswith(f"run_trial_{trial_id}_")
+    assert f"trial {trial_id} failed on " in out and "retrying from its last checkpoint" in out
+    (failure,) = [json.loads(line) for line in (exp / "failures.jsonl").read_text().splitlines()]
+    assert failure["trial_id"] == trial_id and failure["retried"] and failure["after_evaluation"] >= 1, failure
+    reports = _reports(exp)[victim.name]
+    assert [r["epoch"] for r in reports] == list(range(1, epochs + 1)), "an evaluation was lost or repeated"
+    first = [r for r in reports if r["attempt"] == 1]  # (a report in flight when the node died may still count)
+    assert 1 <= len(first) < epochs and {r["node_id"] for r in first} == {ids["w"]}
+    assert {r["node_id"] for r in reports[len(first):]} == {ids["head"]}
+    (resumed,) = [line for line in (victim / "attempt2" / "seed0" / "train.log").read_text().splitlines()
+                  if "resumed from" in line]
+    checkpoint = victim / "attempt2" / "seed0" / "checkpoints" / tag_for(len(first) * STEPS_PER_EPOCH)
+    assert f"resumed from {checkpoint}:" in resumed, "not from the checkpoint of its last recorded evaluation"
