@@ -3,35 +3,16 @@ parameter groups and the learning-rate schedule."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-from .config import DEEPSPEED_CONFIGS, Config, ConfigError, read_config_text
+from .config import Config, deepspeed_file
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if name == "auto" else name
-
-
-def deepspeed_file(deepspeed: str) -> dict:
-    """The cluster file `train.deepspeed` names (a name in cluster_configs/deepspeed/, or a .json
-    path): a ConfigError naming it when it is missing, unreadable or not a JSON object. Launchers
-    call it before submitting, so a bad file is found on the login node."""
-    path = Path(deepspeed) if deepspeed.endswith(".json") else DEEPSPEED_CONFIGS / f"{deepspeed}.json"
-    if not path.exists():  # (names are checked by Config.validate; a path may be missing)
-        raise ConfigError(f"train.deepspeed: {path} not found")
-    try:
-        ds = json.loads(read_config_text(path, "train.deepspeed"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"train.deepspeed: {path} is not valid JSON ({e}); fix it, or use one of "
-                          f"cluster_configs/deepspeed/ (zero0 .. zero3)") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object (DeepSpeed config keys)")
-    return ds
 
 
 def deepspeed_config(cfg: Config, world_size: int, precision: str, device: torch.device) -> dict:

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from .config import Config
 from .data import ensure_dataset, eval_loaders
-from .metrics import best_fusion, fused_metrics
+from .fusion import best_fusion
+from .metrics import fused_metrics
 from .model.itself import TRAIN, last_layer_selection
 from .records import Counts, EvalRecord, Evaluation
 
@@ -122,8 +123,3 @@ def choose(evaluation: Evaluation, split: str, epoch: int, step: int, metric: st
                                           -list(candidates).index(s)))
     return EvalRecord(split, epoch, step, candidates[best]["fusion_weight"], evaluation.selections[best], best,
                       candidates, dataclasses.asdict(evaluation.counts))
-
-
-def chance_r1(info: dict, split: str) -> float:
-    """R@1 of a random ranking: the share of the gallery that matches a query, about 1 / identities."""
-    return 100.0 / info["splits"][split]["identities"]

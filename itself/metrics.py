@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .fusion import fused_key
+
 KS = (1, 5, 10)
 BLOCK_BYTES = 256 << 20
 """Default working memory of the blocked ranking (eval.block_mb sets it for training runs)."""
@@ -268,32 +270,3 @@ def fused_metrics(query: dict, gallery: dict, weights: Iterable[float], block_by
         if a in weights:
             out[fused_key(a)] = out[same]
     return out
-
-
-# The results of `fused_metrics` name the fused rows `fused@<a>`: these are the only places that
-# build or read that name.
-
-
-def fused_key(a: float) -> str:
-    """The results key of the fused similarity with weight a."""
-    return f"fused@{float(a):g}"
-
-
-def fused_rows(results: dict) -> dict[float, dict]:
-    """{a: metrics} of every fused row of `fused_metrics` results."""
-    return {float(k.split("@", 1)[1]): v for k, v in results.items() if k.startswith("fused@")}
-
-
-def fused_at(results: dict, a: float) -> dict:
-    """The metrics of the fused similarity with weight a (the global ones when there is no GRAB branch)."""
-    return results.get(fused_key(a), results["global"])
-
-
-def best_fusion(results: dict, metric: str = "R1") -> tuple[float, dict]:
-    """(a, metrics) of the fused weight with the highest `metric` (ties: higher mAP, then larger a);
-    (1.0, global) without a GRAB branch."""
-    fused = fused_rows(results)
-    if not fused:
-        return 1.0, results["global"]
-    a = max(fused, key=lambda w: (fused[w][metric], fused[w]["mAP"], w))
-    return a, fused[a]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .checkpoint import TrainState, full_state_dict
 from .config import Config, to_dict
-from .evaluate import chance_r1, choose, evaluate
+from .evaluate import choose, evaluate
+from .fusion import chance_r1
 from .panels import pick, retrieval_panels
 from .records import EvalRecord, Results, branches
 from .rundir import RunDir, RunLog

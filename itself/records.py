@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError
-from .metrics import fused_at
+from .fusion import fused_at
 
 
 def _from_dict(cls, values: dict):

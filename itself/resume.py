@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import COMPLETE, TrainState, dataset_fingerprint, incomplete_tags, saved_state, saved_world_size
+from .checkpoint import TrainState, dataset_fingerprint, saved_state, saved_world_size
+from .filenames import COMPLETE, incomplete_tags
 from .config import Config, ConfigError, to_dict
 from .rundir import RunDir
 

@@ -27,10 +27,9 @@ from pathlib import Path
 
 from shards.locking import FolderLock, LockBusy, LockUnavailable
 
-from . import checkpoint as ckpt
+from . import filenames
 from .errors import ConfigError
 from .logs import add_file, remove
-from .model import export
 from .paths import Folder
 from .records import EvalRecord, Results
 
@@ -53,7 +52,7 @@ class RunDir(Folder):
     TENSORBOARD = "tensorboard"
     CHECKPOINTS = "checkpoints"
     MODEL = "model.pt"
-    WEIGHTS, EXPORT_CONFIG = export.WEIGHTS, export.CONFIG  # (model.pt's companions: the export format's names)
+    WEIGHTS, EXPORT_CONFIG = filenames.WEIGHTS, filenames.EXPORT_CONFIG  # (model.pt's companions)
     RESULTS = Results.FILE
     WANDB = "wandb"
     LOCK = ".itself-run.lock"
@@ -70,12 +69,12 @@ class RunDir(Folder):
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint folder, or None."""
-        tag = ckpt.latest_tag(self.checkpoints)
+        tag = filenames.latest_tag(self.checkpoints)
         return self.checkpoints / tag if tag else None
 
     def best_checkpoint(self) -> Path | None:
         """The checkpoint chosen on val (the newest complete one when none was chosen yet)."""
-        tag = ckpt.read_pointer(self.checkpoints, "best")
+        tag = filenames.read_pointer(self.checkpoints, "best")
         return self.checkpoints / tag if tag else self.latest_checkpoint()
 
     def check_reuse(self, resume: str) -> None:
@@ -98,13 +97,13 @@ class RunDir(Folder):
                 raise ConfigError(f"train.resume=latest: no complete checkpoint in {self.checkpoints}")
             return found
         path = Path(resume)
-        if not ckpt.is_complete(path.parent, path.name):
+        if not filenames.is_complete(path.parent, path.name):
             raise ConfigError(f"train.resume: {path} is not a complete checkpoint directory")
         return path
 
     def remove_incomplete(self) -> list[str]:
         """Delete checkpoint folders a stopped run left half-written; returns their names."""
-        names = ckpt.incomplete_tags(self.checkpoints)
+        names = filenames.incomplete_tags(self.checkpoints)
         for name in names:
             shutil.rmtree(self.checkpoints / name, ignore_errors=True)
         return names

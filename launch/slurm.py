@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from itself import logs
-from itself.config import NAME, ConfigError, Config, config_yaml, to_dict
+from itself.config import NAME, ConfigError, Config, config_yaml, deepspeed_file, to_dict
 from itself.errors import UserError
 from itself.paths import check_can_create
 from itself.presets import PRESETS, resolve_config
@@ -242,8 +242,6 @@ def plan(args) -> tuple[Config, SlurmProfile, JobDir]:
     cfg = resolve_config(args.preset, args.config, args.overrides)
     profile = resolve_profile(args)
     cfg.validate(world_size=args.nodes * profile.ranks_per_node)
-    from itself.engine import deepspeed_file
-
     deepspeed_file(cfg.train.deepspeed)  # (read by every rank when the job starts: checked here)
     job = JobDir.new(args.jobs_dir, args.name or cfg.name)
     if cfg.run_dir:  # (a job resumes from any checkpoint it finds: continuing must be asked for)

@@ -13,7 +13,8 @@ import torch
 
 from itself.config import to_dict
 from itself.model import ITSELF
-from itself.model.export import CONFIG, WEIGHTS, Exported, export, load_exported
+from itself.filenames import EXPORT_CONFIG, WEIGHTS
+from itself.model.export import Exported, export, load_exported
 from itself.presets import resolve_config
 from runs import REPO, small_run_args, train_env
 
@@ -57,6 +58,6 @@ def test_the_three_files_get_the_umask_permissions(tmp_path, umask, mode):
     run = subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path)], cwd=REPO, env=train_env(PYTHONPATH=str(REPO)),
                          preexec_fn=lambda: os.umask(umask), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("model.pt", WEIGHTS, CONFIG)}
-    assert modes == {"model.pt": mode, WEIGHTS: mode, CONFIG: mode}
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("model.pt", WEIGHTS, EXPORT_CONFIG)}
+    assert modes == {"model.pt": mode, WEIGHTS: mode, EXPORT_CONFIG: mode}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(modes)  # (no temporary file left)

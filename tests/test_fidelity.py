@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from itself.config import ConfigError
 from itself.engine import param_groups
 from itself.evaluate import evaluate
-from itself.metrics import fused_key
+from itself.fusion import fused_key
 from itself.model import ITSELF
 from itself.model.export import load_exported
 from itself.presets import get_preset

@@ -12,7 +12,7 @@ import torch
 
 import shards
 
-from itself.checkpoint import latest_tag, tag_for
+from itself.filenames import latest_tag, tag_for
 from itself.config import TrainConfig
 from itself.dist import free_port
 from itself.engine import lr_factor

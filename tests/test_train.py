@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from itself.checkpoint import latest_tag, tag_for
+from itself.filenames import latest_tag, tag_for
 from itself.config import to_dict
 from itself.dist import free_port
 from itself.evaluate import evaluate
-from itself.metrics import fused_at, fused_key
+from itself.fusion import fused_at, fused_key
 from itself.model.export import load_exported
 from itself.presets import resolve_config
 from itself.rundir import RunDir

@@ -33,7 +33,7 @@ import copy
 import os
 
 from itself import logs
-from itself.config import Config, ConfigError, ModelConfig, apply_overrides, config_yaml, to_dict
+from itself.config import Config, ConfigError, ModelConfig, apply_overrides, config_yaml, deepspeed_file, to_dict
 from itself.errors import UserError
 from itself.paths import check_can_create
 from itself.presets import PRESETS, resolve_config
@@ -336,8 +336,6 @@ def prepare(args) -> tuple[ExperimentDir, Config, SearchSettings]:
     apply_overrides(searched, schedule)
     searched.validate(world_size=max(1, args.gpus_per_trial))
     from itself.data import ensure_dataset
-    from itself.engine import deepspeed_file
-
     deepspeed_file(base.train.deepspeed)  # (every trial reads it: a bad one is said once, here)
 
     info = ensure_dataset(base.data.root, base.data.build_synthetic)  # once here, not in every trial

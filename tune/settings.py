@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from itself.config import Config, ConfigError
-from itself.evaluate import chance_r1
+from itself.fusion import chance_r1
 from tune import rungs
 
 SHORT_SCHEDULE = ("train.epochs=8", "train.warmup_epochs=1", "model.t_small=3")

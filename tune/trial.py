@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from itself.checkpoint import COMPLETE, tag_for
+from itself.filenames import COMPLETE, tag_for
 from itself.config import Config, config_yaml, from_dict
 from itself.rundir import EvalRecord, RunDir
 from tune.folders import AttemptDir, TrialDir

@@ -10,8 +10,8 @@ trainer accept (selection strategies, ATS modes, architectures) but imports neit
 
 from ..errors import ConfigError
 from .data_section import DataConfig
-from .files import (apply_dict, apply_overrides, config_yaml, describe, field_docs, from_dict, load_yaml,
-                    read_config_text, set_value, to_dict)
+from .files import (apply_dict, apply_overrides, config_yaml, deepspeed_file, describe, field_docs, from_dict,
+                    load_yaml, read_config_text, set_value, to_dict)
 from .model_section import ModelConfig
 from .root import SECTIONS, Config
 from .train_section import EvalConfig, TrainConfig

@@ -4,13 +4,14 @@ field's documentation."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat
 from pathlib import Path
 
 from ..errors import ConfigError
 from .root import SECTIONS, Config
-from .values import MAX_ITEMS, short_repr
+from .values import DEEPSPEED_CONFIGS, MAX_ITEMS, short_repr
 
 
 def read_config_text(path: str | os.PathLike, what: str) -> str:
@@ -26,6 +27,23 @@ def read_config_text(path: str | os.PathLike, what: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def deepspeed_file(deepspeed: str) -> dict:
+    """The cluster file `train.deepspeed` names (a name in cluster_configs/deepspeed/, or a .json
+    path): a ConfigError naming it when it is missing, unreadable or not a JSON object. Launchers
+    call it before submitting, so a bad file is found on the login node."""
+    path = Path(deepspeed) if deepspeed.endswith(".json") else DEEPSPEED_CONFIGS / f"{deepspeed}.json"
+    if not path.exists():  # (names are checked by Config.validate; a path may be missing)
+        raise ConfigError(f"train.deepspeed: {path} not found")
+    try:
+        ds = json.loads(read_config_text(path, "train.deepspeed"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed: {path} is not valid JSON ({e}); fix it, or use one of "
+                          f"cluster_configs/deepspeed/ (zero0 .. zero3)") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object (DeepSpeed config keys)")
+    return ds
 
 
 def load_yaml(text: str, what: str):

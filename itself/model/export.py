@@ -19,13 +19,13 @@ from typing import NamedTuple
 
 import torch
 
+from .. import filenames
 from ..config import Config, from_dict
 from ..errors import UserError
 from ..safeio import safe_load, temp_beside, write_atomic
 from .itself import ITSELF, TRAIN
 
 FORMAT = "itself-model/1"
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 class Exported(NamedTuple):
@@ -58,8 +58,8 @@ def export(path: str | os.PathLike, state_dict: dict, config: dict, num_ids: int
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
         shutil.copymode(path, tmp)  # (safetensors makes its file 0600; model.pt has the umask's)
 
-    _write_replacing(path.with_name(WEIGHTS), weights)
-    write_atomic(path.with_name(CONFIG), json.dumps(meta, indent=2) + "\n")
+    _write_replacing(path.with_name(filenames.WEIGHTS), weights)
+    write_atomic(path.with_name(filenames.EXPORT_CONFIG), json.dumps(meta, indent=2) + "\n")
 
 
 def _write_replacing(path: Path, write) -> None:
@@ -78,13 +78,13 @@ def load_exported(path: str | os.PathLike, map_location="cpu") -> Exported:
     a model.safetensors with its config.json (or the folder holding them)."""
     path = Path(path)
     if path.is_dir():
-        path = path / WEIGHTS
+        path = path / filenames.WEIGHTS
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        if not (path.with_name(CONFIG)).exists():
-            raise UserError(f"{path}: no {CONFIG} beside it (written with the weights by itself/train.py)")
-        meta, state_dict = json.loads(path.with_name(CONFIG).read_text()), load_file(str(path), device=str(map_location))
+        if not (path.with_name(filenames.EXPORT_CONFIG)).exists():
+            raise UserError(f"{path}: no {filenames.EXPORT_CONFIG} beside it (written with the weights by itself/train.py)")
+        meta, state_dict = json.loads(path.with_name(filenames.EXPORT_CONFIG).read_text()), load_file(str(path), device=str(map_location))
     else:
         if not path.exists():
             raise UserError(f"{path}: no such model file (a run writes model.pt into its run directory)")
@@ -92,7 +92,7 @@ def load_exported(path: str | os.PathLike, map_location="cpu") -> Exported:
         state_dict = meta.get("state_dict") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or state_dict is None:
         raise UserError(f"{path}: not an exported ITSELF model (expected model.pt, or model.safetensors with "
-                        f"{CONFIG}, written by itself/train.py)")
+                        f"{filenames.EXPORT_CONFIG}, written by itself/train.py)")
     cfg = from_dict(meta["config"])
     # The exported weights replace any pretrained ones: build the backbone without loading them.
     model = ITSELF(dataclasses.replace(cfg.model, pretrained=""), meta["num_ids"], cfg.data.image_size)

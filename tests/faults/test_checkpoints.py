@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from itself.checkpoint import check_safe, latest_tag, tag_for
+from itself.checkpoint import check_safe
+from itself.filenames import latest_tag, tag_for
 from itself.model.export import load_exported
 from itself.safeio import UnsafeCheckpointError
 from itself.model.backbone import build_clip

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from itself.checkpoint import tag_for
+from itself.filenames import tag_for
 from itself.dist import free_port
 from runs import REPO, small_run_args, train_env
 

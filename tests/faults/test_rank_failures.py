@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from itself.checkpoint import latest_tag
+from itself.filenames import latest_tag
 from itself.dist import free_port
 from runs import REPO, small_run_args, train_env, wait_until
 

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from itself.checkpoint import check_safe, latest_tag
+from itself.checkpoint import check_safe
+from itself.filenames import latest_tag
 from runs import REPO, run_train, small_run_args, train_env, wait_until
 
 
