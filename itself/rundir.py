@@ -1,5 +1,5 @@
 """The run directory: every file a training run writes, and the one place that knows their names
-and formats. The trainer writes through it; SLURM jobs, Tune trials and the retrieval tools read
+and formats (the names the writers share, torch-free, are in itself.filenames). The trainer writes through it; SLURM jobs, Tune trials and the retrieval tools read
 through it.
 
     config.yaml            the resolved config (runs again as --config)
@@ -8,7 +8,7 @@ through it.
     metrics.jsonl          one JSON record per line: train (losses, lr, samples/s, step time, MFU,
                            memory), data, eval, test, ...
     tensorboard/           TensorBoard events;  wandb/  the W&B run (unless WANDB_DIR says elsewhere)
-    checkpoints/           stepNNNNNNNN/ (COMPLETE-marked), latest, best   (see itself.checkpoint)
+    checkpoints/           stepNNNNNNNN/ (COMPLETE-marked), latest, best   (see itself.filenames)
     model.pt               the exported model (see itself.model.export), and the same as
     model.safetensors      weights, with
     config.json            the rest of model.pt

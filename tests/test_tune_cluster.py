@@ -166,6 +166,7 @@ def _reports(exp: Path) -> dict[str, list[dict]]:
 
 def test_trials_run_on_both_nodes_and_come_back_with_their_node(cluster, small_dataset, tmp_path):
     ids = cluster.node_ids()
+    assert set(ids) == {"head", "w"}, "the cluster lost a node (the dead-node test runs last)"
     out = _finish(_search(cluster, tmp_path, "--name", "two", "--num-samples", "2",
                           *small_run_args(small_dataset, "train.epochs=1")))
     table = pd.read_parquet(tmp_path / "two" / "results.parquet")
@@ -175,6 +176,7 @@ def test_trials_run_on_both_nodes_and_come_back_with_their_node(cluster, small_d
 
 
 def test_a_killed_driver_resumes_with_its_finished_trials_kept(cluster, small_dataset, tmp_path):
+    assert set(cluster.node_ids()) == {"head", "w"}, "the cluster lost a node (the dead-node test runs last)"
     exp = tmp_path / "r"
     args = ["--name", "r", "--num-samples", "3", "--searcher", "random",
             *small_run_args(small_dataset, "train.epochs=2")]

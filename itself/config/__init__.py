@@ -20,5 +20,5 @@ from .values import (ATS_MODES, DEEPSPEED_CONFIGS, EVAL_SELECTIONS, MAX_ITEMS, N
 
 __all__ = ["ATS_MODES", "DEEPSPEED_CONFIGS", "EVAL_SELECTIONS", "MAX_ITEMS", "NAME", "NONFINITE_POLICIES", "REPORT_TO",
            "SCHEDULES", "SECTIONS", "SELECTION_STRATEGIES", "T_SMALL", "Config", "ConfigError", "DataConfig",
-           "EvalConfig", "ModelConfig", "TrainConfig", "apply_dict", "apply_overrides", "config_yaml", "describe",
+           "EvalConfig", "ModelConfig", "TrainConfig", "apply_dict", "apply_overrides", "config_yaml", "deepspeed_file", "describe",
            "field_docs", "from_dict", "load_yaml", "read_config_text", "set_value", "to_dict"]
