@@ -1,4 +1,4 @@
-"""Names that code on both sides of torch needs (the launchers, Tune's workers and a run folder's
+"""Names that code on both sides of torch needs (a submission, Tune's workers and a run folder's
 readers load no torch): how a run's checkpoints folder is laid out, and the exported model's
 companion files. Written by `itself.checkpoint` and `itself.model.export`, found through
 `itself.rundir.RunDir`.
@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-log = logging.getLogger("itself.checkpoint")
+log = logging.getLogger("itself.checkpoint")  # (the checkpoints' logger, as before these names moved here)
 
 WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
 """The exported model.pt's companions: its weights as safetensors, its config as JSON."""
