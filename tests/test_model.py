@@ -219,6 +219,61 @@ def test_vit_b16_builds_with_the_384x128_grid():
     assert keep.shape == (1, 76)  # the reference code's k = int(192 * 0.4)
 
 
+@pytest.mark.parametrize("arch,image_size,quick_gelu", [("tiny", (48, 16), False), ("tiny-deep", (64, 32), True),
+                                                      ("ViT-S-32", (128, 64), True)])
+def test_the_backbone_is_open_clips_clip_weight_for_weight_and_output_for_output(arch, image_size, quick_gelu):
+    # Our CLIP (itself/model/clip.py) is built without importing open_clip; built from the same
+    # seed, open_clip's must have the same parameters in the same order (ZeRO checkpoints flatten
+    # them in that order) and give the same outputs, bit for bit.
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    from itself.archs import clip_config
+    from itself.model.backbone import ClipBackbone
+
+    torch.manual_seed(1)
+    ours = build_clip(arch, image_size, activation="quick_gelu" if quick_gelu else "gelu").eval()
+    torch.manual_seed(1)
+    if arch in ("tiny", "tiny-deep"):
+        c = clip_config(arch)
+        theirs = CLIP(c["embed_dim"], CLIPVisionCfg(**{**c["vision_cfg"], "image_size": image_size}),
+                      CLIPTextCfg(**c["text_cfg"]), quick_gelu=quick_gelu)
+    else:
+        theirs = open_clip.create_model(arch, pretrained=None, force_image_size=image_size, force_quick_gelu=quick_gelu)
+    theirs.eval()
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters() if n != "logit_scale"]
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, theirs.state_dict()[name]), name
+    images = torch.randn(2, 3, *image_size)
+    tokens = torch.zeros(2, 77, dtype=torch.long)
+    tokens[0, :5], tokens[1, :9] = torch.tensor([49406, 320, 1929, 530, 49407]), torch.randint(1, 49406, (9,))
+    tokens[1, 8] = 49407
+    with torch.no_grad():
+        image_tokens, _ = ClipBackbone(ours).encode_image(images, (1,))
+        text_tokens, _ = ClipBackbone(ours).encode_text(tokens)
+        assert torch.equal(image_tokens[:, 0], theirs.encode_image(images))  # (the class token, projected)
+        assert torch.equal(text_tokens[torch.arange(2), tokens.argmax(-1)], theirs.encode_text(tokens))  # (EOT)
+
+
+def test_captions_are_tokenised_as_open_clip_tokenises_them():
+    import random
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from itself.data.bpe import BytePairEncoder
+
+    theirs, ours = SimpleTokenizer(), BytePairEncoder()
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789.,;:'\"!?-&#<>éüñ中🙂\t\n"
+    captions = ["A woman in a RED coat &amp;amp; blue jeans, carrying a bag.", "He's wearing  black\tshoes; it'll rain",
+                "naïve café, 12 items ÄÖÜ ß", "The Mona Lisa doesnâ€™t have eyebrows.", "<start_of_text> x <END_OF_TEXT>",
+                "emoji 🙂👍, 中文字符, العربية", "", "   ", "x", "1234567890", "don't can't i'm you've we'd they're",
+                *("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(500))]
+    for caption in captions:
+        assert ours.encode(caption) == theirs.encode(caption), caption
+    assert (ours.sot_token_id, ours.eot_token_id, ours.vocab_size) == (theirs.sot_token_id, theirs.eot_token_id, 49408)
+
+
 def test_local_weights_are_loaded_with_position_embedding_interpolated(tmp_path):
     torch.manual_seed(0)
     square = build_clip("tiny", (32, 32))  # a 4x4 grid, like CLIP's square pretraining grid

@@ -14,6 +14,8 @@ import torch
 
 from shards.imaging import decode_array
 
+from .bpe import BytePairEncoder
+
 # CLIP's normalisation constants.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -110,11 +112,9 @@ def _erase(x: torch.Tensor, gen: torch.Generator) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _bpe():
-    """open_clip's BPE tokenizer, loaded once per process (loading the vocabulary takes ~0.1 s)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+def _bpe() -> BytePairEncoder:
+    """CLIP's BPE tokenizer, loaded once per process (loading the vocabulary takes ~0.1 s)."""
+    return BytePairEncoder()
 
 
 class Tokenizer:

@@ -1,7 +1,8 @@
-"""The CLIP backbone (open_clip) with attention capture on chosen layers.
+"""The CLIP backbone (`clip.py`: open_clip's CLIP, built without importing open_clip) with attention
+capture on chosen layers.
 
 Layers whose attention the selection strategy needs run an explicit softmax attention and hand
-back their head-averaged attention probabilities; every other layer keeps open_clip's fused
+back their head-averaged attention probabilities; every other layer keeps the fused
 attention path (PyTorch SDPA / flash attention on GPU). The capture costs, per captured layer,
 one unfused attention (a [B, H, N, N] matrix materialised instead of streamed: for ViT-B/16 at
 384x128, N = 193, about 1.8 MB per image in fp32) and a head-averaged [B, N, N] copy kept for
@@ -19,18 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from ..archs import TINY_ARCHS, known_archs, tag_quick_gelu, use_quick_gelu
+from ..archs import TINY_ARCHS, clip_config, known_archs, tag_quick_gelu, use_quick_gelu
 from ..errors import ConfigError
 from ..safeio import read_weights
-
-
-def _tiny_clip(arch: str, image_size: tuple[int, int], quick_gelu: bool) -> nn.Module:
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    spec = TINY_ARCHS[arch]
-    return CLIP(embed_dim=spec["embed_dim"], quick_gelu=quick_gelu,
-                vision_cfg=CLIPVisionCfg(image_size=image_size, **spec["vision"]),
-                text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, **spec["text"]))
+from .clip import CLIP
 
 
 def interpolate_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
@@ -130,7 +123,7 @@ def set_patch_stride(visual: nn.Module, stride: int) -> None:
 
 def build_clip(arch: str, image_size: tuple[int, int], pretrained: str = "", activation: str = "auto",
                patch_stride: int = 0) -> nn.Module:
-    """An open_clip CLIP for `image_size` (H, W) with the activation its weights were trained with:
+    """A CLIP (open_clip's, `clip.py`) for `image_size` (H, W) with the activation its weights were trained with:
     weights random (`pretrained=""`), from a local file (OpenAI's TorchScript archive, a state dict
     in OpenAI's layout, or an open_clip checkpoint), or an open_clip pretrained tag (its cached or
     downloaded file); patches taken every `patch_stride` pixels (0: the patch size). The image
@@ -148,27 +141,19 @@ def build_clip(arch: str, image_size: tuple[int, int], pretrained: str = "", act
         quick = use_quick_gelu(arch, activation, weights_quick)
     except ValueError as e:
         raise ConfigError(f"model.activation: {e}") from None
-    if arch in TINY_ARCHS:
-        clip = _tiny_clip(arch, image_size, quick)
-    else:
-        import open_clip
-
-        if arch not in open_clip.list_models():
-            raise ConfigError(f"model.arch: unknown architecture {arch!r}; use one of {', '.join(known_archs())}")
-        clip = open_clip.create_model(arch, pretrained=None, force_image_size=image_size, force_quick_gelu=quick)
+    config = clip_config(arch)
+    if config is None:
+        raise ConfigError(f"model.arch: unknown architecture {arch!r}; use one of {', '.join(known_archs())}")
+    clip = CLIP(config, image_size, quick)
     if patch_stride:
         set_patch_stride(clip.visual, patch_stride)
     if sd is not None:
         load_clip_weights(clip, sd, pretrained)
-    # DeepSpeed crashes broadcasting 0-dim parameters; ITSELF uses a fixed temperature instead.
-    clip.logit_scale = None
-    if getattr(clip, "logit_bias", None) is not None:
-        clip.logit_bias = None
     return clip
 
 
 def _attention_with_probs(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None):
-    """One open_clip ResidualAttentionBlock with explicit softmax attention -> (x, [B, N, N] head-mean probs)."""
+    """One ResidualAttentionBlock with explicit softmax attention -> (x, [B, N, N] head-mean probs)."""
     mha: nn.MultiheadAttention = block.attn
     y = block.ln_1(x)
     b, n, d = y.shape
@@ -179,8 +164,8 @@ def _attention_with_probs(block: nn.Module, x: torch.Tensor, attn_mask: torch.Te
         scores = scores + attn_mask.to(scores.dtype)
     probs = scores.softmax(dim=-1)
     out = (probs @ v).transpose(1, 2).reshape(b, n, d)
-    x = x + block.ls_1(mha.out_proj(out))
-    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    x = x + mha.out_proj(out)
+    x = x + block.mlp(block.ln_2(x))
     return x, probs.detach().mean(dim=1)
 
 
@@ -214,9 +199,6 @@ class ClipBackbone(nn.Module):
 
     def __init__(self, clip: nn.Module):
         super().__init__()
-        for tower in (clip.visual.transformer, clip.transformer):
-            if not getattr(tower, "batch_first", True):
-                raise ValueError("open_clip transformers must be batch-first (open_clip >= 2.24)")
         self.clip = clip
         self.embed_dim = clip.visual.output_dim
         self.image_layers = len(clip.visual.transformer.resblocks)
@@ -242,7 +224,7 @@ class ClipBackbone(nn.Module):
 
     def _image(self, images: torch.Tensor, capture: tuple[int, ...], checkpoint: bool):
         vis = self.clip.visual
-        x = vis._embeds(images.to(vis.conv1.weight.dtype))
+        x = vis.embed(images.to(vis.conv1.weight.dtype))
         x, attn = _run_blocks(vis.transformer.resblocks, x, None, capture, checkpoint)
         x = vis.ln_post(x)
         return (x @ vis.proj if vis.proj is not None else x), attn
