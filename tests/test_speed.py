@@ -8,9 +8,11 @@ import copy
 import pytest
 import torch
 
+from itself.archs import clip_config
 from itself.config import ModelConfig
 from itself.losses import total_loss
 from itself.model import ITSELF
+from itself.model.clip import CLIP
 
 
 def _model() -> ITSELF:
@@ -40,7 +42,7 @@ def _step(model: ITSELF, step: int = 3) -> tuple[dict, dict, dict]:
 def _assert_same_step(a, b, rtol: float, atol: float) -> None:
     (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b) = a, b
     assert loss_a.keys() == loss_b.keys() and all(loss_b[k] == pytest.approx(v, rel=rtol) for k, v in loss_a.items())
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 100
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 80  # (the towers', GRAB's and the heads')
     scale = max(float(g.abs().max()) for g in grads_a.values())  # (some gradients are ~0: BN removes fc1's bias)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=rtol, atol=atol * scale, msg=name)
@@ -71,8 +73,12 @@ def compiled_steps():
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="tiny", pretrained="", grab_dim=32, mars_layers=(1, 3), t_small="4 steps")
-    eager = ITSELF(cfg, num_ids=4, image_size=(48, 16))
+    # `tiny` with 2 blocks per tower instead of 4: inductor compiles every block's kernels, and on 2
+    # cores a cold compilation took 148 s instead of 181 (what is compiled is the same code).
+    clip = clip_config("tiny")
+    clip["vision_cfg"]["layers"] = clip["text_cfg"]["layers"] = 2
+    cfg = ModelConfig(arch="tiny", pretrained="", grab_dim=32, mars_layers=(0, 1), t_small="4 steps")
+    eager = ITSELF(cfg, num_ids=4, image_size=(48, 16), clip=CLIP(clip, (48, 16), quick_gelu=False))
     compiled = copy.deepcopy(eager)
     compiled.speed_options(compile=True)
     steps, frames = [], []
