@@ -22,11 +22,10 @@ STEPS_PER_EPOCH = 8  # 128 train pairs of the small dataset / batch 16
 
 def small_run_args(root, *extra: str) -> list[str]:
     """A CPU-small synthetic run on the small test dataset (fixed data slots: world-size invariant),
-    one CPU thread per rank (the tiny model's operations are too small to share: alone on 2 cores,
-    2 threads took 25 s and 18 CPU-s where 1 took 20 s and 16), then `extra` overrides (later ones win)."""
+    then `extra` overrides (later ones win)."""
     return [f"data.root={root}", "data.image_size=[48,16]", "data.num_workers=0", "data.num_slots=4",
             "model.grab_dim=32", "train.batch_size=16", "train.epochs=2", "train.warmup_epochs=1",
-            "eval.batch_size=32", "train.log_every=2", "train.cpu_threads=1", *extra]
+            "eval.batch_size=32", "train.log_every=2", *extra]
 
 
 def train_env(**extra) -> dict:
