@@ -26,16 +26,17 @@ def pytest_sessionstart(session):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: a worker per core for the fast subset (its tests compute in their own process), one
-    more for a run with the slow tests, which spend much of their time waiting on the Slurm jobs,
-    Ray clusters and ranks they started (measured on 2 cores: see the README). `-n logical` and
-    PYTEST_XDIST_AUTO_NUM_WORKERS are xdist's own (None: its default answers)."""
+    """`-n auto`: one worker more than the cores. The slow tests spend much of their time waiting on
+    the Slurm jobs, Ray clusters and ranks they started, and the fast subset's processes and fixture
+    builds leave gaps too: on 2 cores it took 3 min 15 s on 3 workers, 3 min 23 s to 4 min 12 s on 2
+    (see the README). `-n logical` and PYTEST_XDIST_AUTO_NUM_WORKERS are xdist's own (None: its
+    default answers)."""
     import os
 
     if config.getoption("numprocesses") == "logical" or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores if "not slow" in (config.getoption("markexpr") or "") else cores + 1
+    return cores + 1
 
 
 SHARED_FIXTURES = {
