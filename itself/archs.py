@@ -100,7 +100,7 @@ def use_quick_gelu(arch: str, activation: str, weights_quick_gelu: bool | None) 
     """The activation to build: what the weights were trained with (`weights_quick_gelu`, None when
     unknown or random), unless `activation` or the architecture's name says otherwise. A known
     mismatch is a ValueError: the weights would run with an activation they were not trained with."""
-    named_quick = arch.endswith("-quickgelu")
+    named_quick = arch.endswith("-quickgelu") or bool(_named_configs().get(arch, {}).get("quick_gelu"))
     if activation == "auto":
         want = weights_quick_gelu if weights_quick_gelu is not None else named_quick
     else:

@@ -249,10 +249,32 @@ def test_the_backbone_is_open_clips_clip_weight_for_weight_and_output_for_output
     tokens[0, :5], tokens[1, :9] = torch.tensor([49406, 320, 1929, 530, 49407]), torch.randint(1, 49406, (9,))
     tokens[1, 8] = 49407
     with torch.no_grad():
-        image_tokens, _ = ClipBackbone(ours).encode_image(images, (1,))
+        image_tokens, _ = ClipBackbone(ours).encode_image(images)
         text_tokens, _ = ClipBackbone(ours).encode_text(tokens)
         assert torch.equal(image_tokens[:, 0], theirs.encode_image(images))  # (the class token, projected)
         assert torch.equal(text_tokens[torch.arange(2), tokens.argmax(-1)], theirs.encode_text(tokens))  # (EOT)
+        captured, _ = ClipBackbone(ours).encode_image(images, (1,))  # (explicit softmax in block 1: other rounding)
+        torch.testing.assert_close(captured[:, 0], theirs.encode_image(images), rtol=1e-5, atol=1e-5)
+
+
+def test_every_offered_architecture_has_open_clips_parameters():
+    # Names and shapes of every named config the backbone offers, built on the meta device (no
+    # memory, no compute) by open_clip and by us: the defaults filled in for head_width, mlp_ratio
+    # and the rest are open_clip's.
+    import copy
+
+    import open_clip
+    from open_clip.model import CLIP
+
+    from itself.archs import known_archs
+
+    for arch in known_archs()[2:]:  # (after tiny and tiny-deep: open_clip has no such configs)
+        config = copy.deepcopy(open_clip.get_model_config(arch))
+        config["vision_cfg"]["image_size"] = (224, 224)
+        with torch.device("meta"):
+            ours, theirs = build_clip(arch, (224, 224)), CLIP(**config)
+        assert [(n, p.shape) for n, p in ours.named_parameters()] == \
+               [(n, p.shape) for n, p in theirs.named_parameters() if n != "logit_scale"], arch
 
 
 def test_captions_are_tokenised_as_open_clip_tokenises_them():
@@ -295,6 +317,8 @@ def test_local_weights_are_loaded_with_position_embedding_interpolated(tmp_path)
     (dict(selection="median"), "model.selection"),
     (dict(ats="linear"), "model.ats"),
     (dict(arch="ViT-Q-99"), "model.arch"),
+    (dict(arch="ViT-M-16-alt"), "model.arch"),  # (layer scale: open_clip builds another network)
+    (dict(arch="ViT-L-14-CLIPA"), "model.arch"),  # (a BERT tokenizer, no causal mask)
 ])
 def test_config_errors_name_the_field(change, message):
     with pytest.raises((ConfigError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -13,7 +13,8 @@ from .values import ATS_MODES, SELECTION_STRATEGIES, T_SMALL, short_repr, spec_o
 @dataclasses.dataclass
 class ModelConfig:
     arch: str = "ViT-B-16"
-    """Backbone: `ViT-B-16` (paper), `ViT-B-32` (supplementary Tab. 2), any open_clip ViT name, or the
+    """Backbone: `ViT-B-16` (paper), `ViT-B-32` (supplementary Tab. 2), any of open_clip's plain CLIP
+    ViT configs (not those with layer scale, attentional pooling or another tokenizer), or the
     CPU-sized random `tiny` / `tiny-deep`."""
     pretrained: str = "openai"
     """CLIP weights: "" for random, a local state-dict file, or an open_clip pretrained tag

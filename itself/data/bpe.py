@@ -47,7 +47,8 @@ class BytePairEncoder:
     """Text -> CLIP token ids (no start/end tokens); `sot_token_id`, `eot_token_id`, `vocab_size`."""
 
     def __init__(self, path: Path | None = None):
-        merges = gzip.open(path or vocabulary_file()).read().decode("utf-8").split("\n")[1:MERGES + 1]
+        with gzip.open(path or vocabulary_file()) as f:
+            merges = f.read().decode("utf-8").split("\n")[1:MERGES + 1]
         merges = [tuple(m.split()) for m in merges]
         symbols = list(byte_to_unicode().values())
         vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), *SPECIAL_TOKENS]

@@ -58,10 +58,10 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     """Patch embedding, class token, learned position embedding, ln_pre, blocks, ln_post, proj."""
 
-    def __init__(self, image_size: tuple[int, int], patch_size: int, width: int, layers: int, head_width: int,
+    def __init__(self, image_size: int | tuple[int, int], patch_size: int, width: int, layers: int, head_width: int,
                  mlp_ratio: float, output_dim: int, act: type[nn.Module]):
         super().__init__()
-        self.image_size = tuple(image_size)
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.grid_size = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
         self.output_dim = output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
