@@ -4,28 +4,23 @@ return value), refusals, snapshots of folders, and hostile edits of an index fol
 from __future__ import annotations
 
 import hashlib
-import io
+import os
 import json
 import shutil
 import threading
 import urllib.error
 import urllib.request
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from itself.retrieve.cli import main
+from runs import run_main
 
 
 def cli(*args: str) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `python -m itself.retrieve ARGS`, run in this process."""
     quiet = ["--no-progress"] if args[0] in ("index", "add") else []
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([str(a) for a in (*args, *quiet)])
-        except SystemExit as e:  # (argparse's usage errors exit)
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+    run = run_main(main, [*args, *quiet], env=dict(os.environ), cwd=os.getcwd())
+    return run.returncode, run.stdout, run.stderr
 
 
 def refused(result: tuple[int, str, str], *messages: str) -> str:
