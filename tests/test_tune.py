@@ -114,10 +114,12 @@ _SETTINGS = dict(metric="val_R1", searcher="optuna", num_samples=2, searcher_see
 
 
 @pytest.mark.slow
-def test_default_search_decides_after_the_signal_with_seed_means(small_dataset, tmp_path):
+def test_default_search_decides_after_the_signal_with_seed_means_and_confirms_the_best(small_dataset, tmp_path):
     # The defaults, on the small set: warm-up 1 epoch and ATS over 2 epochs put the first rung at
-    # evaluation 2 of 3; each configuration trains 2 seeds and is ranked by their mean.
-    run = search(tmp_path, "--name", "s", "--num-samples", "2", "--seeds", "2",
+    # evaluation 2 of 3; each configuration trains 2 seeds and is ranked by their mean. Then
+    # --confirm-top 1 re-trains the best with a new seed (2), every evaluation, and ranks it first.
+    run = search(tmp_path, "--name", "s", "--num-samples", "2", "--seeds", "2", "--confirm-top", "1",
+                 "--confirm-seeds", "1",
                  *small_run_args(small_dataset, "train.epochs=3", "model.t_small=2 epochs"), **SECRETS)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     exp = tmp_path / "s"
@@ -135,16 +137,26 @@ def test_default_search_decides_after_the_signal_with_seed_means(small_dataset, 
     assert all(x["evaluation"] >= 2 and x["rung"] >= 2 for x in lines), lines
     stops = {x["trial_id"] for x in lines if x["decision"] == "stop"}
     assert stops == set(table.loc[table["stopped_early"], "trial_id"]), (lines, table[["trial_id", "evaluations"]])
+    assert list(table["confirmed"]) == [True, False]
+    top, rest = table.iloc[0], table.iloc[1:]
+    # Its search seeds count when it ran every evaluation (the confirmation's protocol), then seed 2.
+    assert list(top["seed_list"]) == ([2] if top["stopped_early"] else [0, 1, 2]) == list(range(3 - top["seeds"], 3))
+    (confirm_trial,) = [p for p in (exp / "confirm").glob("run_trial_*") if p.is_dir()]
+    confirmed = [json.loads(line) for line in (confirm_trial / "result.json").read_text().splitlines()]
+    seed_2 = [line["per_seed"]["2"]["val_R1"] for line in confirmed]  # (a seed counts at its best evaluation)
+    assert len(seed_2) == 3 and top["val_R1_per_seed"][-1] == pytest.approx(max(seed_2))
+    for row in rest.to_dict("records"):
+        assert row["seeds"] == 2 and list(row["seed_list"]) == [0, 1]
     for row in table.to_dict("records"):
-        assert row["seeds"] == 2 and list(row["seed_list"]) == [0, 1] and len(row["val_R1_per_seed"]) == 2
-        assert row["val_R1_mean"] == pytest.approx(sum(row["val_R1_per_seed"]) / 2)
+        assert len(row["val_R1_per_seed"]) == row["seeds"]
+        assert row["val_R1_mean"] == pytest.approx(sum(row["val_R1_per_seed"]) / row["seeds"])
         assert row["val_R1_std"] == pytest.approx(pd.Series(row["val_R1_per_seed"]).std())
-    assert list(table["val_R1_mean"]) == sorted(table["val_R1_mean"], reverse=True)
+    assert list(rest["val_R1_mean"]) == sorted(rest["val_R1_mean"], reverse=True)
     assert ((table["p_start"] == 0.65) & (table["p_end"] == 0.5) & (table["discard_ratio"] == 0.25)).any()
     assert (table["p_end"] <= table["p_start"]).all()
     assert (exp / "val_R1_vs_params.png").stat().st_size > 1000
     best = yaml.safe_load((exp / "best_config.yaml").read_text())
-    assert best["model"]["p_start"] == pytest.approx(table["p_start"].iloc[0])
+    assert best["model"]["p_start"] == pytest.approx(top["p_start"])
     run_train(["--config", str(exp / "best_config.yaml"), "train.epochs=1", f"run_dir={tmp_path / 'best_run'}"])
     assert (tmp_path / "best_run" / "results.json").exists()
 
@@ -193,24 +205,6 @@ def test_a_trial_no_node_can_hold_is_refused_before_anything_is_written(small_da
     run = search(tmp_path, "--name", "gpu", "--seeds", "2", "--gpus-per-trial", "1", *small_run_args(small_dataset))
     assert run.returncode == 2 and "error: a trial needs 2 CPU(s) and 2 GPU(s) on one node" in run.stderr, run.stderr
     assert not (tmp_path / "gpu").exists()
-
-
-@pytest.mark.slow
-def test_confirm_top_retrains_the_best_with_new_seeds_and_ranks_it_first(small_dataset, tmp_path):
-    run = search(tmp_path, "--name", "c", "--num-samples", "2", "--confirm-top", "1", "--confirm-seeds", "1",
-                 *small_run_args(small_dataset, "train.epochs=1"))
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    exp = tmp_path / "c"
-    table = pd.read_parquet(exp / "results.parquet")
-    assert list(table["confirmed"]) == [True, False] and list(table["seeds"]) == [2, 1]
-    top = table.iloc[0]
-    assert list(top["seed_list"]) == [0, 1]  # its search seed (it ran every evaluation) and the new one
-    assert top["val_R1_mean"] == pytest.approx(sum(top["val_R1_per_seed"]) / 2)
-    (confirm_trial,) = [p for p in (exp / "confirm").glob("run_trial_*") if p.is_dir()]
-    confirmed = [json.loads(line) for line in (confirm_trial / "result.json").read_text().splitlines()]
-    assert confirmed[-1]["per_seed"]["1"]["val_R1"] == pytest.approx(top["val_R1_per_seed"][1])
-    best = yaml.safe_load((exp / "best_config.yaml").read_text())
-    assert best["model"]["p_start"] == pytest.approx(top["p_start"])
 
 
 @pytest.mark.slow
