@@ -43,7 +43,7 @@ SHARED_FIXTURES = {
     "slurm": "the Slurm cluster (the munged it may start is stopped with it: one cluster at a time)",
     "cluster": "the 2-node Ray cluster of tests/test_tune_cluster.py",
     "trained_run": "the retrieval model trained on the default synthetic set",
-    "small_run": "the small test run",
+    "small_run": "the small test run (and two_rank_run, its 2-rank twin, which takes it)",
     "uninterrupted": "the uninterrupted 2-rank run of the rank-failure tests",
     "corpus": "a converted corpus (pre-training; the conversion-resume tests)",
     "installed": "the built wheel in a venv of its own",
@@ -96,6 +96,23 @@ def small_run(small_dataset, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("runs") / "straight"
     run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"])
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(small_run, small_dataset, tmp_path_factory):
+    """Run directory of `small_run_args` trained straight through on 2 ranks (`deepspeed --num_gpus
+    2`, a process each): compared with the one-rank `small_run`, continued on one rank, refetched
+    over HTTP (treat as read-only). It takes `small_run` so that its tests share that xdist group:
+    one worker trains both, once."""
+    import shutil
+
+    from itself.dist import free_port
+    from runs import run_train, small_run_args
+
+    run_dir = tmp_path_factory.mktemp("runs") / "two-ranks"
+    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    run_train(small_run_args(small_dataset) + [f"run_dir={run_dir}"], launcher=launcher)
     return run_dir
 
 

@@ -112,10 +112,13 @@ def _launch(world: int) -> list[str] | None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,first,then", [("zero1", 2, 1), ("zero1", 1, 2), ("zero0", 2, 1)])
-def test_a_run_continues_on_another_number_of_ranks(small_dataset, tmp_path, stage, first, then):
+def test_a_run_continues_on_another_number_of_ranks(two_rank_run, small_dataset, tmp_path, stage, first, then):
     args = small_run_args(small_dataset, f"train.deepspeed={stage}")
     straight = tmp_path / "straight"
-    run_train(args + [f"run_dir={straight}"], launcher=_launch(first))
+    if (stage, first) == ("zero0", 2):  # (the small runs' own: the synthetic preset's zero0)
+        straight = two_rank_run
+    else:
+        run_train(args + [f"run_dir={straight}"], launcher=_launch(first))
     # Its checkpoint after epoch 1 (written by `first` ranks) continued on `then` ranks.
     moved, after = tmp_path / "moved", tag_for(STEPS_PER_EPOCH)
     run = run_train(args + [f"run_dir={moved}", f"train.resume={straight / 'checkpoints' / after}"],
@@ -137,13 +140,11 @@ def test_a_run_continues_on_another_number_of_ranks(small_dataset, tmp_path, sta
 
 
 @pytest.mark.slow
-def test_two_ranks_reading_over_http_end_with_the_weights_of_the_local_run(small_dataset, tmp_path):
-    args = small_run_args(small_dataset, "train.epochs=1")
-    run_train(args + [f"run_dir={tmp_path / 'local'}"], launcher=_launch(2))
+def test_two_ranks_reading_over_http_end_with_the_weights_of_the_local_run(two_rank_run, small_dataset, tmp_path):
     with serve(small_dataset.parent) as url:
-        run_train(args + [f"data.root={url}/{small_dataset.name}", f"run_dir={tmp_path / 'http'}"],
+        run_train(small_run_args(small_dataset, f"data.root={url}/{small_dataset.name}", f"run_dir={tmp_path / 'http'}"),
                   launcher=_launch(2))
-    a, b = _final(tmp_path / "local"), _final(tmp_path / "http")
+    a, b = _final(two_rank_run), _final(tmp_path / "http")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     results = json.loads((tmp_path / "http" / "results.json").read_text())
     assert results["test_counts"]["gallery"] == 16

@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from itself.dist import free_port
 from itself.filenames import tag_for
 from itself.rundir import RunDir
 from runs import REPO, STEPS_PER_EPOCH, small_run_args, train_env, wait_until
@@ -31,12 +31,6 @@ import ray
 ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
 print(json.dumps([{"id": n["NodeID"], "alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes()]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayNodes:
