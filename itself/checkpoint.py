@@ -137,7 +137,7 @@ class Checkpointer:
         verify_files(folder)
         universal = self.engine.zero_optimization_stage() > 0 and saved_world_size(folder) != self.world
         if universal:
-            folder = Path(self.proc.decide(lambda: str(to_universal(folder))))
+            folder = Path(self.proc.decide(lambda: str(to_universal(folder, self.dir))))
         # (DeepSpeed reads this flag when loading only: set it for this checkpoint's kind)
         self.engine._config.load_universal_checkpoint = universal
         _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
@@ -211,28 +211,37 @@ UNIVERSAL = "universal-"
 """Prefix of the universal copy of a checkpoint (not a `step*` folder: never taken as `latest`)."""
 
 
-def to_universal(folder: str | os.PathLike) -> Path:
+def to_universal(folder: str | os.PathLike, into: str | os.PathLike) -> Path:
     """DeepSpeed's universal checkpoint of `folder` (ZeRO 1-3), loadable on any number of ranks,
-    written once beside it (marked COMPLETE when whole). The optimizer state of ZeRO 1-3 is
-    partitioned by rank: this is how a run continues on more or fewer ranks."""
+    written into `into` (the resuming run's own checkpoint folder: a checkpoint of another run, which
+    may be read-only or not ours, is only read) and stamped with the source it was made from. The
+    optimizer state of ZeRO 1-3 is partitioned by rank: this is how a run continues on more or fewer
+    ranks. DeepSpeed unpickles the universal files without restriction: a copy is reused only when
+    its stamp names this very source, and is checked like any checkpoint before it is loaded."""
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
 
-    folder = Path(folder)
-    out = folder.parent / f"{UNIVERSAL}{folder.name}"
-    if is_complete(out.parent, out.name):
+    folder, into = Path(folder), Path(into)
+    out = into / f"{UNIVERSAL}{folder.name}"
+    stamp = json.dumps({"source": str(folder.resolve()), "marked_ns": (folder / COMPLETE).stat().st_mtime_ns,
+                        "files": (folder / COMPLETE).read_text()})
+    if not out.is_symlink() and is_complete(into, out.name) and (out / COMPLETE).read_text() == stamp:
+        check_safe(out)
         return out
     check_safe(folder)  # (the converter unpickles without restriction)
+    into.mkdir(parents=True, exist_ok=True)
+    if out.is_symlink():
+        out.unlink()
     shutil.rmtree(out, ignore_errors=True)
     ds_to_universal.main(argparse.Namespace(
         input_folder=str(folder), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True, inject_missing_state=True))
-    (folder.parent / "latest_universal").unlink(missing_ok=True)  # (the converter's pointer: unused here)
+    (into / "latest_universal").unlink(missing_ok=True)  # (the converter's pointer: unused here)
     for rng in folder.glob("rng_rank*.pt"):
         shutil.copy2(rng, out / rng.name)
     _fsync_tree(out)
-    write_atomic(out / COMPLETE, "")
+    write_atomic(out / COMPLETE, stamp)
     return out
 
 

@@ -21,7 +21,7 @@ from itself.dist import free_port
 from itself.presets import get_preset
 from itself.rundir import RunDir
 from launch import slurm
-from runs import STEPS_PER_EPOCH, run_train, small_run_args
+from runs import STEPS_PER_EPOCH, RunsCode, run_train, small_run_args
 from shards.writer import SHARD_SAMPLES
 
 # ------------------------------------------------------------------------------ launch as typed
@@ -121,9 +121,20 @@ def test_a_run_continues_on_another_number_of_ranks(two_rank_run, small_dataset,
         run_train(args + [f"run_dir={straight}"], launcher=_launch(first))
     # Its checkpoint after epoch 1 (written by `first` ranks) continued on `then` ranks.
     moved, after = tmp_path / "moved", tag_for(STEPS_PER_EPOCH)
-    run = run_train(args + [f"run_dir={moved}", f"train.resume={straight / 'checkpoints' / after}"],
-                    launcher=_launch(then))
+    source = straight / "checkpoints"
+    if stage != "zero0":
+        # The checkpoint is another run's (maybe read-only, maybe hostile): its universal copy is made
+        # in this run's folder, and one planted beside it (DeepSpeed would unpickle it) is not used.
+        marker, planted = tmp_path / "code-ran", source / f"universal-{after}"
+        planted.mkdir()
+        (planted / "COMPLETE").write_text("")
+        torch.save({"module": RunsCode(marker)}, planted / "mp_rank_00_model_states.pt")
+        before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    run = run_train(args + [f"run_dir={moved}", f"train.resume={source / after}"], launcher=_launch(then))
     assert f"(written by {first} rank(s), now {then})" in run.stdout
+    if stage != "zero0":
+        assert not marker.exists() and sorted(p.relative_to(source) for p in source.rglob("*")) == before
+        assert (moved / "checkpoints" / f"universal-{after}" / "COMPLETE").exists()
     # The same batches in the same order (fixed data slots), the optimizer and BatchNorm state carried
     # over: only float summation order differs between world sizes. Stated tolerance: every tensor
     # within 5% (relative Frobenius norm; a lost optimizer state is ~40%), losses within 1e-3.

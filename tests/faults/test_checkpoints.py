@@ -4,7 +4,6 @@ models and pretrained weights are read with torch.load(weights_only=True) (or as
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from itself.filenames import latest_tag, tag_for
 from itself.model.export import load_exported
 from itself.safeio import UnsafeCheckpointError
 from itself.model.backbone import build_clip
-from runs import REPO, run_train, small_run_args, train_env
+from runs import REPO, RunsCode, run_train, small_run_args, train_env
 
 # Run itself/train.py with torch.save patched to write half of the model-state file of one
 # checkpoint and then SIGKILL the process: a real kill, at a known point of a checkpoint write.
@@ -47,16 +46,6 @@ sys.argv = ["itself/train.py", *sys.argv[2:]]
 from itself.train import main
 raise SystemExit(main())
 """
-
-
-class RunsCode:
-    """Unpickling this runs a shell command (what a malicious checkpoint would do)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.slow
