@@ -277,7 +277,12 @@ def _previous(folder: Path) -> str:
 
 def check_safe(folder: Path) -> None:
     """Refuse a checkpoint folder unless every file in it loads with weights_only=True. DeepSpeed's
-    loader unpickles without that restriction; a file that passes here holds nothing it could run."""
+    loader unpickles without that restriction; a file that passes here holds nothing it could run.
+    A link to a folder is refused: the walk does not enter it, DeepSpeed's loader would."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and path.is_dir():
+            raise UnsafeCheckpointError(f"checkpoint {folder}: {path.relative_to(folder)} is a link to a folder "
+                                        f"({os.path.realpath(path)}): refused (checkpoints hold files only)")
     for path in sorted(folder.rglob("*.pt")):
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             try:

@@ -93,6 +93,20 @@ def test_checkpoint_holding_code_is_refused_at_resume(small_run, tmp_path, small
     assert not marker.exists()
 
 
+def test_a_link_to_a_folder_inside_a_checkpoint_is_refused(tmp_path):
+    # The check walks the folder without entering linked folders; DeepSpeed's loader would open
+    # `zero/<param>/fp32.pt` through one (a universal checkpoint's layout) and unpickle it.
+    marker, elsewhere, folder = tmp_path / "code-ran", tmp_path / "elsewhere", tmp_path / "ckpt"
+    (elsewhere / "weight").mkdir(parents=True)
+    torch.save({"param": RunsCode(marker)}, elsewhere / "weight" / "fp32.pt")
+    folder.mkdir()
+    torch.save({"module": {}}, folder / "mp_rank_00_model_states.pt")
+    (folder / "zero").symlink_to(elsewhere)
+    with pytest.raises(UnsafeCheckpointError, match="zero is a link to a folder"):
+        check_safe(folder)
+    assert not marker.exists()
+
+
 def test_exported_model_holding_code_is_refused(tmp_path):
     marker, path = tmp_path / "code-ran", tmp_path / "model.pt"
     torch.save({"format": "itself-model/1", "state_dict": RunsCode(marker)}, path)
