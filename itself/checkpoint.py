@@ -17,7 +17,7 @@ import torch
 from .errors import DataError
 from .filenames import COMPLETE, complete_tags, is_complete, read_pointer, tag_for
 from .records import EvalRecord
-from .safeio import UnsafeCheckpointError, fsync_dir, safe_load, write_atomic
+from .safeio import UnsafeCheckpointError, fsync_dir, read_regular, safe_load, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,8 @@ def to_universal(folder: str | os.PathLike, into: str | os.PathLike) -> Path:
     folder, into = Path(folder), Path(into)
     out = into / f"{UNIVERSAL}{folder.name}"
     stamp = json.dumps({"source": str(folder.resolve()), "marked_ns": (folder / COMPLETE).stat().st_mtime_ns,
-                        "files": (folder / COMPLETE).read_text()})
-    if not out.is_symlink() and is_complete(into, out.name) and (out / COMPLETE).read_text() == stamp:
+                        "files": marker_text(folder)})
+    if not out.is_symlink() and is_complete(into, out.name) and marker_text(out) == stamp:
         check_safe(out)
         return out
     check_safe(folder)  # (the converter unpickles without restriction)
@@ -254,11 +254,22 @@ def _file_sizes(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != COMPLETE}
 
 
+MAX_MARKER_BYTES = 1 << 20
+"""A COMPLETE marker lists a checkpoint's files and sizes: a few KiB even for 64 ranks."""
+
+
+def marker_text(folder: Path) -> str:
+    """The text of a checkpoint's COMPLETE marker, read as a bounded regular file: the folder may be
+    another run's, and a FIFO there would block the read, a link to /dev/zero fill memory
+    (UnsafePath naming it instead)."""
+    return read_regular(folder / COMPLETE, f"checkpoint {folder}", MAX_MARKER_BYTES).decode("utf-8", "replace")
+
+
 def verify_files(folder: Path) -> None:
     """Every file the COMPLETE marker lists is there with its size (a disk or copy that lost data
     is found here, naming the file, instead of deep in DeepSpeed's loader)."""
     try:
-        listed = json.loads((folder / COMPLETE).read_text() or "{}")
+        listed = json.loads(marker_text(folder) or "{}")
     except (OSError, ValueError):
         listed = {}
     for name, size in listed.items():
@@ -278,11 +289,15 @@ def _previous(folder: Path) -> str:
 def check_safe(folder: Path) -> None:
     """Refuse a checkpoint folder unless every file in it loads with weights_only=True. DeepSpeed's
     loader unpickles without that restriction; a file that passes here holds nothing it could run.
-    A link to a folder is refused: the walk does not enter it, DeepSpeed's loader would."""
+    A link to a folder is refused (the walk does not enter it, DeepSpeed's loader would), and so is
+    anything but folders and regular files (a FIFO would block the read, a device never end)."""
     for path in sorted(folder.rglob("*")):
         if path.is_symlink() and path.is_dir():
             raise UnsafeCheckpointError(f"checkpoint {folder}: {path.relative_to(folder)} is a link to a folder "
                                         f"({os.path.realpath(path)}): refused (checkpoints hold files only)")
+        if not path.is_dir() and not path.is_file():
+            raise UnsafeCheckpointError(f"checkpoint {folder}: {path.relative_to(folder)} is not a regular file "
+                                        f"(a FIFO, device or broken link): refused")
     for path in sorted(folder.rglob("*.pt")):
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             try:

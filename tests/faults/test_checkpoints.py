@@ -4,6 +4,7 @@ models and pretrained weights are read with torch.load(weights_only=True) (or as
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -105,6 +106,33 @@ def test_a_link_to_a_folder_inside_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="zero is a link to a folder"):
         check_safe(folder)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["COMPLETE", "mp_rank_00_model_states.pt"])
+def test_a_fifo_in_a_checkpoint_is_refused_without_waiting_on_it(small_run, tmp_path, name):
+    # Reading a FIFO blocks until someone writes to it: a hostile checkpoint could hang a resume.
+    import threading
+
+    from itself.checkpoint import verify_files
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(small_run / "checkpoints" / latest_tag(small_run / "checkpoints"), folder)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    errors = []
+
+    def check():
+        try:
+            check_safe(folder)
+            verify_files(folder)
+        except Exception as e:  # noqa: BLE001 - recorded for the assertion
+            errors.append(e)
+
+    worker = threading.Thread(target=check, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), f"blocked on the FIFO {name}"
+    assert len(errors) == 1 and name in str(errors[0]), errors
 
 
 def test_exported_model_holding_code_is_refused(tmp_path):
