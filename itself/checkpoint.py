@@ -291,14 +291,15 @@ def check_safe(folder: Path) -> None:
     loader unpickles without that restriction; a file that passes here holds nothing it could run.
     A link to a folder is refused (the walk does not enter it, DeepSpeed's loader would), and so is
     anything but folders and regular files (a FIFO would block the read, a device never end)."""
-    for path in sorted(folder.rglob("*")):
+    paths = sorted(folder.rglob("*"))
+    for path in paths:
         if path.is_symlink() and path.is_dir():
             raise UnsafeCheckpointError(f"checkpoint {folder}: {path.relative_to(folder)} is a link to a folder "
                                         f"({os.path.realpath(path)}): refused (checkpoints hold files only)")
         if not path.is_dir() and not path.is_file():
             raise UnsafeCheckpointError(f"checkpoint {folder}: {path.relative_to(folder)} is not a regular file "
                                         f"(a FIFO, device or broken link): refused")
-    for path in sorted(folder.rglob("*.pt")):
+    for path in (p for p in paths if p.name.endswith(".pt")):
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             try:
                 safe_load(path, mmap=True)  # (mapped: the check reads the pickle, not the tensor data)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from runs import REPO, train_env
 
 PACKAGES = ("shards", "itself", "launch", "tune")
@@ -138,32 +140,15 @@ def test_inside_itself_imports_only_go_down_the_layer_table():
             assert layer[to] < layer[source], f"{name} (layer {layer[source]}) imports {target} (layer {layer[to]})"
 
 
-IMPORT_EACH_FIRST = """
+# One interpreter checks both, in this order: first what loads without torch (nothing has loaded it
+# yet), then every module imported first (torch, once loaded, stays; our modules are forgotten).
+FRESH_INTERPRETER = """
 import importlib, sys
-names = sys.argv[1:]
-ours = lambda m: m.split(".")[0] in ("shards", "itself", "launch", "tune")
-for name in names:  # (ours are all forgotten before each: the order of `names` cannot matter)
-    for loaded in [m for m in sys.modules if ours(m)]:
-        del sys.modules[loaded]
-    importlib.import_module(name)
-print("imported", len(names), "modules, each first")
-"""
-
-
-def test_every_module_imports_first():
-    names = sorted(m for m in modules() if not m.endswith(".__main__"))  # (those run a command)
-    run = subprocess.run([sys.executable, "-c", IMPORT_EACH_FIRST, *names], cwd=REPO, env=train_env(),
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"imported {len(names)} modules" in run.stdout
-
-
-NO_TORCH = """
-import importlib, sys
-for name in sys.argv[2:]:
+tmp, names, light = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
+for name in light:
     importlib.import_module(name)
 from launch import slurm
-code = slurm.main(["--nodes", "4", "--dry-run", "--jobs-dir", sys.argv[1]])  # (the whole check a submission makes, config to sbatch script)
+code = slurm.main(["--nodes", "4", "--dry-run", "--jobs-dir", tmp])  # (the whole check a submission makes, config to sbatch script)
 print("dry run exit", code, "torch loaded:", "torch" in sys.modules)
 from itself.config import ModelConfig
 from itself.data.transforms import Tokenizer
@@ -172,19 +157,42 @@ models = [ITSELF(ModelConfig(arch=arch, pretrained="", mars_layers=(1, 3)), num_
           for arch in ("tiny", "ViT-S-32")]
 ids = Tokenizer()("A man in a blue shirt")
 print("built; loaded:", sorted({m.split(".")[0] for m in sys.modules} & {"open_clip", "torchvision", "timm"}), int(ids[0]))
+ours = lambda m: m.split(".")[0] in ("shards", "itself", "launch", "tune")
+for name in names:  # (ours are all forgotten before each: the order of `names` cannot matter)
+    for loaded in [m for m in sys.modules if ours(m)]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+print("imported", len(names), "modules, each first")
 """
+LIGHT = ["launch.slurm", "launch.job", "launch.convert", "tune.search", "tune.trial", "itself.rundir",
+         "itself.presets", "itself.records"]
 
 
-def test_a_submission_and_tunes_workers_start_without_torch_and_a_model_without_open_clip(tmp_path):
+def every_module() -> list[str]:
+    return sorted(m for m in modules() if not m.endswith(".__main__"))  # (those run a command)
+
+
+@pytest.fixture(scope="module")
+def fresh_interpreter(tmp_path_factory) -> subprocess.CompletedProcess:
+    """FRESH_INTERPRETER's run (the two tests below share an xdist group, hence one run)."""
+    return subprocess.run([sys.executable, "-c", FRESH_INTERPRETER, str(tmp_path_factory.mktemp("jobs")),
+                           ",".join(every_module()), ",".join(LIGHT)], cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.xdist_group("fresh_interpreter")
+def test_every_module_imports_first(fresh_interpreter):
+    assert fresh_interpreter.returncode == 0, fresh_interpreter.stderr[-3000:]
+    assert f"imported {len(every_module())} modules" in fresh_interpreter.stdout
+
+
+@pytest.mark.xdist_group("fresh_interpreter")
+def test_a_submission_and_tunes_workers_start_without_torch_and_a_model_without_open_clip(fresh_interpreter):
     # Importing torch costs seconds of CPU: a submission, a dry run and each Ray worker of a search
     # read configs and run folders, and load none of it (BENCHMARKS.md: the dry run went from 3.3 s
     # to 0.6 s). (A search's driver still does, later: not checked here.) Importing open_clip loads
     # torchvision and timm, ~4 CPU-s more in every process that builds a model or tokenises: the
     # backbone and the tokenizer read open_clip's files instead.
-    light = ["launch.slurm", "launch.job", "launch.convert", "tune.search", "tune.trial", "itself.rundir",
-             "itself.presets", "itself.records"]
-    run = subprocess.run([sys.executable, "-c", NO_TORCH, str(tmp_path), *light], cwd=REPO, env=train_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "dry run exit 0 torch loaded: False" in run.stdout, run.stdout[-2000:]
-    assert "built; loaded: [] 49406" in run.stdout, run.stdout[-2000:]
+    assert "dry run exit 0 torch loaded: False" in fresh_interpreter.stdout, (
+        fresh_interpreter.stdout[-2000:] + fresh_interpreter.stderr[-3000:])
+    assert "built; loaded: [] 49406" in fresh_interpreter.stdout, fresh_interpreter.stdout[-2000:]

@@ -8,57 +8,25 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from itself.filenames import tag_for
 from itself.dist import free_port
-from runs import REPO, small_run_args, train_env
-
-# Run itself/train.py with the model's forward returning a NaN loss (`loss`), or a finite loss
-# whose gradient is NaN (`grad`), at the given global steps (0-based: step s is the (s+1)-th).
-INJECT_NAN = """
-import os, sys, torch
-from itself.model import ITSELF
-
-args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # (the DeepSpeed launcher adds it)
-# steps: the optimizer steps (counted from 1, as the model's `step` argument) that go non-finite
-steps, kind, real = {int(s) for s in args[0].split(",")}, args[1], ITSELF.forward
-only_rank = int(args[2]) if args[2] != "all" else None  # inject on this rank only
-
-class NanGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-def forward(self, batch, step):
-    out = real(self, batch, step)
-    if step in steps and only_rank in (None, int(os.environ.get("RANK", 0))):
-        key = next(k for k in out if k.endswith("_loss"))
-        out[key] = out[key] * float("nan") if kind == "loss" else NanGradient.apply(out[key])
-    return out
-
-ITSELF.forward = forward
-sys.argv = ["itself/train.py", *args[3:]]
-from itself.train import main
-raise SystemExit(main())
-"""
+from nan_injection import nan_at
+from runs import REPO, small_run_args, train_env, train_in_process
 
 
-def run_with_nan(steps: str, kind: str, args: list[str], rank: str = "all", launcher: list[str] | None = None,
-                 tmp_path=None) -> subprocess.CompletedProcess:
+def run_with_nan(steps: str, kind: str, args: list[str], rank: str = "all",
+                 launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`itself/train.py ARGS` with the model's forward going non-finite at `steps` (tests/nan_injection.py):
+    in this process, or under `launcher` (ranks of their own)."""
     if launcher is None:
-        cmd = [sys.executable, "-c", INJECT_NAN]
-    else:  # the DeepSpeed launcher runs a script file
-        (tmp_path / "inject_nan.py").write_text(INJECT_NAN)
-        cmd = [*launcher, str(tmp_path / "inject_nan.py")]
-    return subprocess.run([*cmd, steps, kind, rank, *args], cwd=REPO, env=train_env(PYTHONPATH=str(REPO)),
+        with nan_at(steps, kind, rank):
+            return train_in_process(args)
+    return subprocess.run([*launcher, str(REPO / "tests" / "nan_injection.py"), steps, kind, rank, *args], cwd=REPO,
+                          env=train_env(PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -139,7 +107,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(small_dataset, tmp_path,
     run_dir = tmp_path / "run"
     launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
     run = run_with_nan("4", "loss", args_for(small_dataset, run_dir, f"train.deepspeed={stage}"), rank="1",
-                       launcher=launcher, tmp_path=tmp_path)
+                       launcher=launcher)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "2 rank(s) on cpu" in run.stdout
     log = (run_dir / "train.log").read_text()
