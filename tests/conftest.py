@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -9,6 +10,13 @@ import pytest
 import shards
 
 from runs import SMALL, SMALL_SHARD_SAMPLES
+
+# One intra-op thread in every process of the suite (the workers and what they start inherit it):
+# a rank plans its threads from the cores it may use, not knowing that the suite runs one worker
+# more than the cores, each training or starting ranks of its own. On 2 cores this took 4% of the
+# fast subset's CPU time (328 CPU-s, not 347); the tiny test models gain nothing from a second
+# thread. The user's own OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_sessionstart(session):
@@ -31,8 +39,6 @@ def pytest_xdist_auto_num_workers(config):
     builds leave gaps too: on 2 cores it took 3 min 15 s on 3 workers, 3 min 23 s to 4 min 12 s on 2
     (see the README). `-n logical` and PYTEST_XDIST_AUTO_NUM_WORKERS are xdist's own (None: its
     default answers)."""
-    import os
-
     if config.getoption("numprocesses") == "logical" or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

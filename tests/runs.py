@@ -37,14 +37,15 @@ def train_env(**extra) -> dict:
     return env
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
-    """Poll `condition` until it holds; TimeoutError naming `what` if it never does (a hang guard,
-    not a speed check)."""
+def wait_until(condition, timeout: float, what: str, every: float = 0.02) -> None:
+    """Poll `condition` every `every` seconds until it holds; TimeoutError naming `what` if it
+    never does (a hang guard, not a speed check). A condition that starts a process polls seldom:
+    the suite's CPUs are its bottleneck."""
     end = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > end:
             raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(every)
 
 
 def run_train(args: list[str], launcher: list[str] | None = None, check: bool = True,

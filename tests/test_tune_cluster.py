@@ -58,10 +58,10 @@ class RayNodes:
     def __enter__(self) -> "RayNodes":
         port = self.address.split(":")[1]
         self._start("head", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false")
-        wait_until(lambda: self._ready(1), 180, "the Ray head")
+        wait_until(lambda: self._ready(1), 180, "the Ray head", every=1)
         for name in self.names[1:]:
             self._start(name, f"--address={self.address}")
-        wait_until(lambda: self._ready(len(self.names)), 180, "every Ray node to join")
+        wait_until(lambda: self._ready(len(self.names)), 180, "every Ray node to join", every=1)
         return self
 
     def nodes(self) -> list[dict]:
@@ -171,7 +171,7 @@ def test_a_killed_driver_resumes_with_its_finished_trials_kept(cluster, small_da
                 and RunDir(exp / t / "attempt1" / "seed0").file(RunDir.RESULTS).exists()}
 
     try:
-        wait_until(lambda: finished() or proc.poll() is not None, 600, "a finished trial")
+        wait_until(lambda: finished() or proc.poll() is not None, 600, "a finished trial", every=0.2)
         done = finished()
         assert done and proc.poll() is None, "the search ended before it could be killed"
         proc.kill()  # SIGKILL: no chance to save anything
@@ -204,10 +204,10 @@ def test_trials_run_on_both_nodes_and_one_whose_node_dies_is_retried_from_its_ch
                    *small_run_args(small_dataset, f"train.epochs={epochs}"))
     try:
         wait_until(lambda: _still_running(proc) and cluster.trial_dir("w", exp), 600,
-                   "a trial training on the worker node")
+                   "a trial training on the worker node", every=0.25)
         victim = cluster.trial_dir("w", exp)
         wait_until(lambda: _still_running(proc) and victim.name in _reports(exp) and _reports(exp)[victim.name],
-                   600, "Tune to record its first report")
+                   600, "Tune to record its first report", every=0.2)
         cluster.kill("w")  # the node dies with its trial running
         out = _finish(proc)
     finally:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from itself.dist import free_port
 from runs import REPO, small_run_args
-from test_tune_cluster import free_port
 from test_slurm import slurm  # noqa: F401  (the module-scoped Slurm cluster)
 
 pytestmark = pytest.mark.slow
