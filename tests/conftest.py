@@ -13,9 +13,9 @@ from runs import SMALL, SMALL_SHARD_SAMPLES
 
 # One intra-op thread in every process of the suite (the workers and what they start inherit it):
 # a rank plans its threads from the cores it may use, not knowing that the suite runs one worker
-# more than the cores, each training or starting ranks of its own. On 2 cores this took 4% of the
-# fast subset's CPU time (328 CPU-s, not 347); the tiny test models gain nothing from a second
-# thread. The user's own OMP_NUM_THREADS wins.
+# more than the cores, each training or starting ranks of its own. The tiny test models gain
+# nothing from a second thread (a 3-epoch small run: 14-15 CPU-s on one, 15-16 on two; the fast
+# subset's gain is within this machine's spread, BENCHMARKS.md). The user's OMP_NUM_THREADS wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
