@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 
 import shards  # noqa: E402
 from itself.config import DataConfig  # noqa: E402
-from itself.data import train_loader  # noqa: E402
+from itself.data.pipeline import train_loader  # noqa: E402
 from itself.data import transforms as T  # noqa: E402
 from shards.converters import convert  # noqa: E402
 from shards.synthetic import SyntheticSpec  # noqa: E402

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from itself.data import ensure_dataset
+    from itself.data.sources import ensure_dataset
 
     ensure_dataset(REPO / args.benchmark, build_synthetic=True)
     corpus = REPO / args.corpus

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .data import ensure_dataset, eval_loaders
+from .data.pipeline import eval_loaders
+from .data.sources import ensure_dataset
 from .fusion import best_fusion
 from .metrics import fused_metrics
 from .model.itself import TRAIN, last_layer_selection

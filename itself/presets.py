@@ -227,7 +227,7 @@ def _data_identity(roots: list[str]) -> tuple[str | None, list[str]]:
     paths): digests say whether two runs trained on the same data wherever it lies, paths where
     the data cannot be read."""
     from .checkpoint import dataset_fingerprint
-    from .data import dataset_info
+    from .data.catalog import dataset_info
 
     try:
         digest = dataset_fingerprint([dataset_info(root) for root in roots])

@@ -38,7 +38,7 @@ def resume_point(run: RunDir, cfg: Config, is_main: bool) -> Path | None:
 def restore(run: RunDir, cfg: Config, proc, ckpt, model) -> TrainState:
     """The training state to start from: the checkpoint `train.resume` names loaded into the engine
     (after checking it can continue this run), or a fresh state; either records the config and data."""
-    from .data import dataset_info
+    from .data.catalog import dataset_info
 
     dataset = dataset_fingerprint([dataset_info(root) for root in (cfg.data.root, *cfg.data.mix)])
     state, source = TrainState(), resume_point(run, cfg, proc.is_main)

@@ -22,7 +22,8 @@ import torch
 from itself import logs
 from itself.checkpoint import Checkpointer, TrainState
 from itself.config import Config, ConfigError, config_yaml, describe, to_dict
-from itself.data import ensure_dataset, train_loader
+from itself.data.pipeline import train_loader
+from itself.data.sources import ensure_dataset
 from itself.dist import Process, start
 from itself.engine import (build_engine, checkpoint_bytes, deepspeed_config, resolve_precision, restore_torch_linear,
                            skip_shm_all_reduce)

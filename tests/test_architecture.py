@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import REPO, train_env
+from runs import REPO, STEPS_PER_EPOCH, small_run_args, train_env
 
 PACKAGES = ("shards", "itself", "launch", "tune")
 LAYER = {"shards": 0, "itself": 1, "launch": 2, "tune": 2}
@@ -150,6 +150,10 @@ for name in light:
 from launch import slurm
 code = slurm.main(["--nodes", "4", "--dry-run", "--jobs-dir", tmp])  # (the whole check a submission makes, config to sbatch script)
 print("dry run exit", code, "torch loaded:", "torch" in sys.modules)
+from itself.presets import resolve_config
+from tune import rungs
+cfg = resolve_config("synthetic", None, sys.argv[4].split("\\n"))  # (what a search's driver counts)
+print("steps per epoch", rungs.steps_per_epoch(cfg, 1), "torch loaded:", "torch" in sys.modules)
 from itself.config import ModelConfig
 from itself.data.transforms import Tokenizer
 from itself.model import ITSELF
@@ -173,10 +177,11 @@ def every_module() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fresh_interpreter(tmp_path_factory) -> subprocess.CompletedProcess:
+def fresh_interpreter(tmp_path_factory, small_dataset) -> subprocess.CompletedProcess:
     """FRESH_INTERPRETER's run (the two tests below share an xdist group, hence one run)."""
     return subprocess.run([sys.executable, "-c", FRESH_INTERPRETER, str(tmp_path_factory.mktemp("jobs")),
-                           ",".join(every_module()), ",".join(LIGHT)], cwd=REPO, env=train_env(),
+                           ",".join(every_module()), ",".join(LIGHT), "\n".join(small_run_args(small_dataset))],
+                          cwd=REPO, env=train_env(),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -188,11 +193,13 @@ def test_every_module_imports_first(fresh_interpreter):
 
 @pytest.mark.xdist_group("fresh_interpreter")
 def test_a_submission_and_tunes_workers_start_without_torch_and_a_model_without_open_clip(fresh_interpreter):
-    # Importing torch costs seconds of CPU: a submission, a dry run and each Ray worker of a search
-    # read configs and run folders, and load none of it (BENCHMARKS.md: the dry run went from 3.3 s
-    # to 0.6 s). (A search's driver still does, later: not checked here.) Importing open_clip loads
-    # torchvision and timm, ~4 CPU-s more in every process that builds a model or tokenises: the
-    # backbone and the tokenizer read open_clip's files instead.
+    # Importing torch costs seconds of CPU: a submission, a dry run, a search's driver (it counts an
+    # epoch's steps from the manifest) and each Ray worker of a search read configs, datasets and
+    # run folders, and load none of it (BENCHMARKS.md: the dry run went from 3.3 s to 0.6 s).
+    # Importing open_clip loads torchvision and timm, ~4 CPU-s more in every process that builds a
+    # model or tokenises: the backbone and the tokenizer read open_clip's files instead.
     assert "dry run exit 0 torch loaded: False" in fresh_interpreter.stdout, (
+        fresh_interpreter.stdout[-2000:] + fresh_interpreter.stderr[-3000:])
+    assert f"steps per epoch {STEPS_PER_EPOCH} torch loaded: False" in fresh_interpreter.stdout, (
         fresh_interpreter.stdout[-2000:] + fresh_interpreter.stderr[-3000:])
     assert "built; loaded: [] 49406" in fresh_interpreter.stdout, fresh_interpreter.stdout[-2000:]

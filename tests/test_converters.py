@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from itself.config import DataConfig
-from itself.data import eval_loaders, train_loader
+from itself.data.pipeline import eval_loaders, train_loader
 from runs import REPO
 from shards import schema
 from shards.converters import convert

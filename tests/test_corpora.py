@@ -265,7 +265,7 @@ def test_jsonl_benchmark_reader_splits_lines_on_newline_only(tmp_path):
 
 def test_synthetic_pretrain_corpus_is_read_by_the_real_reader_and_the_train_loader(tmp_path):
     from itself.config import DataConfig
-    from itself.data import train_loader
+    from itself.data.pipeline import train_loader
     from shards.pretrain import PretrainSpec, captions_of, write_raw_corpus
     from shards.synthetic import SyntheticSpec, make_people, people_of, synthetic_records
 

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from itself.config import ConfigError, DataConfig
-from itself.data import DataError, IdentityTable, epoch_layout, eval_loaders, plan_slot, train_loader
+from itself.data.pipeline import eval_loaders, train_loader
+from itself.data.plan import IdentityTable, epoch_layout, plan_slot
+from itself.errors import DataError
 from itself.data import transforms as T
 from runs import plant_undecodable_image
 from shards import schema

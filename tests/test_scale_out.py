@@ -16,7 +16,7 @@ import shards
 from runs import SMALL, SMALL_SHARD_SAMPLES
 from http_server import serve
 from itself.filenames import latest_tag, tag_for
-from itself.data import IdentityTable, epoch_layout, plan_slot
+from itself.data.plan import IdentityTable, epoch_layout, plan_slot
 from itself.dist import free_port
 from itself.presets import get_preset
 from itself.rundir import RunDir

@@ -21,6 +21,7 @@ from pathlib import Path
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from itself.config import Config
+from itself.data.sources import micro_batches_per_epoch
 from itself.model.ats import KeepSchedule
 
 SIGNAL_Z = 3.0
@@ -29,13 +30,11 @@ trial exceeds it about once in 700 evaluations)."""
 
 
 def steps_per_epoch(cfg: Config, world_size: int) -> int:
-    """Optimizer steps per epoch, counted as the trainer counts them: the epoch plan of rank 0."""
-    from itself.data import train_loader
-
+    """Optimizer steps per epoch, counted as the trainer counts them: the epoch plan of rank 0
+    (counted without torch: the driver never trains)."""
     layout = cfg.layout(world_size)
-    loader = train_loader(cfg.data, rank=0, world_size=world_size, micro_batch=layout.micro_batch, seed=cfg.seed)
-    loader.set_epoch(0)
-    return len(loader) // cfg.train.grad_accum
+    micro = micro_batches_per_epoch(cfg.data, world_size=world_size, micro_batch=layout.micro_batch, seed=cfg.seed)
+    return micro // cfg.train.grad_accum
 
 
 def signal_onset_epochs(cfg: Config, steps_per_epoch: int) -> float:

@@ -109,16 +109,19 @@ def _trainable(searched: Config, exp: ExperimentDir, s: SearchSettings):
 
 def _run_config(exp: ExperimentDir, s: SearchSettings):
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from tune.failures import FailureLog
     from tune.progress import Progress
 
     # verbose=0: Ray's own trial table would show an ASHA-stopped trial as completed with its last
-    # value; Progress prints what happened to each trial, and the results table its best.
+    # value; Progress prints what happened to each trial, and the results table its best. Each
+    # trial folder keeps Ray's result.json and progress.csv; not its TensorBoard events (see _fit).
     return tune.RunConfig(name=exp.name, storage_path=str(exp.path.parent), verbose=0,
                           failure_config=tune.FailureConfig(max_failures=s.max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                          callbacks=[FailureLog(exp.path), Progress(s.metric, s.max_evaluations)])
+                          callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), FailureLog(exp.path),
+                                     Progress(s.metric, s.max_evaluations)])
 
 
 def _fit(exp: ExperimentDir, trainable, new_tuner):
@@ -126,6 +129,10 @@ def _fit(exp: ExperimentDir, trainable, new_tuner):
     with `new_tuner()`; returns its results."""
     from ray import tune
 
+    # Ray adds its default loggers to the callbacks (kept with the experiment, restored with it);
+    # its TensorBoard one imports tensorboardX, which imports torch: seconds of CPU in a driver that
+    # trains nothing, for events of the seed means that each seed's own tensorboard/ already holds.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if exp.started():
         tuner = tune.Tuner.restore(str(exp.path), trainable=trainable, resume_errored=True)
     else:
@@ -335,7 +342,7 @@ def prepare(args) -> tuple[ExperimentDir, Config, SearchSettings]:
     searched = copy.deepcopy(base)
     apply_overrides(searched, schedule)
     searched.validate(world_size=max(1, args.gpus_per_trial))
-    from itself.data import ensure_dataset
+    from itself.data.sources import ensure_dataset
     deepspeed_file(base.train.deepspeed)  # (every trial reads it: a bad one is said once, here)
 
     info = ensure_dataset(base.data.root, base.data.build_synthetic)  # once here, not in every trial

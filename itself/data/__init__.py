@@ -1,9 +1,7 @@
-"""Data pipelines: identity-aware train batches and eval gallery/queries from WebDataset shards."""
+"""Data: identity-aware train batches and eval gallery/queries from WebDataset shards.
 
-from ..errors import DataError  # noqa: F401
-from .catalog import TrainData, dataset_info, image_member, iter_shard  # noqa: F401
-from .pipeline import (  # noqa: F401
-    EvalImages, EvalTexts, TrainDataset, TrainLoader, ensure_dataset, eval_loaders, split_urls, train_loader,
-    train_sources,
-)
-from .plan import EpochLayout, IdentityTable, epoch_layout, plan_slot  # noqa: F401
+`sources` (which shards, how many steps an epoch makes), `catalog` (a built dataset: dataset.json,
+the manifest, shard samples), `plan` (the epoch plan) and `locations` load no torch: the search
+driver and the launchers read datasets through them. `pipeline` (the loaders) and `transforms`
+do. Import from the module that defines a name; this package re-exports nothing.
+"""

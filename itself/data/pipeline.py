@@ -10,78 +10,26 @@ disjoint slice. Datasets may be local folders or URLs (see `catalog`).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import logging
 import multiprocessing
-import os
 import random
 import sys
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.shardlists import expand_urls
 
 from shards import schema
 
 from ..config import DataConfig
 from ..errors import DataError
 from ..cpus import loader_worker_cap
-from ..layout import AUTO_WORKERS, DataLayout, data_layout, loader_processes
+from ..layout import AUTO_WORKERS, DataLayout, loader_processes
 from . import transforms as T
-from .catalog import (TrainData, check_sample, dataset_info, image_member, is_url, iter_shard, join, ranged,
-                      split_digests)
-from .plan import EpochLayout, Pair, Window, derive_seed, epoch_layout, plan_slot
-
-# ----------------------------------------------------------------------------------- dataset
-
-
-log = logging.getLogger(__name__)
-
-def ensure_dataset(root: str | os.PathLike, build_synthetic: bool = False) -> dict:
-    """dataset.json of `root` (a folder or a URL); with `build_synthetic`, build the embedded
-    synthetic set there first when missing (one process builds under a file lock, the others wait
-    and reuse it)."""
-    root = str(root)
-    if build_synthetic and not is_url(root) and not (Path(root) / schema.DATASET_FILE).exists():
-        Path(root).parent.mkdir(parents=True, exist_ok=True)
-        with open(root + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (Path(root) / schema.DATASET_FILE).exists():
-                import shards
-
-                log.info(f"building the synthetic dataset in {Path(root).resolve()} (first use)")
-                shards.build_synthetic(root, progress=False)
-    return dataset_info(root)
-
-
-def split_urls(root: str, split: str, info: dict | None = None, override: str = "") -> list[str]:
-    """Shard URLs of a dataset's split: those in dataset.json, or `override` (a brace pattern or
-    a `::`-joined list, as `data.train_shards`)."""
-    if override:
-        urls = expand_urls(override)
-    else:
-        info = info or ensure_dataset(root)
-        urls = [join(root, split, s["name"]) for s in info["splits"][split]["shards"]]
-    if not urls:
-        raise DataError(f"no {split} shards: dataset {root} has none" + (" and data.train_shards is empty"
-                                                                        if split == "train" else ""))
-    for url in urls:
-        if not is_url(url) and not url.startswith("pipe:") and not os.path.isfile(url):
-            raise DataError(f"shard not found: {url}")
-    return urls
-
-
-def train_sources(cfg: DataConfig) -> list[tuple[str, list[str], float]]:
-    """(root, train shard URLs, weight) of every dataset trained on: `root`, then `mix`."""
-    weights = list(cfg.mix_weights) or [1.0] * (1 + len(cfg.mix))
-    roots = [cfg.root, *cfg.mix]
-    return [(root, split_urls(root, "train", override=cfg.train_shards if i == 0 else ""), w)
-            for i, (root, w) in enumerate(zip(roots, weights))]
-
+from .catalog import TrainData, check_sample, image_member, iter_shard, ranged, split_digests
+from .plan import EpochLayout, Pair, Window, derive_seed, plan_slot
+from .sources import ensure_dataset, epoch_plan, rank_layout, split_urls, train_sources
 
 # ----------------------------------------------------------------------------------- train
 
@@ -102,8 +50,7 @@ class TrainDataset(IterableDataset):
         cfg.validate()
         self.data, self.cfg = data, cfg
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.layout: DataLayout = data_layout(micro_batch * world_size, world_size, 1, cfg.num_instance,
-                                              cfg.num_workers, cfg.num_slots)
+        self.layout: DataLayout = rank_layout(cfg, world_size, micro_batch)
         # auto (-1): the layout's slot readers run in as many processes as the rank's cores allow
         auto = cfg.num_workers < 0
         self.loader_workers = (loader_processes(self.layout, world_size, loader_worker_cap()) if auto
@@ -127,10 +74,7 @@ class TrainDataset(IterableDataset):
 
     def epoch_layout(self) -> EpochLayout:
         if self._layout is None or self._layout[0] != self.epoch:
-            self._layout = (self.epoch, epoch_layout(
-                self.data.table, num_slots=self.layout.num_slots, slot_batch=self.layout.slot_batch,
-                num_instance=self.cfg.num_instance, window_shards=self.cfg.window_shards, seed=self.seed,
-                epoch=self.epoch, identity_order=self.cfg.identity_order))
+            self._layout = (self.epoch, epoch_plan(self.data, self.cfg, self.layout, self.seed, self.epoch))
         return self._layout[1]
 
     def __len__(self) -> int:

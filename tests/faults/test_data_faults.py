@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from itself.config import DataConfig
-from itself.data import DataError, eval_loaders, train_loader
+from itself.data.pipeline import eval_loaders, train_loader
+from itself.errors import DataError
 from itself.evaluate import evaluate
 from itself.model import ITSELF
 from itself.presets import resolve_config
