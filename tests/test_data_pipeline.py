@@ -8,14 +8,13 @@ import dataclasses
 import json
 import random
 import shutil
-import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from itself.config import ConfigError, DataConfig
+from itself.config import DataConfig
 from itself.data.pipeline import eval_loaders, train_loader
 from itself.data.plan import IdentityTable, epoch_layout, plan_slot
 from itself.errors import DataError
