@@ -18,6 +18,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..layout import DataLayout, data_layout
 from .catalog import TrainData, dataset_info, is_url, join
+from .locations import is_command
 from .plan import EpochLayout, epoch_layout
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def split_urls(root: str, split: str, info: dict | None = None, override: str = 
         raise DataError(f"no {split} shards: dataset {root} has none" + (" and data.train_shards is empty"
                                                                         if split == "train" else ""))
     for url in urls:
-        if not is_url(url) and not url.startswith("pipe:") and not os.path.isfile(url):
+        if not is_url(url) and not is_command(url) and not os.path.isfile(url):
             raise DataError(f"shard not found: {url}")
     return urls
 
