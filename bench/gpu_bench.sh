@@ -5,13 +5,8 @@
 # activation checkpointing) with MFU and peak memory; the real training loop against the bare
 # step; and the retrieval metrics on the GPU and the machine's CPU cores.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_bench}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+OUT=${OUT:-/tmp/gpu_bench}
+source "$(dirname "$0")/gpu_setup.sh"
 lscpu | grep -E "Model name|^CPU\(s\)" | tee -a "$OUT/gpu.txt"
 timeout 150 python3 bench/profile_step.py --gpu --trace "$OUT/step_trace.json" 2>&1 | tee "$OUT/profile_eager.txt"
 timeout 200 python3 bench/profile_step.py --gpu --compile 2>&1 | tee "$OUT/profile_compiled.txt"

@@ -3,13 +3,8 @@
 # installs carried wheels when present, then the capture benchmark and a short ViT-B/16 training
 # (bf16, NCCL, fused Adam, SDPA attention) under the DeepSpeed launcher on the synthetic data.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+OUT=${OUT:-/tmp/gpu_check}
+source "$(dirname "$0")/gpu_setup.sh"
 python3 -c "import torch, deepspeed, open_clip, webdataset; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'open_clip', open_clip.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 150 python3 bench/capture_bench.py --batch 64 --iters 10 2>&1 | tee "$OUT/capture_bench.txt"
 timeout 300 python3 -m deepspeed.launcher.runner --num_gpus 1 itself/train.py --preset rstpreid \

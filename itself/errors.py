@@ -7,6 +7,9 @@ failure (exit 1).
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class UserError(ValueError):
     """A mistake in what the user asked for; the message names the field, file or flag and what to do."""
@@ -18,3 +21,17 @@ class ConfigError(UserError):
 
 class DataError(UserError, RuntimeError):
     """The data cannot be read as configured; the message names the file, field or flag."""
+
+
+def exit_code(body: Callable[[], int], failures: tuple[type[Exception], ...] = ()) -> int:
+    """A command's exit code: `body()`'s, or 2 for a UserError and 1 for one of the `failures` the
+    command expects (a diverged run, a job sbatch refused), each said as `error: ...` on stderr
+    without a traceback."""
+    try:
+        return body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except failures as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

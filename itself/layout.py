@@ -8,6 +8,7 @@ layout that does not divide is a ConfigError that names the values that would.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable, Iterator
 
 from .errors import ConfigError
 
@@ -92,3 +93,16 @@ def _fixes(batch_size: int, world_size: int, grad_accum: int, num_instance: int,
     fits = _slot_counts(batch_size // grad_accum, world_size, num_instance)
     slots = f" data.num_slots={_nearest(fits, num_slots)}" if num_slots and num_slots not in fits else ""
     return f"train.batch_size={batch_size}{slots}"
+
+
+def batched(items: Iterable, n: int, keep_short: bool = True) -> Iterator[list]:
+    """Consecutive lists of `n` of `items`; the short last one too, unless `keep_short` is False
+    (an optimizer step takes exactly grad_accum micro-batches)."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == n:
+            yield group
+            group = []
+    if group and keep_short:
+        yield group

@@ -27,7 +27,7 @@ from itself.data.sources import ensure_dataset
 from itself.dist import Process, start
 from itself.engine import (build_engine, checkpoint_bytes, deepspeed_config, resolve_precision, restore_torch_linear,
                            skip_shm_all_reduce)
-from itself.errors import UserError
+from itself.errors import exit_code
 from itself.losses import total_loss
 from itself.meter import StepMeter, progress_bar, show_rate
 from itself.model import ITSELF
@@ -35,6 +35,7 @@ from itself.model.init import init_from
 from itself.nonfinite import BatchNormStats, NonFiniteError, SkipPolicy, drop_nonfinite_grads
 from itself.outcome import Outcome
 from itself.presets import PRESETS, resolve_config, resolve_references
+from itself.layout import batched
 from itself.records import Interrupted, Results
 from itself.resume import discard_empty_run, report_failure, restore
 from itself.rundir import RunDir, RunLog
@@ -200,7 +201,7 @@ class Trainer:
         total = (len(self.loader) // accum) * accum
         self.bar = progress_bar(self.proc.rank, s.epoch, self.epochs, total // accum, s.micro_step // accum)
         batches = self.meter.timed(self.loader, total - s.micro_step, self.engine.module, self.precision)
-        yield from groups_of(batches, accum)
+        yield from batched(batches, accum, keep_short=False)
 
     def step(self, batches: list[dict]) -> None:
         """One optimizer step over `grad_accum` micro-batches; a non-finite one is never applied."""
@@ -271,16 +272,6 @@ class Trainer:
         return Interrupted(str(self.run), s.global_step, tag)
 
 
-def groups_of(batches, accum: int):
-    """Consecutive groups of `accum` micro-batches (one optimizer step each); a short last group is dropped."""
-    group = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == accum:
-            yield group
-            group = []
-
-
 # ----------------------------------------------------------------------------------- script
 
 
@@ -303,28 +294,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    try:
-        from itself.dist import world_info_from_env
-
-        logs.setup_from(args, world_info_from_env().rank)
-        cfg = resolve_config(args.preset, args.config, args.overrides)
-        if args.help_config:
-            print(describe(cfg))
-            return 0
-        if args.print_config:
-            cfg.validate(world_info_from_env().world_size)
-            print(config_yaml(cfg), end="")
-            return 0
-        train(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:  # (reported with how to go on: a diverged run, not a bug)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    try:  # (a diverged run is reported with how to go on: exit 1, not a bug's traceback)
+        return exit_code(lambda: _run(args), failures=(NonFiniteError,))
     except KeyboardInterrupt:  # (the failure report above said where it stopped and how to continue)
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _run(args) -> int:
+    from itself.dist import world_info_from_env
+
+    logs.setup_from(args, world_info_from_env().rank)
+    cfg = resolve_config(args.preset, args.config, args.overrides)
+    if args.help_config:
+        print(describe(cfg))
+    elif args.print_config:
+        cfg.validate(world_info_from_env().world_size)
+        print(config_yaml(cfg), end="")
+    else:
+        train(cfg)
     return 0
 
 

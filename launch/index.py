@@ -19,12 +19,11 @@ from pathlib import Path
 
 from itself import logs
 from itself.config import NAME
-from itself.errors import UserError
+from itself.errors import exit_code
 from itself.retrieve.cli import parser as retrieve_parser
 from launch.jobdir import JobDir
 from launch.profiles import ProfileError
-from launch.slurm import (SubmitError, cluster_arguments, executor_or_dry_run, resolve_profile, submission, submit,
-                          wait_for)
+from launch.slurm import SubmitError, cluster_arguments, executor_or_dry_run, resolve_profile, submit_job, wait_for
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,33 +45,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     retrieve = retrieve_parser().parse_args(command)  # (exits 2 with argparse's message when wrong)
     out = retrieve.out  # (the index folder: --out of index, --index of add)
-    try:
-        if args.nodes < 1:
-            raise ProfileError("--nodes must be >= 1")
-        if args.name is not None and not NAME.fullmatch(args.name):
-            raise ProfileError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
-        profile = resolve_profile(args)
-        name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{command[0]}-{Path(out).name}")
-        job = JobDir.new(args.jobs_dir, name)
-        world = args.nodes * profile.ranks_per_node
-        executor = executor_or_dry_run(args, job, profile, name,
-                                       f"\n# every rank runs: python -m itself.retrieve {' '.join(command)}\n")
-        if executor is None:
-            return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: _submit_indexing(args, command, out), failures=(SubmitError,))
+
+
+def _submit_indexing(args, command: list[str], out: str) -> int:
+    if args.nodes < 1:
+        raise ProfileError("--nodes must be >= 1")
+    if args.name is not None and not NAME.fullmatch(args.name):
+        raise ProfileError(f"--name: must be letters, digits, '.', '_' or '-' (a job and folder name), got {args.name!r}")
+    profile = resolve_profile(args)
+    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{command[0]}-{Path(out).name}")
+    job = JobDir.new(args.jobs_dir, name)
+    world = args.nodes * profile.ranks_per_node
+    executor = executor_or_dry_run(args, job, profile, name,
+                                   f"\n# every rank runs: python -m itself.retrieve {' '.join(command)}\n")
+    if executor is None:
+        return 0
     from launch.job import IndexJob
 
-    try:
-        submitted = submit(executor, job, IndexJob(command))
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    job.write_submission(submission(args, submitted.job_id, profile, world, retrieve=command))
-    print(f"submitted job {submitted.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s) indexing into {out}")
-    print(f"job folder: {job}")
-    print(f"follow: {job.follow(submitted.job_id)}")
+    submitted = submit_job(args, executor, job, IndexJob(command), profile, world, f" indexing into {out}",
+                           retrieve=command)
     if args.wait:
         if wait_for(submitted, job, args.local) is None:
             print(f"job {submitted.job_id} ended without results; see {job}", file=sys.stderr)

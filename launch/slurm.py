@@ -18,7 +18,7 @@ from pathlib import Path
 
 from itself import logs
 from itself.config import NAME, ConfigError, Config, config_yaml, deepspeed_file, to_dict
-from itself.errors import UserError
+from itself.errors import UserError, exit_code
 from itself.paths import check_can_create
 from itself.presets import PRESETS, resolve_config
 from itself.records import Results
@@ -148,6 +148,17 @@ def submit(executor, job: JobDir, payload):
         raise SubmitError(f"the job was not submitted: {submit_error(e)}") from None
 
 
+def submit_job(args, executor, job: JobDir, payload, profile: SlurmProfile, world: int, shape: str, **extra):
+    """Submit `payload` in the job folder and record it there (submission.json, with `extra`);
+    prints the job id, the job's `shape` and how to follow it. SubmitError when sbatch refuses."""
+    submitted = submit(executor, job, payload)
+    job.write_submission(submission(args, submitted.job_id, profile, world, **extra))
+    print(f"submitted job {submitted.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s){shape}")
+    print(f"job folder: {job}")
+    print(f"follow: {job.follow(submitted.job_id)}")
+    return submitted
+
+
 def executor_or_dry_run(args, job: JobDir, profile: SlurmProfile, name: str, shown: str):
     """The executor of the job `args` asks for, or None after printing the dry run (the sbatch
     script, then `shown`: what each rank runs) without submitting anything."""
@@ -256,28 +267,20 @@ def plan(args) -> tuple[Config, SlurmProfile, JobDir]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup_from(args)
-    try:
-        cfg, profile, job = plan(args)
-        name, world = args.name or cfg.name, args.nodes * profile.ranks_per_node
-        executor = executor_or_dry_run(args, job, profile, name, "\n# training config\n\n" + config_yaml(cfg))
-        if executor is None:
-            return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: _submit_training(args), failures=(SubmitError,))
+
+
+def _submit_training(args) -> int:
+    cfg, profile, job = plan(args)
+    name, world = args.name or cfg.name, args.nodes * profile.ranks_per_node
+    executor = executor_or_dry_run(args, job, profile, name, "\n# training config\n\n" + config_yaml(cfg))
+    if executor is None:
+        return 0
     from launch.job import TrainJob
 
-    try:
-        submitted = submit(executor, job, TrainJob(to_dict(cfg), str(job.path), profile.max_requeues))
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    submitted = submit_job(args, executor, job, TrainJob(to_dict(cfg), str(job.path), profile.max_requeues),
+                           profile, world, f", {profile.gpus_per_node} GPU(s)/node", run_dir=cfg.run_dir)
     job.write_config(cfg)
-    job.write_submission(submission(args, submitted.job_id, profile, world, run_dir=cfg.run_dir))
-    print(f"submitted job {submitted.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s), "
-          f"{profile.gpus_per_node} GPU(s)/node")
-    print(f"job folder: {job}")
-    print(f"follow: {job.follow(submitted.job_id)}")
     if not args.local:
         print(f"        squeue -j {submitted.job_id}   scontrol show job {submitted.job_id}   scancel {submitted.job_id}")
     run = RunDir(cfg.run_dir)

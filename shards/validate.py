@@ -63,6 +63,16 @@ def _bad_text(text: str) -> str | None:
     return None
 
 
+def _check_text(what: str, text: str, limit: int, too_long: str) -> tuple[str, str] | None:
+    """(reason, detail) when `text` (the record's `what`) is longer than `limit` characters (reason
+    `too_long`) or is not text a caption or an id may hold."""
+    if len(text) > limit:
+        return too_long, f"{what} is {len(text)} characters long (at most {limit}): {bounded(text)}"
+    if (why := _bad_text(text)) is not None:
+        return "malformed record", f"{what} {why}: {bounded(text)}"
+    return None
+
+
 def check_split(split) -> tuple[str, str] | None:
     if split is None:
         return "unknown split", f"no split given; expected one of {', '.join(SPLITS)}"
@@ -82,11 +92,7 @@ def check_pid(pid) -> tuple[str, str] | None:
         text = str(pid)
     except ValueError:  # an integer too long to print
         return "malformed record", f"pid is longer than {MAX_PID_CHARS} characters"
-    if len(text) > MAX_PID_CHARS:
-        return "malformed record", f"pid is {len(text)} characters long (at most {MAX_PID_CHARS}): {bounded(pid)}"
-    if (why := _bad_text(text)) is not None:
-        return "malformed record", f"pid {why}: {bounded(pid)}"
-    return None
+    return _check_text("pid", text, MAX_PID_CHARS, "malformed record")
 
 
 def pid_key(pid) -> str:
@@ -112,10 +118,8 @@ def check_captions(captions) -> tuple[str, str] | None:
             return "empty or non-string caption", f"non-string caption ({kind(c)}): {bounded(c)}"
         if not c.strip():
             return "empty or non-string caption", f"empty caption: {bounded(c)}"
-        if len(c) > MAX_CAPTION_CHARS:
-            return "caption too long", f"{len(c)} characters (at most {MAX_CAPTION_CHARS}): {bounded(c)}"
-        if (why := _bad_text(c)) is not None:
-            return "malformed record", f"caption {why}: {bounded(c)}"
+        if (problem := _check_text("caption", c, MAX_CAPTION_CHARS, "caption too long")) is not None:
+            return problem
     return None
 
 

@@ -34,7 +34,7 @@ import os
 
 from itself import logs
 from itself.config import Config, ConfigError, ModelConfig, apply_overrides, config_yaml, deepspeed_file, to_dict
-from itself.errors import UserError
+from itself.errors import exit_code
 from itself.paths import check_can_create
 from itself.presets import PRESETS, resolve_config
 from itself.rundir import timestamped
@@ -378,15 +378,12 @@ def run(args, exp: ExperimentDir, base: Config, s: SearchSettings) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup_from(args)
-    try:
-        exp, base, s = prepare(args)
-        connect(args.address, s)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RayUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exit_code(lambda: _search(args), failures=(RayUnavailable,))
+
+
+def _search(args) -> int:
+    exp, base, s = prepare(args)
+    connect(args.address, s)
     import ray
 
     try:
@@ -394,9 +391,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.resume:
             start(exp, base, s)
         return run(args, exp, base, s)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         ray.shutdown()
         exp.unlock()

@@ -34,6 +34,7 @@ from shards.locking import FolderLock, LockBusy, LockUnavailable
 
 from ..data import transforms as T
 from ..dist import Process, start
+from ..layout import batched
 from ..safeio import file_sha256, shown
 from .errors import RetrieveError
 from .gallery import (
@@ -277,7 +278,7 @@ def embed_unit(model, unit: Unit, size, dims, device, batch_size: int, pool, bar
     cross units, so every part is the same whichever rank embeds it."""
     globs, grabs, items, skipped = [], [], [], 0
     duplicates = 0
-    for chunk in _chunks(unit_items(unit), batch_size):
+    for chunk in batched(unit_items(unit), batch_size):
         bar.update(len(chunk))
         digests = [hashlib.sha256(it.data).hexdigest() for it in chunk]
         fresh = [(it, d) for it, d in zip(chunk, digests) if d not in known]
@@ -303,17 +304,6 @@ def _prepare(data: bytes, size):
         return T.eval_image(T.decode(data, size), size)
     except Exception:  # noqa: BLE001 - an undecodable image is counted and skipped, not fatal
         return None
-
-
-def _chunks(iterable, n: int):
-    chunk = []
-    for x in iterable:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 # ----------------------------------------------------------------------------------- merge

@@ -97,7 +97,7 @@ def test_wrong_types_and_huge_values_are_rejected_with_a_reason(tmp_path, fmt):
         (rec(8, captions={"text": "x"}), "malformed record", "captions must be a list of strings or a string, got object"),
         (rec(9, captions=7), "malformed record", "captions must be a list of strings or a string, got integer"),
         (rec(10, captions=[deep]), "empty or non-string caption", "non-string caption (list)"),
-        (rec(11, captions=["x" * 1_000_000]), "caption too long", "1000000 characters (at most 10000)"),
+        (rec(11, captions=["x" * 1_000_000]), "caption too long", "caption is 1000000 characters long (at most 10000)"),
         (rec(12, captions=["a \ud800 caption"]), "malformed record", "caption is not valid Unicode text"),
         (rec(13, path=["bad13.jpg"]), "malformed record", "image path must be a string, got list"),
         (rec(14, path="bad14\x00.jpg"), "malformed record", "image path contains a NUL byte"),
