@@ -19,7 +19,7 @@ from typing import Callable
 import itself  # noqa: F401 - (first, before torch: it sets OpenMP's wait policy, read once when torch loads)
 import torch
 
-from itself import logs
+from itself import interrupts, logs
 from itself.checkpoint import Checkpointer, TrainState
 from itself.config import Config, ConfigError, config_yaml, describe, to_dict
 from itself.data.pipeline import train_loader
@@ -28,6 +28,7 @@ from itself.dist import Process, start
 from itself.engine import (build_engine, checkpoint_bytes, deepspeed_config, resolve_precision, restore_torch_linear,
                            skip_shm_all_reduce)
 from itself.errors import exit_code
+from itself.layout import batched
 from itself.losses import total_loss
 from itself.meter import StepMeter, progress_bar, show_rate
 from itself.model import ITSELF
@@ -35,7 +36,6 @@ from itself.model.init import init_from
 from itself.nonfinite import BatchNormStats, NonFiniteError, SkipPolicy, drop_nonfinite_grads
 from itself.outcome import Outcome
 from itself.presets import PRESETS, resolve_config, resolve_references
-from itself.layout import batched
 from itself.records import Interrupted, Results
 from itself.resume import discard_empty_run, report_failure, restore
 from itself.rundir import RunDir, RunLog
@@ -48,6 +48,11 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> Results
     `should_stop` is polled at every log interval (`train.log_every` steps; a scheduler's
     pre-emption warning, say); when it is true on any rank, every rank saves a checkpoint at that
     step and train returns `Interrupted`; `train.resume=latest` continues."""
+    with interrupts.kept():
+        return _train(cfg, should_stop)
+
+
+def _train(cfg: Config, should_stop: Callable[[], bool] | None) -> Results | Interrupted:
     proc, owns_group = start_training(cfg)
     run, new, lock = claim_run_dir(cfg, proc)
     log, trainer = run.open_log(proc.rank, cfg.train.report_to, to_dict(cfg), cfg.train.wandb_project), None
@@ -173,6 +178,7 @@ class Trainer:
                 return self._interrupt()
             if not self._end_epoch():
                 break
+        interrupts.check()
         return self.outcome.finish(self.engine, self.ckpt, self.state)
 
     def train_epoch(self) -> bool:
@@ -205,6 +211,7 @@ class Trainer:
 
     def step(self, batches: list[dict]) -> None:
         """One optimizer step over `grad_accum` micro-batches; a non-finite one is never applied."""
+        interrupts.check()  # (a Ctrl-C dropped since the last step stops the run here)
         engine, s = self.engine, self.state
         self.bn.save()
         skipped_before, dropped = engine.skipped_steps, False

@@ -109,7 +109,7 @@ def test_imports_only_go_down_the_layers():
 # lower layers, or of its own group (the modules of one subpackage: data/, model/, retrieve/).
 ITSELF_LAYERS = [
     {"errors"},
-    {"logs", "safeio", "archs", "cpus", "filenames", "fusion"},
+    {"logs", "safeio", "archs", "cpus", "filenames", "fusion", "interrupts"},
     {"dist", "layout", "paths"},
     {"config", "metrics", "collectives"},
     {"records", "losses", "data"},

@@ -5,6 +5,7 @@ into one run directory never mix (one writer per folder)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from itself.dist import LaunchError, WorldInfo, world_info_from_env
-from runs import REPO, run_train, small_run_args, train_env, wait_until
+from runs import REPO, run_main, run_train, small_run_args, train_env, wait_until
 
 
 @pytest.mark.parametrize("env,message", [
@@ -136,6 +137,50 @@ def test_ctrl_c_stops_with_the_resume_command_and_no_traceback(small_dataset, tm
         out, err = process.communicate(timeout=300)
     finally:
         process.kill()
-    assert process.returncode == 130, (running, signals, out[-1500:], err[-2000:])
+    assert process.returncode == 130, (f"exit {process.returncode}; running when signalled: {running}; {signals}\n"
+                                       f"--- stdout ---\n{out[-1500:]}\n--- stderr ---\n{err[-3000:]}")
     assert "Traceback" not in err and err.strip().endswith("interrupted")
     assert f"rerun the same command with run_dir={run_dir} train.resume=latest" in err
+
+
+class _SendsCtrlC:
+    """Sends this process SIGINT from its finaliser: the KeyboardInterrupt is raised inside
+    `__del__`, where Python drops it ("Exception ignored"), as when a Ctrl-C lands while a
+    checkpoint save frees its objects."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_ctrl_c_dropped_inside_a_finaliser_still_stops_the_training_at_its_next_step(small_dataset, tmp_path):
+    from itself.presets import resolve_config
+    from itself.train import train
+
+    dropped, unraisable = [], []
+
+    def drop_a_ctrl_c() -> bool:  # (polled at every log interval: after step 2 here)
+        if not dropped:
+            dropped.append(_SendsCtrlC())
+            dropped[0] = None  # (freed here: its __del__ raises, and Python drops, the KeyboardInterrupt)
+        return False
+
+    def main(argv: list[str]) -> int:
+        train(resolve_config("synthetic", None, argv), should_stop=drop_a_ctrl_c)
+        return 0
+
+    run_dir = tmp_path / "run"
+    handler, hook = signal.signal(signal.SIGINT, signal.default_int_handler), sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_main(main, small_run_args(small_dataset, f"run_dir={run_dir}"))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (the training's handler is gone)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        sys.unraisablehook = hook
+    assert dropped == [None] and unraisable == []  # (dropped quietly: no "Exception ignored" traceback)
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "train"]
+    assert steps == [2] and not (run_dir / "results.json").exists()  # (2 epochs of 8 steps, had it gone on)
+    assert "training failed at step 2 (epoch 1): KeyboardInterrupt" in (run_dir / "train.log").read_text()
+
