@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 
-_asked = False
+_active = False  # a kept() holds SIGINT (the outermost one; a nested one leaves it be)
+_asked = False  # a Ctrl-C arrived while it did
 
 
 def _on_sigint(signum, frame) -> None:
@@ -24,33 +25,44 @@ def _on_sigint(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _quiet_if_interrupt(unraisable, previous) -> None:
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # (anything else: as before)
-        previous(unraisable)
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextlib.contextmanager
 def kept():
     """Remember Ctrl-C for the duration. Only where SIGINT has Python's own handler, in the main
     thread: a SIGINT the caller ignores or handles stays theirs."""
-    global _asked
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    global _active, _asked
+    if _active or not _in_main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
-    _asked = False
     previous_hook = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: _quiet_if_interrupt(unraisable, previous_hook)
-    signal.signal(signal.SIGINT, _on_sigint)
+
+    def quiet_if_interrupt(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # (anything else: as before)
+            previous_hook(unraisable)
+
     try:
+        _active, _asked = True, False
+        sys.unraisablehook = quiet_if_interrupt
+        signal.signal(signal.SIGINT, _on_sigint)
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        sys.unraisablehook = previous_hook
-        _asked = False
+        # (SIGINT held while putting things back: a second Ctrl-C here cannot leave our handler
+        # installed; it is delivered, to Python's handler, once they are back)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            if signal.getsignal(signal.SIGINT) is _on_sigint:  # (one installed meanwhile stays)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            if sys.unraisablehook is quiet_if_interrupt:
+                sys.unraisablehook = previous_hook
+            _active, _asked = False, False
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def check() -> None:
     """Raise the KeyboardInterrupt of a Ctrl-C that arrived and was dropped where it was raised."""
-    if _asked:
+    if _asked and _active and _in_main_thread():
         raise KeyboardInterrupt

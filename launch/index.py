@@ -45,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     retrieve = retrieve_parser().parse_args(command)  # (exits 2 with argparse's message when wrong)
     out = retrieve.out  # (the index folder: --out of index, --index of add)
-    return exit_code(lambda: _submit_indexing(args, command, out), failures=(SubmitError,))
+    submitted: dict = {}
+    code = exit_code(lambda: _submit_indexing(args, command, out, submitted), failures=(SubmitError,))
+    return _wait_for_index(out, **submitted) if code == 0 and args.wait and submitted else code
 
 
-def _submit_indexing(args, command: list[str], out: str) -> int:
+def _submit_indexing(args, command: list[str], out: str, submitted: dict) -> int:
+    """Submit the indexing job (or print the dry run); `submitted` gets what --wait follows."""
     if args.nodes < 1:
         raise ProfileError("--nodes must be >= 1")
     if args.name is not None and not NAME.fullmatch(args.name):
@@ -63,17 +66,21 @@ def _submit_indexing(args, command: list[str], out: str) -> int:
         return 0
     from launch.job import IndexJob
 
-    submitted = submit_job(args, executor, job, IndexJob(command), profile, world, f" indexing into {out}",
-                           retrieve=command)
-    if args.wait:
-        if wait_for(submitted, job, args.local) is None:
-            print(f"job {submitted.job_id} ended without results; see {job}", file=sys.stderr)
-            return 1
-        from itself.retrieve.store import IndexDir
+    queued = submit_job(args, executor, job, IndexJob(command), profile, world, f" indexing into {out}",
+                        retrieve=command)
+    submitted.update(queued=queued, job=job, local=args.local)
+    return 0
 
-        info = IndexDir(out).info()
-        print(f"index {out}: {info['images']} images in {len(info['batches'])} batch(es), "
-              f"{info['index']['kind']} index")
+
+def _wait_for_index(out: str, queued, job: JobDir, local: bool) -> int:
+    if wait_for(queued, job, local) is None:
+        print(f"job {queued.job_id} ended without results; see {job}", file=sys.stderr)
+        return 1
+    from itself.retrieve.store import IndexDir
+
+    info = IndexDir(out).info()
+    print(f"index {out}: {info['images']} images in {len(info['batches'])} batch(es), "
+          f"{info['index']['kind']} index")
     return 0
 
 

@@ -148,10 +148,14 @@ def submit(executor, job: JobDir, payload):
         raise SubmitError(f"the job was not submitted: {submit_error(e)}") from None
 
 
-def submit_job(args, executor, job: JobDir, payload, profile: SlurmProfile, world: int, shape: str, **extra):
-    """Submit `payload` in the job folder and record it there (submission.json, with `extra`);
-    prints the job id, the job's `shape` and how to follow it. SubmitError when sbatch refuses."""
+def submit_job(args, executor, job: JobDir, payload, profile: SlurmProfile, world: int, shape: str,
+               config: Config | None = None, **extra):
+    """Submit `payload` in the job folder and record it there (the training `config` when given,
+    then submission.json, with `extra`); prints the job id, the job's `shape` and how to follow it.
+    SubmitError when sbatch refuses."""
     submitted = submit(executor, job, payload)
+    if config is not None:
+        job.write_config(config)
     job.write_submission(submission(args, submitted.job_id, profile, world, **extra))
     print(f"submitted job {submitted.job_id}: {args.nodes} node(s) x {profile.ranks_per_node} rank(s){shape}")
     print(f"job folder: {job}")
@@ -267,10 +271,13 @@ def plan(args) -> tuple[Config, SlurmProfile, JobDir]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup_from(args)
-    return exit_code(lambda: _submit_training(args), failures=(SubmitError,))
+    submitted: dict = {}
+    code = exit_code(lambda: _submit_training(args, submitted), failures=(SubmitError,))
+    return _wait_for_training(**submitted) if code == 0 and args.wait and submitted else code
 
 
-def _submit_training(args) -> int:
+def _submit_training(args, submitted: dict) -> int:
+    """Plan the job and submit it (or print the dry run); `submitted` gets what --wait follows."""
     cfg, profile, job = plan(args)
     name, world = args.name or cfg.name, args.nodes * profile.ranks_per_node
     executor = executor_or_dry_run(args, job, profile, name, "\n# training config\n\n" + config_yaml(cfg))
@@ -278,18 +285,21 @@ def _submit_training(args) -> int:
         return 0
     from launch.job import TrainJob
 
-    submitted = submit_job(args, executor, job, TrainJob(to_dict(cfg), str(job.path), profile.max_requeues),
-                           profile, world, f", {profile.gpus_per_node} GPU(s)/node", run_dir=cfg.run_dir)
-    job.write_config(cfg)
+    queued = submit_job(args, executor, job, TrainJob(to_dict(cfg), str(job.path), profile.max_requeues),
+                        profile, world, f", {profile.gpus_per_node} GPU(s)/node", config=cfg, run_dir=cfg.run_dir)
     if not args.local:
-        print(f"        squeue -j {submitted.job_id}   scontrol show job {submitted.job_id}   scancel {submitted.job_id}")
+        print(f"        squeue -j {queued.job_id}   scontrol show job {queued.job_id}   scancel {queued.job_id}")
     run = RunDir(cfg.run_dir)
     print(f"results: {run.file(RunDir.RESULTS)}   attempts: {job.path / JobDir.ATTEMPTS}")
-    if args.wait:
-        if wait_for(submitted, job, args.local) is None or not run.file(RunDir.RESULTS).exists():
-            print(f"job {submitted.job_id} ended without results; see {job}", file=sys.stderr)
-            return 1
-        print(json.dumps(results_summary(run.results()), indent=2))
+    submitted.update(queued=queued, job=job, run=run, local=args.local)
+    return 0
+
+
+def _wait_for_training(queued, job: JobDir, run: RunDir, local: bool) -> int:
+    if wait_for(queued, job, local) is None or not run.file(RunDir.RESULTS).exists():
+        print(f"job {queued.job_id} ended without results; see {job}", file=sys.stderr)
+        return 1
+    print(json.dumps(results_summary(run.results()), indent=2))
     return 0
 
 

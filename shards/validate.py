@@ -63,13 +63,13 @@ def _bad_text(text: str) -> str | None:
     return None
 
 
-def _check_text(what: str, text: str, limit: int, too_long: str) -> tuple[str, str] | None:
-    """(reason, detail) when `text` (the record's `what`) is longer than `limit` characters (reason
-    `too_long`) or is not text a caption or an id may hold."""
+def _check_text(what: str, value, text: str, limit: int, too_long: str) -> tuple[str, str] | None:
+    """(reason, detail) when `text` (of the record's `what`, `value`) is longer than `limit`
+    characters (reason `too_long`) or is not text a caption or an id may hold."""
     if len(text) > limit:
-        return too_long, f"{what} is {len(text)} characters long (at most {limit}): {bounded(text)}"
+        return too_long, f"{what} is {len(text)} characters long (at most {limit}): {bounded(value)}"
     if (why := _bad_text(text)) is not None:
-        return "malformed record", f"{what} {why}: {bounded(text)}"
+        return "malformed record", f"{what} {why}: {bounded(value)}"
     return None
 
 
@@ -92,7 +92,7 @@ def check_pid(pid) -> tuple[str, str] | None:
         text = str(pid)
     except ValueError:  # an integer too long to print
         return "malformed record", f"pid is longer than {MAX_PID_CHARS} characters"
-    return _check_text("pid", text, MAX_PID_CHARS, "malformed record")
+    return _check_text("pid", pid, text, MAX_PID_CHARS, "malformed record")
 
 
 def pid_key(pid) -> str:
@@ -118,7 +118,7 @@ def check_captions(captions) -> tuple[str, str] | None:
             return "empty or non-string caption", f"non-string caption ({kind(c)}): {bounded(c)}"
         if not c.strip():
             return "empty or non-string caption", f"empty caption: {bounded(c)}"
-        if (problem := _check_text("caption", c, MAX_CAPTION_CHARS, "caption too long")) is not None:
+        if (problem := _check_text("caption", c, c, MAX_CAPTION_CHARS, "caption too long")) is not None:
             return problem
     return None
 

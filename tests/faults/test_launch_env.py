@@ -145,11 +145,17 @@ def test_ctrl_c_stops_with_the_resume_command_and_no_traceback(small_dataset, tm
 
 class _SendsCtrlC:
     """Sends this process SIGINT from its finaliser: the KeyboardInterrupt is raised inside
-    `__del__`, where Python drops it ("Exception ignored"), as when a Ctrl-C lands while a
-    checkpoint save frees its objects."""
+    `__del__` (`raised` says it was), where Python drops it ("Exception ignored"), as when a
+    Ctrl-C lands while a checkpoint save frees its objects."""
+
+    raised: list[str] = []
 
     def __del__(self):
-        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # (handled before os.kill returns)
+        except KeyboardInterrupt:
+            self.raised.append("in __del__")
+            raise
 
 
 def test_a_ctrl_c_dropped_inside_a_finaliser_still_stops_the_training_at_its_next_step(small_dataset, tmp_path):
@@ -178,9 +184,34 @@ def test_a_ctrl_c_dropped_inside_a_finaliser_still_stops_the_training_at_its_nex
     finally:
         signal.signal(signal.SIGINT, handler)
         sys.unraisablehook = hook
-    assert dropped == [None] and unraisable == []  # (dropped quietly: no "Exception ignored" traceback)
+    assert dropped == [None] and _SendsCtrlC.raised == ["in __del__"]
+    assert not [u for u in unraisable if isinstance(u.exc_value, KeyboardInterrupt)]  # (quiet: no "Exception ignored")
     steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if r["type"] == "train"]
     assert steps == [2] and not (run_dir / "results.json").exists()  # (2 epochs of 8 steps, had it gone on)
     assert "training failed at step 2 (epoch 1): KeyboardInterrupt" in (run_dir / "train.log").read_text()
 
+
+
+def test_keeping_ctrl_c_leaves_the_process_as_it_found_it():
+    from itself import interrupts
+
+    handler, hook = signal.signal(signal.SIGINT, signal.default_int_handler), sys.unraisablehook
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupts.kept():
+            os.kill(os.getpid(), signal.SIGINT)  # (raises at once, as Python's own handler does)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and sys.unraisablehook is hook
+        interrupts.check()  # (nothing is remembered once it is over)
+
+        def theirs(signum, frame) -> None:  # a caller's own handler: its SIGINT stays its business
+            calls.append(signum)
+
+        calls = []
+        signal.signal(signal.SIGINT, theirs)
+        with interrupts.kept():
+            os.kill(os.getpid(), signal.SIGINT)
+            interrupts.check()
+        assert calls == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is theirs
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        sys.unraisablehook = hook
