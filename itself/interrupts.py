@@ -64,5 +64,5 @@ def kept():
 
 def check() -> None:
     """Raise the KeyboardInterrupt of a Ctrl-C that arrived and was dropped where it was raised."""
-    if _asked and _active and _in_main_thread():
+    if _asked and _in_main_thread():  # (only our handler sets it, only while a kept() holds SIGINT)
         raise KeyboardInterrupt
