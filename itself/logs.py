@@ -99,15 +99,25 @@ class _SplitHandler(logging.Handler):
             self.handleError(record)
 
 
-def add_file(path) -> logging.Handler:
-    """Also write the project's log records to `path` (appending; rank 0's train.log); returns the
-    handler to remove."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+def add_file(stream) -> logging.Handler:
+    """Also write the project's log records to the open text file `stream` (rank 0's train.log,
+    opened by its owner: safeio.open_append); returns the handler to remove, which closes it."""
+    handler = _FileStreamHandler(stream)
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     handler.addFilter(_RankFilter(0, False))  # (rank 0's file: every level, no rank prefix)
     for name in LOGGERS:
         logging.getLogger(name).addHandler(handler)
     return handler
+
+
+class _FileStreamHandler(logging.StreamHandler):
+    """A StreamHandler that owns its file: closing the handler closes it."""
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            super().close()
 
 
 def remove(handler: logging.Handler) -> None:

@@ -16,6 +16,7 @@ from .checkpoint import TrainState, dataset_fingerprint, saved_state, saved_worl
 from .filenames import COMPLETE, incomplete_tags
 from .config import Config, ConfigError, to_dict
 from .rundir import RunDir
+from .safeio import UnsafePath, open_append
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,9 @@ def report_failure(error: BaseException, rank: int, run: RunDir | None, where: s
     print(msg, file=sys.stderr, flush=True)
     if run is not None and rank == 0:  # (train.log is rank 0's; the others' go to their own stderr)
         try:
-            with open(run.file(RunDir.LOG), "a") as f:
+            with open_append(run.file(RunDir.LOG), "run_dir") as f:
                 f.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
-        except OSError:
+        except (OSError, UnsafePath):  # (no log to add it to: it is on stderr)
             pass
 
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .errors import ConfigError
 from .logs import add_file, remove
 from .paths import Folder
 from .records import EvalRecord, Results
+from .safeio import UnsafePath, open_append, write_atomic
 
 log = logging.getLogger(__name__)
 __all__ = ["EvalRecord", "RunDir", "RunLog", "timestamped"]
@@ -56,6 +58,9 @@ class RunDir(Folder):
     RESULTS = Results.FILE
     WANDB = "wandb"
     LOCK = ".itself-run.lock"
+    OWN = (CONFIG, DEEPSPEED_CONFIG, LOG, METRICS, TENSORBOARD, CHECKPOINTS, MODEL, WEIGHTS, EXPORT_CONFIG, RESULTS,
+           WANDB, LOCK)
+    """The names a run writes here (`check_links`)."""
 
     @staticmethod
     def default_path(name: str) -> str:
@@ -113,21 +118,33 @@ class RunDir(Folder):
     def unwritable(self) -> str | None:
         """Why files cannot be written here (a read-only or full file system, a file in the way, no
         permission), or None: found now rather than at the first checkpoint."""
-        probe = self.path / f".write-test-{os.getpid()}"
+        probe = None
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as f:
+            # (a new file of a random name, O_EXCL: a link planted at a predictable name is never followed)
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.path)
+            with os.fdopen(fd, "wb") as f:
                 f.write(b"\0" * 65536)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
             return f"run_dir: cannot write to {self.path}: {e.strerror or e}; choose a writable run_dir"
         finally:
-            try:
-                probe.unlink(missing_ok=True)
-            except OSError:  # (no folder to remove it from)
-                pass
+            if probe is not None:
+                Path(probe).unlink(missing_ok=True)
         return None
+
+    def check_links(self) -> None:
+        """UnsafePath unless every file and folder this run writes here (and each checkpoint folder)
+        is its own: a symbolic link planted at one of their names would have the run write, append
+        to or delete whatever it points at (the run may run as root)."""
+        names = [self.file(name) for name in self.OWN]
+        if self.checkpoints.is_dir() and not self.checkpoints.is_symlink():
+            names += list(self.checkpoints.iterdir())
+        for path in names:
+            if path.is_symlink():
+                raise UnsafePath(f"run_dir: {path} is a symbolic link (to {os.readlink(path)}); the files of a "
+                                 "run folder are the run's own: remove the link, or choose another run_dir")
 
     def check_room(self, checkpoint_bytes: int, model_bytes: int, keep_last: int) -> None:
         """A ConfigError when this folder cannot hold the run's checkpoints (the last `keep_last`, the
@@ -189,6 +206,7 @@ class RunDir(Folder):
         problem = self.unwritable()
         if problem:
             raise ConfigError(problem)
+        self.check_links()
         return self.lock()
 
     def lock(self) -> FolderLock:
@@ -203,8 +221,9 @@ class RunDir(Folder):
     # -- writing -----------------------------------------------------------------------------------
 
     def write_text(self, name: str, text: str) -> Path:
+        """Write the file `name` whole (a new file renamed over it: a link there is replaced, not followed)."""
         path = self.file(name)
-        path.write_text(text)
+        write_atomic(path, text)
         return path
 
     def write_configs(self, config_yaml: str, deepspeed_config: dict) -> None:
@@ -234,8 +253,8 @@ class RunLog:
         if not self.active:
             return
         run.path.mkdir(parents=True, exist_ok=True)
-        self.text = add_file(run.file(RunDir.LOG))
-        self.jsonl = open(run.file(RunDir.METRICS), "a")
+        self.text = add_file(open_append(run.file(RunDir.LOG), "run_dir"))
+        self.jsonl = open_append(run.file(RunDir.METRICS), "run_dir")
         if report_to == "tensorboard":
             from tensorboardX import SummaryWriter
 

@@ -20,9 +20,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
+
+# (torch is imported by the loaders that need it: the rest serves processes that never load it)
 
 
 class UnsafeCheckpointError(ValueError):
@@ -32,6 +32,8 @@ class UnsafeCheckpointError(ValueError):
 def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False):
     """torch.load with weights_only=True (tensors, numbers, strings, containers: never code), with
     an error that says why a file is refused."""
+    import torch
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -55,6 +57,8 @@ def read_weights(path: str | os.PathLike) -> dict:
 
         return load_file(str(path))
     if is_torchscript(path):
+        import torch
+
         return torch.jit.load(str(path), map_location="cpu").state_dict()
     return safe_load(path)
 
@@ -103,6 +107,24 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def open_append(path: str | os.PathLike, what: str):
+    """`path` opened for appending text (created if missing), never through a link planted at its
+    name (O_NOFOLLOW) nor on a FIFO or device (which could block or reach anything): UnsafePath
+    naming `what` instead. OSError (no permission, a full disk) is the caller's."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # (ENXIO: a FIFO nobody reads)
+            raise UnsafePath(f"{what}: {path} is a symbolic link or a FIFO, where a file of ours is expected") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{what}: {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------- foreign folders

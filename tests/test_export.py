@@ -61,3 +61,29 @@ def test_the_three_files_get_the_umask_permissions(tmp_path, umask, mode):
     modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("model.pt", WEIGHTS, EXPORT_CONFIG)}
     assert modes == {"model.pt": mode, WEIGHTS: mode, EXPORT_CONFIG: mode}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(modes)  # (no temporary file left)
+
+
+def test_a_model_whose_config_disagrees_with_its_weights_is_refused_before_it_is_built(untrained_model, tmp_path):
+    # A 15 MB model.pt saying num_ids=1000000 had the classifier heads (gigabytes) allocated first.
+    from itself.errors import UserError
+
+    blob = torch.load(untrained_model, weights_only=True)
+    for num_ids, message in ((10**6, r"its config and weights disagree \(cid_heads.global.classifier.bias: the config "
+                                     r"makes \(1000001,\), the file holds \(33,\)\)"),
+                             ("32", "num_ids must be a positive integer, got '32'")):
+        torch.save({**blob, "num_ids": num_ids}, tmp_path / "evil.pt")
+        with pytest.raises(UserError, match=message):
+            load_exported(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("plant", ["/dev/zero", "fifo"])
+def test_a_safetensors_config_that_is_a_device_or_fifo_is_refused_without_reading_it(untrained_model, tmp_path, plant):
+    from itself.safeio import UnsafePath
+
+    exported = load_exported(untrained_model)
+    export(tmp_path / "model.pt", exported.model.state_dict(), to_dict(exported.config),
+           torch.load(untrained_model, weights_only=True)["num_ids"], exported.fusion_weight)
+    (tmp_path / EXPORT_CONFIG).unlink()
+    os.mkfifo(tmp_path / EXPORT_CONFIG) if plant == "fifo" else (tmp_path / EXPORT_CONFIG).symlink_to(plant)
+    with pytest.raises(UnsafePath, match=f"model: {tmp_path / EXPORT_CONFIG} is a"):
+        load_exported(tmp_path / WEIGHTS)

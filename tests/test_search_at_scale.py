@@ -272,9 +272,10 @@ class Server:
             self.close()
             raise
 
-    def get(self, path: str) -> tuple[int, dict, bytes]:
+    def get(self, path: str, **headers: str) -> tuple[int, dict, bytes]:
         try:
-            with urllib.request.urlopen(self.url + path.lstrip("/"), timeout=120) as r:
+            request = urllib.request.Request(self.url + path.lstrip("/"), headers=headers)
+            with urllib.request.urlopen(request, timeout=120) as r:
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
@@ -341,6 +342,12 @@ def test_search_page_over_http(evil_index, tmp_path):
         assert status == 400 and "at most 300 are read" in body.decode()
         status, _, body = server.get("/api/search?q=a&k=0")
         assert status == 400 and "k must be" in json.loads(body)["error"]
+        # DNS rebinding: a page whose name now resolves to 127.0.0.1 gets nothing through the browser.
+        port = server.url.rsplit(":", 1)[1].rstrip("/")
+        for path in ("/", "/api/search?q=a", "/thumb/0.png"):
+            status, _, body = server.get(path, Host=f"attacker.example:{port}")
+            assert status == 403 and b"localhost only" in body
+        assert server.get("/thumb/0.png", Host=f"localhost:{port}")[0] == 200
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from itself.config import Config, ConfigError, config_yaml, from_dict, load_yaml
@@ -79,6 +80,24 @@ class ExperimentDir(Folder):
 
     def holds_anything(self) -> bool:
         return self.path.is_dir() and any(p.name != self.LOCK for p in self.path.iterdir())
+
+    def check_owned(self) -> None:
+        """ConfigError unless every file and folder of the experiment is this user's and writable by
+        no one else (no link planted at a name either): --resume has Ray unpickle its state
+        (tuner.pkl and the rest), which runs whatever code the pickles hold, and trains the base
+        config kept here; an experiment someone else wrote or could change is never resumed."""
+        me = os.geteuid()
+        for folder, dirs, files in os.walk(self.path):
+            for name in (".", *dirs, *files):
+                path = Path(folder, name)
+                st = os.lstat(path)
+                if st.st_uid != me:
+                    raise ConfigError(f"--resume: {path} belongs to uid {st.st_uid}, not to you (uid {me}): resuming "
+                                      "unpickles the experiment's state, which runs code; only an experiment you "
+                                      "wrote resumes (start a new search)")
+                if st.st_mode & 0o002 and not stat.S_ISLNK(st.st_mode):
+                    raise ConfigError(f"--resume: {path} is writable by anyone: resuming unpickles the experiment's "
+                                      f"state, which runs code; `chmod -R o-w {self.path}` if it is yours as written")
 
     def settings(self) -> SearchSettings:
         return SearchSettings.from_json(self._read(self.SETTINGS))

@@ -327,6 +327,7 @@ def prepare(args) -> tuple[ExperimentDir, Config, SearchSettings]:
     if args.resume:
         if not exp.is_search():
             raise ConfigError(f"--resume: {exp} is not a search started by tune/search.py (no {ExperimentDir.SETTINGS})")
+        exp.check_owned()
         exp.lock()
         if args.overrides or args.config:
             print(f"note: --resume continues with the settings and base config of {exp} ({ExperimentDir.SETTINGS}, "

@@ -10,7 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, UserError
+from ..safeio import read_regular
 
 
 def is_url(path: str) -> bool:
@@ -49,11 +50,25 @@ def exists(path: str) -> bool:
         raise DataError(f"cannot reach {path}: {type(e).__name__}: {e}") from None
 
 
+MAX_JSON_BYTES = 64 << 20
+"""The largest JSON file read from a dataset (dataset.json: a few KiB per thousand shards)."""
+
+
 def read_json(path: str) -> dict:
+    """A dataset's JSON file: a bounded regular file (a link, FIFO or device in its place, or a file
+    beyond MAX_JSON_BYTES, is refused without reading it), or at most that much from a URL."""
     try:
-        with _open(path) as f:
-            return json.loads(f.read())
+        if is_url(path):
+            with _open(path) as f:
+                data = f.read(MAX_JSON_BYTES + 1)
+            if len(data) > MAX_JSON_BYTES:
+                raise DataError(f"cannot read {path}: more than the {MAX_JSON_BYTES} bytes accepted")
+        else:
+            data = read_regular(path, "data.root", MAX_JSON_BYTES)
+        return json.loads(data)
     except (OSError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
         raise DataError(f"cannot read {path}: {e}") from None
 
 

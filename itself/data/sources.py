@@ -7,9 +7,12 @@ pipeline serves: both lay the epoch out with `epoch_plan`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 from pathlib import Path
 
 from shards import schema
@@ -17,6 +20,7 @@ from shards import schema
 from ..config import DataConfig
 from ..errors import DataError
 from ..layout import DataLayout, data_layout
+from ..safeio import check_relative, resolve_inside
 from .catalog import TrainData, dataset_info, is_url, join
 from .locations import is_command
 from .plan import EpochLayout, epoch_layout
@@ -31,14 +35,32 @@ def ensure_dataset(root: str | os.PathLike, build_synthetic: bool = False) -> di
     root = str(root)
     if build_synthetic and not is_url(root) and not (Path(root) / schema.DATASET_FILE).exists():
         Path(root).parent.mkdir(parents=True, exist_ok=True)
-        with open(root + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _build_lock(root + ".lock"):
             if not (Path(root) / schema.DATASET_FILE).exists():
                 import shards
 
                 log.info(f"building the synthetic dataset in {Path(root).resolve()} (first use)")
                 shards.build_synthetic(root, progress=False)
     return dataset_info(root)
+
+
+@contextlib.contextmanager
+def _build_lock(path: str):
+    """Wait for, then hold, the lock file `path` (created if missing, never truncated, never
+    through a link planted at its name: root would otherwise empty whatever it points at)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise DataError(f"data.root: cannot use the lock {path}: "
+                         + ("it is a symbolic link or a FIFO" if e.errno in (errno.ELOOP, errno.ENXIO) else
+                            str(e.strerror or e))) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DataError(f"data.root: the lock {path} is not a regular file")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def split_urls(root: str, split: str, info: dict | None = None, override: str = "") -> list[str]:
@@ -50,7 +72,7 @@ def split_urls(root: str, split: str, info: dict | None = None, override: str = 
         urls = expand_urls(override)
     else:
         info = info or ensure_dataset(root)
-        urls = [join(root, split, s["name"]) for s in info["splits"][split]["shards"]]
+        urls = [_shard_inside(root, split, i, s) for i, s in enumerate(info["splits"][split]["shards"])]
     if not urls:
         raise DataError(f"no {split} shards: dataset {root} has none" + (" and data.train_shards is empty"
                                                                         if split == "train" else ""))
@@ -58,6 +80,18 @@ def split_urls(root: str, split: str, info: dict | None = None, override: str = 
         if not is_url(url) and not is_command(url) and not os.path.isfile(url):
             raise DataError(f"shard not found: {url}")
     return urls
+
+
+def _shard_inside(root: str, split: str, index: int, shard) -> str:
+    """The URL of a shard dataset.json names: a plain path inside the dataset's folder (the file
+    comes from whoever built the dataset: a `..`, an absolute path, a command or a link out of the
+    folder is refused, naming the entry)."""
+    entry = f"{join(root, schema.DATASET_FILE)}: entry splits.{split}.shards[{index}].name"
+    relative = check_relative(f"{split}/{check_relative(shard.get('name') if isinstance(shard, dict) else shard, entry)}",
+                              entry)
+    if not is_url(root):
+        resolve_inside(root, relative, entry)
+    return join(root, relative)
 
 
 def train_sources(cfg: DataConfig) -> list[tuple[str, list[str], float]]:

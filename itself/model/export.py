@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import torch
 from .. import filenames
 from ..config import Config, from_dict
 from ..errors import UserError
-from ..safeio import safe_load, temp_beside, write_atomic
+from ..safeio import read_regular, safe_load, temp_beside, write_atomic
 from .itself import ITSELF, TRAIN
 
 FORMAT = "itself-model/1"
@@ -73,18 +74,44 @@ def _write_replacing(path: Path, write) -> None:
         raise
 
 
+MAX_CONFIG_BYTES = 16 << 20  # config.json beside model.safetensors (a few KiB as written)
+
+
+def _check_shapes(path: Path, model_cfg, num_ids, image_size, state_dict: dict) -> None:
+    """UserError unless the model the file's config describes has exactly the file's tensors, found
+    on the meta device (no memory): a config claiming a million identities or a huge embedding
+    beside small weights would otherwise allocate gigabytes before the weights are compared."""
+    if not isinstance(num_ids, int) or isinstance(num_ids, bool) or num_ids < 1:
+        raise UserError(f"{path}: num_ids must be a positive integer, got {num_ids!r}")
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in ITSELF(model_cfg, num_ids, image_size).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if wanted != found:
+        key = next((k for k in sorted(wanted.keys() | found.keys()) if wanted.get(k) != found.get(k)), None)
+        raise UserError(f"{path}: its config and weights disagree ({key}: the config makes {wanted.get(key)}, the file "
+                        f"holds {found.get(key)}); not a model itself/train.py exported")
+
+
 def load_exported(path: str | os.PathLike, map_location="cpu") -> Exported:
     """The model (in eval mode), its config and fusion weight, from an exported model.pt, or from
     a model.safetensors with its config.json (or the folder holding them)."""
     path = Path(path)
     if path.is_dir():
         path = path / filenames.WEIGHTS
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # (a FIFO or device would block or never end)
+        raise UserError(f"{path}: not a regular file (a run writes model.pt into its run directory)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        if not (path.with_name(filenames.EXPORT_CONFIG)).exists():
+        companion = path.with_name(filenames.EXPORT_CONFIG)
+        if not companion.exists():
             raise UserError(f"{path}: no {filenames.EXPORT_CONFIG} beside it (written with the weights by itself/train.py)")
-        meta, state_dict = json.loads(path.with_name(filenames.EXPORT_CONFIG).read_text()), load_file(str(path), device=str(map_location))
+        text = read_regular(companion, "model", MAX_CONFIG_BYTES)
+        try:
+            meta = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{companion}: not the JSON itself/train.py writes ({e})") from None
+        state_dict = load_file(str(path), device=str(map_location))
     else:
         if not path.exists():
             raise UserError(f"{path}: no such model file (a run writes model.pt into its run directory)")
@@ -95,7 +122,9 @@ def load_exported(path: str | os.PathLike, map_location="cpu") -> Exported:
                         f"{filenames.EXPORT_CONFIG}, written by itself/train.py)")
     cfg = from_dict(meta["config"])
     # The exported weights replace any pretrained ones: build the backbone without loading them.
-    model = ITSELF(dataclasses.replace(cfg.model, pretrained=""), meta["num_ids"], cfg.data.image_size)
+    model_cfg, num_ids = dataclasses.replace(cfg.model, pretrained=""), meta.get("num_ids")
+    _check_shapes(path, model_cfg, num_ids, cfg.data.image_size, state_dict)
+    model = ITSELF(model_cfg, num_ids, cfg.data.image_size)
     model.load_state_dict(state_dict)
     model.selection = meta.get("selection", TRAIN)  # encode_image / encode_text use the one chosen on val
     return Exported(model.eval(), cfg, meta["fusion_weight"])

@@ -124,12 +124,29 @@ class SearchApp:
         return buf.getvalue()
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def host_name(header: str | None) -> str:
+    """The host of a Host header (`name:port`, `[v6]:port`), lower case; "" when there is none."""
+    value = (header or "").strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else ""
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "itself-search"
     protocol_version = "HTTP/1.1"  # keep-alive: a page's thumbnails come over one connection
     app: SearchApp  # set by make_server
+    loopback_only: bool  # set by make_server: bound to this machine only
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server name
+        if self.loopback_only and host_name(self.headers.get("Host")) not in LOOPBACK:
+            # DNS rebinding: a web page whose name now resolves to 127.0.0.1 would read the gallery
+            # through the user's browser; only requests for this machine's own names are answered.
+            self._send(403, "text/plain; charset=utf-8", b"this server answers requests for localhost only")
+            return
         url = urlsplit(self.path)
         params = parse_qs(url.query)
         try:
@@ -212,7 +229,7 @@ class BoundedServer(ThreadingHTTPServer):
 def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8000, idle_timeout_s: float = IDLE_TIMEOUT_S,
                 max_connections: int = MAX_CONNECTIONS) -> ThreadingHTTPServer:
     """The server, bound (RetrieveError, one line, when the port is taken or the host cannot be bound)."""
-    handler = type("BoundHandler", (Handler,), {"app": app, "timeout": idle_timeout_s})
+    handler = type("BoundHandler", (Handler,), {"app": app, "timeout": idle_timeout_s, "loopback_only": host in LOOPBACK})
     try:
         return BoundedServer((host, port), handler, max_connections)
     except OSError as e:
@@ -232,7 +249,7 @@ def search_url(host: str, port: int, query: str = "") -> str:
 def serve(app: SearchApp, host: str, port: int, idle_timeout_s: float = IDLE_TIMEOUT_S,
           max_connections: int = MAX_CONNECTIONS) -> None:
     server = make_server(app, host, port, idle_timeout_s, max_connections)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         print(f"warning: serving on {host}: no authentication, anyone who reaches port {server.server_port} "
               "can search and see the gallery", file=sys.stderr)
     print(f"serving {app.index.info['images']} images at {search_url(host, server.server_port)} (Ctrl-C stops)",

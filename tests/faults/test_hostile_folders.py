@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -313,3 +314,30 @@ def test_fifos_in_place_of_files_are_refused_without_blocking(folder_index, tmp_
     start = time.monotonic()
     refused(cli("query", "--index", d, "--text", "a man"), message)
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("name", ["../../../victim.tar", "/etc/hostname", "pipe:touch MARKER", "out/link.tar"])
+def test_training_reads_only_shards_inside_the_dataset(small_dataset, tmp_path, name):
+    from itself.data.sources import split_urls
+
+    data, marker = tmp_path / "data", tmp_path / "ran"
+    shutil.copytree(small_dataset, data)
+    (tmp_path / "victim.tar").write_bytes((small_dataset / "test" / "test-000000.tar").read_bytes())
+    (data / "test" / "out").mkdir()
+    (data / "test" / "out" / "link.tar").symlink_to(tmp_path / "victim.tar")
+    edit_json(data / "dataset.json",
+              lambda i: i["splits"]["test"]["shards"][0].update(name=name.replace("MARKER", str(marker))))
+    with pytest.raises(UnsafePath, match=r"dataset.json: entry splits.test.shards\[0\].name"):
+        split_urls(str(data), "test")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("plant", ["/dev/zero", "fifo"])
+def test_a_dataset_json_that_is_a_device_or_fifo_is_refused_without_reading_it(tmp_path, plant):
+    from itself.data.catalog import dataset_info
+
+    (tmp_path / "data").mkdir()
+    info = tmp_path / "data" / "dataset.json"
+    os.mkfifo(info) if plant == "fifo" else info.symlink_to(plant)
+    with pytest.raises(UnsafePath, match=f"data.root: {info} is a"):
+        dataset_info(str(tmp_path / "data"))

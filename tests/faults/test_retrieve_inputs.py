@@ -180,3 +180,14 @@ def test_report_escapes_queries_and_identities(index_dir, tmp_path):
     page = (tmp_path / "r" / "index.html").read_text()
     assert "<img src=x" not in page and "<script>alert" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;script&gt;alert(2)&lt;/script&gt;" in page
+
+
+def test_the_host_header_names_the_machine_or_the_request_is_refused():
+    # (the server on 127.0.0.1 answers only these: tests/test_search_at_scale.py sends the requests)
+    from itself.retrieve.serve import LOOPBACK, host_name
+
+    for header, name in (("localhost:8000", "localhost"), ("127.0.0.1", "127.0.0.1"), ("[::1]:8000", "::1"),
+                         ("LocalHost:1", "localhost"), ("attacker.example:8000", "attacker.example"),
+                         ("localhost.attacker.example", "localhost.attacker.example"), (None, ""), ("[::1", "")):
+        assert host_name(header) == name
+    assert {host_name(h) in LOOPBACK for h in ("attacker.example:80", "127.0.0.1.nip.io", "")} == {False}

@@ -4,6 +4,7 @@ has; skipped with the reason otherwise)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,48 @@ def test_disk_filling_up_mid_run_fails_loudly_and_the_run_resumes_once_there_is_
     run_train(args + ["train.resume=latest"])
     assert f"resumed from {run_dir / 'checkpoints' / tag}" in (run_dir / "train.log").read_text()
     assert (run_dir / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------- planted links
+
+
+@pytest.mark.parametrize("name", ["train.log", "metrics.jsonl", "config.yaml", "results.json", "checkpoints",
+                                  "checkpoints/step00000016"])
+def test_a_link_planted_in_the_run_dir_is_refused_and_its_target_untouched(small_dataset, tmp_path, name):
+    # A run may run as root, in a folder another user could write (a shared runs/, a predictable
+    # timestamped name): a link at a name the run writes would have it append to, replace or
+    # delete whatever the link points at.
+    victim, run_dir = tmp_path / "victim", tmp_path / "run"
+    victim.mkdir() if name.startswith("checkpoints") else victim.write_text("precious\n")
+    (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / name).symlink_to(victim)
+    run = run_train(small_run_args(small_dataset, "train.max_steps=1", f"run_dir={run_dir}"), check=False)
+    assert_refused_before_training(run, f"{run_dir / name} is a symbolic link (to {victim})", "remove the link")
+    assert (victim.is_dir() and not any(victim.iterdir())) or victim.read_text() == "precious\n"
+
+
+def test_the_write_probe_and_the_failure_note_never_follow_a_link(tmp_path):
+    from itself.resume import report_failure
+    from itself.rundir import RunDir
+
+    victim, run = tmp_path / "victim", RunDir(tmp_path / "run")
+    victim.write_text("precious\n")
+    run.path.mkdir()
+    (run.path / f".write-test-{os.getpid()}").symlink_to(victim)  # (the probe's name was predictable)
+    (run.path / "train.log").symlink_to(victim)
+    assert run.unwritable() is None
+    report_failure(RuntimeError("boom"), 0, run, "at step 3")  # (its note goes to train.log)
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_link_planted_at_the_synthetic_sets_build_lock_is_not_followed(tmp_path):
+    from itself.data.sources import ensure_dataset
+    from itself.errors import DataError
+
+    victim, root = tmp_path / "victim", tmp_path / "shared" / "synthetic"
+    victim.write_text("precious\n")
+    root.parent.mkdir()
+    (root.parent / "synthetic.lock").symlink_to(victim)
+    with pytest.raises(DataError, match="synthetic.lock: it is a symbolic link"):
+        ensure_dataset(root, build_synthetic=True)
+    assert victim.read_text() == "precious\n" and not root.exists()

@@ -171,3 +171,26 @@ def test_unreadable_config_files_are_one_error_line(tmp_path):
     assert_refused(search(tmp_path, *storage, "--config", "/dev/zero"), "error: --config: /dev/zero is not a regular file")
     assert_refused(search(tmp_path, *storage, f"train.deepspeed={bad}"), f"error: train.deepspeed: {bad} is not valid JSON")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+@pytest.mark.parametrize("how", ["another user's", "writable by anyone"])
+def test_resume_never_unpickles_an_experiment_someone_else_wrote_or_could_change(tmp_path, how):
+    # --resume has Ray unpickle tuner.pkl (and the rest of its state): code, if someone else wrote it.
+    import os
+    import pickle
+
+    from runs import RunsCode
+
+    path, marker = _experiment(tmp_path), tmp_path / "code-ran"
+    (path / "tuner.pkl").write_bytes(pickle.dumps(RunsCode(marker)))
+    if how == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(path / "tuner.pkl", 65534, 65534)
+        message = f"{path / 'tuner.pkl'} belongs to uid 65534, not to you (uid 0)"
+    else:
+        os.chmod(path / "tuner.pkl", 0o666)
+        message = f"{path / 'tuner.pkl'} is writable by anyone"
+    run = search(tmp_path, "--resume", "--name", "x", "--storage-path", str(tmp_path / "tune"))
+    assert_refused(run, f"error: --resume: {message}", "unpickles the experiment's state, which runs code")
+    assert not marker.exists() and not (tmp_path / "ray").exists()
