@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from . import schema
 from .chunking import chunk_dir, chunk_done, load_plan, unique_name
 from .converters import MAX_IMAGE_BYTES, read_image_file, worker_init
-from .corpora import image_column
+from .corpora import column_bytes_per_row, image_column
 from .errors import BuildError, BuildFailed
 from .imaging import failure_reason, prepare_image
 from .transaction import fsync_path
@@ -153,7 +153,13 @@ def _parquet_images(path: str, rows: list[int]) -> Iterator[tuple]:
     start = 0
     for g in range(pf.metadata.num_row_groups):
         end = start + pf.metadata.row_group(g).num_rows
-        if row is not None and row < end:
+        per_row = column_bytes_per_row(pf, g, [column])
+        if row is not None and row < end and per_row > MAX_IMAGE_BYTES:  # (a bomb: refused before it is read)
+            while row is not None and row < end:
+                yield None, ("image file too large", f"{Path(path).name} row {row}: its row group holds "
+                                                     f"{per_row:.0f} bytes per image uncompressed (at most {MAX_IMAGE_BYTES})")
+                row = next(wanted, None)
+        elif row is not None and row < end:
             base = start
             for batch in pf.iter_batches(batch_size=IMAGE_BATCH, row_groups=[g], columns=[column]):
                 images = _bytes_column(batch.column(0))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import random
@@ -151,6 +150,24 @@ def read_entries(fmt: Format, path: Path) -> tuple[list[Entry], list[Reject]]:
 @dataclasses.dataclass
 class _Unparsable:
     why: str
+
+
+def check_image_root(root: Path, image_root: Path) -> None:
+    """ConvertError when the images folder is a link out of --root that someone else made: every
+    image path is kept inside the images folder, so such a link would let whoever handed us the raw
+    folder (with an annotation file naming the files) have our build pack the images it points at
+    (another user's, read as root) into a dataset they can read. A link of one's own (the images on
+    another disk) is followed."""
+    try:
+        st = os.lstat(image_root)
+    except OSError:
+        return  # (no images folder: every entry is rejected as missing)
+    real = os.path.realpath(image_root)
+    if stat.S_ISLNK(st.st_mode) and st.st_uid != os.geteuid() and \
+            os.path.commonpath([real, os.path.realpath(root)]) != os.path.realpath(root):
+        raise ConvertError(f"--root {root}: {image_root} is a link to {real}, outside the folder, made by uid "
+                           f"{st.st_uid}, not by you; images are read only through links of your own (replace it "
+                           "with your own link if those images are yours to pack)")
 
 
 def screen(entries: list[Entry], image_root: Path) -> tuple[list[Entry], list[Reject]]:
@@ -381,6 +398,7 @@ def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, *, an
     with DatasetWriter(out, dataset, max_samples=max_samples, max_bytes=max_bytes, overwrite=overwrite) as writer:
         entries, rejects = read_entries(fmt, ann)
         image_root = root / fmt.image_dir
+        check_image_root(root, image_root)
         entries, screened = screen(entries, image_root)
         rejects += screened
         writer.extra.update({"builder": {"dataset": dataset, "root": str(root), "annotations": ann.name},

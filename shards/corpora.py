@@ -138,6 +138,21 @@ def parquet_parts(files: list[Path]) -> list[Path]:
     return [f for f in files if f.suffix == ".parquet"]
 
 
+MAX_TEXT_ROW_BYTES = 1 << 20
+"""Most text one Parquet row may average over its row group (pid, captions, path: a few hundred
+bytes as published; `validate` then bounds each caption): more is a bomb, refused unread."""
+
+
+def column_bytes_per_row(pf, group: int, columns) -> float:
+    """Uncompressed bytes per row the Parquet metadata gives `columns` (top-level names: every leaf
+    under them) in row group `group`: what reading them would take, known before decompressing."""
+    meta = pf.metadata.row_group(group)
+    names = set(columns)
+    size = sum(meta.column(i).total_uncompressed_size for i in range(meta.num_columns)
+               if meta.column(i).path_in_schema.split(".")[0] in names)
+    return size / max(1, meta.num_rows)
+
+
 def image_column(path: str | Path) -> str:
     """The column of a Parquet annotation file that holds its images."""
     import pyarrow.parquet as pq
@@ -255,6 +270,11 @@ def _parquet_items(name: str, path: Path, part: int) -> Iterator[Item]:
         columns, how = _parquet_columns(name, path, pf.schema_arrow)
         if not isinstance(columns, dict):
             columns = {c: c for c in columns}
+        for g in range(pf.metadata.num_row_groups):  # (a decompression bomb: refused before it is read)
+            per_row = column_bytes_per_row(pf, g, columns.values())
+            if per_row > MAX_TEXT_ROW_BYTES:
+                raise ConvertError(f"{path}: row group {g} holds {per_row:.0f} bytes of text per row uncompressed (at "
+                                   f"most {MAX_TEXT_ROW_BYTES} read): refused without decompressing it")
         row = 0
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(columns.values())):
             values = {role: batch.column(c).to_pylist() for role, c in columns.items()}

@@ -237,3 +237,27 @@ def test_missing_annotations_name_the_expected_files(tmp_path):
                           str(tmp_path / "raw"), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert run.returncode == 2 and "ICFG-PEDES.json, ICFG_PEDES.json" in run.stderr
+
+
+def test_an_images_folder_linked_out_of_the_root_by_someone_else_is_refused(tmp_path):
+    # A raw folder handed over with imgs/ linking to another user's photos: a build run as root
+    # would pack them into a dataset its giver can read. One's own link (images on another disk) is fine.
+    import shutil
+
+    make_cuhk(tmp_path / "raw")
+    shutil.move(tmp_path / "raw" / "imgs", tmp_path / "private")
+    (tmp_path / "raw" / "imgs").symlink_to(tmp_path / "private")
+    info = convert("cuhk-pedes", tmp_path / "raw", tmp_path / "mine", workers=1, progress=False)
+    assert info["written"] == 16
+    if os.geteuid() != 0:
+        return  # (giving the link to another user needs root)
+    os.lchown(tmp_path / "raw" / "imgs", 65534, 65534)
+    try:
+        convert("cuhk-pedes", tmp_path / "raw", tmp_path / "theirs", workers=1, progress=False)
+    except Exception as e:  # noqa: BLE001 - the type is checked below
+        from shards.errors import ConvertError
+
+        assert isinstance(e, ConvertError) and "is a link to" in str(e) and "made by uid 65534, not by you" in str(e)
+    else:
+        raise AssertionError("the build followed another user's link out of --root")
+    assert not (tmp_path / "theirs" / "dataset.json").exists()

@@ -126,6 +126,37 @@ def test_parquet_images_are_bounded_and_bombs_rejected(tmp_path, monkeypatch):
     assert "bytes (at most" in by_source[table[4]["image_path"]]["detail"]
 
 
+@pytest.mark.parametrize("column", ["image", "caption"])
+def test_a_parquet_decompression_bomb_is_refused_before_it_is_decompressed(tmp_path, monkeypatch, column):
+    # A few KB on disk that decompress to gigabytes (the limits are scaled down here: 2 MB of zeros
+    # against 50 KB per image / 1 KB of text per row); the metadata says so before anything is read.
+    import shards.chunks
+    import shards.corpora
+    from shards.errors import ConvertError
+
+    root, name = tmp_path / "raw", "train-00000-of-00001.parquet"
+    plant_webperson(root, n=10, files=1, faults=False)
+    table = pq.read_table(root / "data" / name).to_pylist()
+    if column == "image":
+        table[2]["image"]["bytes"] = bytes(2 << 20)
+    else:
+        table[2]["caption1"] = "a" * (2 << 20)
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(root / "data" / name)), root / "data" / name,
+                   compression="zstd")
+    assert (root / "data" / name).stat().st_size < 100_000
+    monkeypatch.setattr(shards.chunks, "MAX_IMAGE_BYTES", 50_000)
+    monkeypatch.setattr(shards.corpora, "MAX_TEXT_ROW_BYTES", 1000)
+    options = CorpusOptions(val_fraction=0)
+    if column == "caption":
+        with pytest.raises(ConvertError, match="row group 0 holds .* bytes of text per row uncompressed .*refused without"):
+            convert_corpus("webperson", root, tmp_path / "out", options, workers=1, progress=False)
+        return
+    with pytest.raises(Exception, match="all 10 records rejected: image file too large"):
+        convert_corpus("webperson", root, tmp_path / "out", options, workers=1, progress=False)
+    listed = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    assert len(listed) == 10 and all("its row group holds" in r["detail"] for r in listed)
+
+
 def test_pairs_jsonl_and_parquet_with_bytes(tmp_path):
     root = tmp_path / "raw"
     lines = []
