@@ -79,7 +79,7 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="launch/convert.py", description=__doc__,
                                 usage="%(prog)s [cluster options] -- BUILD FLAGS (of itself-shards build)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    cluster_arguments(p)
+    cluster_arguments(p, "convert-<the --out folder's name>", "the sbatch scripts (the array and the merge)")
     return p.parse_args(argv[:cut]), argv[cut + 1:]
 
 

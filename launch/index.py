@@ -29,7 +29,7 @@ from launch.slurm import SubmitError, cluster_arguments, executor_or_dry_run, re
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch/index.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    cluster_arguments(p)
+    cluster_arguments(p, "index-<the index folder's name> or add-<...>", "the sbatch script")
     p.add_argument("retrieve", nargs=argparse.REMAINDER, metavar="-- index|add ARGS",
                    help="the arguments of python -m itself.retrieve index / add")
     return p

@@ -44,11 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cluster_arguments(p: argparse.ArgumentParser) -> None:
-    """The job's shape and where it goes (shared with launch/index.py)."""
+def cluster_arguments(p: argparse.ArgumentParser, default_name: str = "the preset's run name",
+                      dry_run: str = "the sbatch script and training config") -> None:
+    """The job's shape and where it goes (shared with launch/index.py and launch/convert.py, which
+    name their jobs and print their scripts otherwise)."""
     logs.add_arguments(p)
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--profile", default="default", help="cluster profile: cluster_configs/slurm/NAME.yaml or a path")
+    p.add_argument("--profile", default="default",
+                   help="cluster profile: cluster_configs/slurm/NAME.yaml or a path (default: default)")
     o = p.add_argument_group("profile overrides")
     o.add_argument("--gpus-per-node", type=int)
     o.add_argument("--tasks-per-node", type=int, help="ranks per node on CPU-only nodes")
@@ -63,8 +66,8 @@ def cluster_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--signal-delay-s", type=int)
     o.add_argument("--max-requeues", type=int)
     p.add_argument("--jobs-dir", default="runs/slurm", help="where job folders go (default runs/slurm)")
-    p.add_argument("--name", help="job name (default: the preset's run name)")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and training config; submit nothing")
+    p.add_argument("--name", help=f"job name (default: {default_name})")
+    p.add_argument("--dry-run", action="store_true", help=f"print {dry_run}; submit nothing")
     p.add_argument("--local", action="store_true", help="run the same job with submitit's local executor here")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish and print its results")
 

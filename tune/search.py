@@ -230,8 +230,9 @@ def print_summary(ranking, s: SearchSettings, base: Config, exp: ExperimentDir) 
               "use --seeds N or --confirm-top K to measure it")
     for row in ranking[ranking["failures"] > 0].to_dict("records"):
         print(f"trial {row['trial_id']}: {row['failures']} failed attempt(s): {row['failure']}")
-    print(f"written: {exp}/ ({ExperimentDir.RESULTS}, {ExperimentDir.RESULTS_CSV}, {ExperimentDir.BEST_CONFIG}, "
-          f"{ExperimentDir.BEST_SEARCHED}, {exp.plot(metric).name}, {ExperimentDir.SETTINGS}, {ExperimentDir.DECISIONS})")
+    written = [ExperimentDir.RESULTS, ExperimentDir.RESULTS_CSV, ExperimentDir.BEST_CONFIG, ExperimentDir.BEST_SEARCHED,
+               exp.plot(metric).name, ExperimentDir.SETTINGS, ExperimentDir.DECISIONS, ExperimentDir.FAILURES]
+    print(f"written: {exp}/ ({', '.join(name for name in written if exp.file(name).exists())})")
     train = f"deepspeed itself/train.py --config {exp.file(ExperimentDir.BEST_CONFIG)}"
     if not s.schedule:
         print(f"train the best ({base.train.epochs} epochs, as searched): {train}")
