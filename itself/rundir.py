@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ class RunDir(Folder):
     LOCK = ".itself-run.lock"
     OWN = (CONFIG, DEEPSPEED_CONFIG, LOG, METRICS, TENSORBOARD, CHECKPOINTS, MODEL, WEIGHTS, EXPORT_CONFIG, RESULTS,
            WANDB, LOCK)
-    """The names a run writes here (`check_links`)."""
+    """The names a run writes here (`check_owned`)."""
 
     @staticmethod
     def default_path(name: str) -> str:
@@ -131,20 +132,40 @@ class RunDir(Folder):
             return f"run_dir: cannot write to {self.path}: {e.strerror or e}; choose a writable run_dir"
         finally:
             if probe is not None:
-                Path(probe).unlink(missing_ok=True)
+                try:
+                    Path(probe).unlink(missing_ok=True)
+                except OSError:
+                    pass
         return None
 
-    def check_links(self) -> None:
-        """UnsafePath unless every file and folder this run writes here (and each checkpoint folder)
-        is its own: a symbolic link planted at one of their names would have the run write, append
-        to or delete whatever it points at (the run may run as root)."""
-        names = [self.file(name) for name in self.OWN]
-        if self.checkpoints.is_dir() and not self.checkpoints.is_symlink():
-            names += list(self.checkpoints.iterdir())
-        for path in names:
-            if path.is_symlink():
-                raise UnsafePath(f"run_dir: {path} is a symbolic link (to {os.readlink(path)}); the files of a "
-                                 "run folder are the run's own: remove the link, or choose another run_dir")
+    def check_owned(self) -> None:
+        """UnsafePath unless this run folder is the user's own: the folder (and those of it the run
+        writes into: checkpoints/ and each checkpoint, tensorboard/, wandb/) owned by the user and
+        writable by no one else, and every entry at a name the run writes owned by the user. A
+        folder someone else made or can change could hold, or later get, a link at a name the run
+        writes: the run (maybe as root) would append to, replace or delete what it points at. The
+        user's own links (checkpoints/ on a bigger disk) are theirs to make."""
+        me = os.geteuid()
+        folders = [self.path] + [self.file(name) for name in (self.CHECKPOINTS, self.TENSORBOARD, self.WANDB)]
+        if self.checkpoints.is_dir():
+            folders += [p for p in self.checkpoints.iterdir() if p.is_dir() and not p.is_symlink()]
+        for folder in folders:
+            for path, st in ((folder, _lstat(folder)), (folder, _stat(folder))):
+                if st is None:
+                    continue
+                if st.st_uid != me:
+                    raise UnsafePath(f"run_dir: {path} belongs to uid {st.st_uid}, not to you (uid {me}): a run writes "
+                                     "only into folders of your own; choose another run_dir")
+                if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o002:
+                    raise UnsafePath(f"run_dir: {path} is writable by anyone: a run writes only into folders no one "
+                                     f"else can change (`chmod o-w {path}` if it is yours), or choose another run_dir")
+        entries = [self.file(name) for name in self.OWN]
+        entries += [p for folder in folders[1:] if _is_dir(folder) for p in folder.iterdir()]
+        for path in entries:
+            st = _lstat(path)
+            if st is not None and st.st_uid != me:
+                raise UnsafePath(f"run_dir: {path} belongs to uid {st.st_uid}, not to you (uid {me}); the files of a "
+                                 "run folder are the run's own: choose another run_dir")
 
     def check_room(self, checkpoint_bytes: int, model_bytes: int, keep_last: int) -> None:
         """A ConfigError when this folder cannot hold the run's checkpoints (the last `keep_last`, the
@@ -206,7 +227,7 @@ class RunDir(Folder):
         problem = self.unwritable()
         if problem:
             raise ConfigError(problem)
-        self.check_links()
+        self.check_owned()
         return self.lock()
 
     def lock(self) -> FolderLock:
@@ -240,6 +261,25 @@ class RunDir(Folder):
         import hashlib
 
         return hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _is_dir(path: Path) -> bool:
+    st = _stat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):  # (a broken link: nothing there to write into)
+        return None
 
 
 class RunLog:

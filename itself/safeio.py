@@ -213,12 +213,14 @@ def resolve_inside(root: str | os.PathLike, relative, what: str, *, links: bool 
     return Path(real)
 
 
-def open_regular(path: str | os.PathLike, what: str, limit: int) -> int:
+def open_regular(path: str | os.PathLike, what: str, limit: int, follow: bool = False) -> int:
     """A read-only descriptor of the regular file `path` of at most `limit` bytes; UnsafePath naming
-    `what` for a link at the last step, a FIFO, device or folder (opened without blocking, never
-    read) or a larger file. OSError (missing, no permission) is the caller's."""
+    `what` for a link at the last step (unless `follow`: what it points at is checked instead), a
+    FIFO, device or folder (opened without blocking, never read) or a larger file. OSError (missing,
+    no permission) is the caller's."""
+    nofollow = 0 if follow else os.O_NOFOLLOW
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | nofollow | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafePath(f"{what}: {path} is a symbolic link, where a file is expected") from None
@@ -236,9 +238,9 @@ def open_regular(path: str | os.PathLike, what: str, limit: int) -> int:
     return fd
 
 
-def read_regular(path: str | os.PathLike, what: str, limit: int) -> bytes:
+def read_regular(path: str | os.PathLike, what: str, limit: int, follow: bool = False) -> bytes:
     """The bytes of the regular file `path`, at most `limit` of them (see `open_regular`)."""
-    with os.fdopen(open_regular(path, what, limit), "rb") as f:
+    with os.fdopen(open_regular(path, what, limit, follow), "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise UnsafePath(f"{what}: {path} holds more than the {limit} bytes accepted")

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from . import schema
 from .chunking import chunk_dir, chunk_done, load_plan, unique_name
 from .converters import MAX_IMAGE_BYTES, read_image_file, worker_init
-from .corpora import column_bytes_per_row, image_column
+from .corpora import ColumnSizes, image_column
 from .errors import BuildError, BuildFailed
 from .imaging import failure_reason, prepare_image
 from .transaction import fsync_path
@@ -49,6 +49,11 @@ from .writer import MANIFEST_SCHEMA, ShardSink
 _ADDRESS = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 IMAGE_BATCH = 256
 """Parquet rows of images decoded per batch (memory: one batch of encoded images)."""
+IMAGE_BATCH_BYTES = 256 << 20
+"""Image bytes decompressed per batch (batches of fewer rows where images are large)."""
+MAX_IMAGE_RATIO = 20
+"""Highest compression ratio a row group's images may have once they hold more than
+corpora.BOMB_MIN_BYTES: JPEG and PNG bytes hardly compress; zeros compress many thousand times."""
 
 
 class ChunkWriter:
@@ -153,15 +158,17 @@ def _parquet_images(path: str, rows: list[int]) -> Iterator[tuple]:
     start = 0
     for g in range(pf.metadata.num_row_groups):
         end = start + pf.metadata.row_group(g).num_rows
-        per_row = column_bytes_per_row(pf, g, [column])
-        if row is not None and row < end and per_row > MAX_IMAGE_BYTES:  # (a bomb: refused before it is read)
+        sizes = ColumnSizes.of(pf, g, [column])
+        bomb = sizes.bomb(MAX_IMAGE_BYTES, MAX_IMAGE_RATIO)
+        if row is not None and row < end and bomb:  # (a decompression bomb: refused before it is read)
             while row is not None and row < end:
-                yield None, ("image file too large", f"{Path(path).name} row {row}: its row group holds "
-                                                     f"{per_row:.0f} bytes per image uncompressed (at most {MAX_IMAGE_BYTES})")
+                yield None, ("image file too large", f"{Path(path).name} row {row}: its row group's images are "
+                                                     f"{bomb}: not read")
                 row = next(wanted, None)
         elif row is not None and row < end:
             base = start
-            for batch in pf.iter_batches(batch_size=IMAGE_BATCH, row_groups=[g], columns=[column]):
+            for batch in pf.iter_batches(batch_size=sizes.batch_rows(IMAGE_BATCH_BYTES, IMAGE_BATCH), row_groups=[g],
+                                         columns=[column]):
                 images = _bytes_column(batch.column(0))
                 lengths = pc.binary_length(images).to_pylist()
                 while row is not None and row < base + batch.num_rows:

@@ -141,16 +141,50 @@ def parquet_parts(files: list[Path]) -> list[Path]:
 MAX_TEXT_ROW_BYTES = 1 << 20
 """Most text one Parquet row may average over its row group (pid, captions, path: a few hundred
 bytes as published; `validate` then bounds each caption): more is a bomb, refused unread."""
+MAX_TEXT_RATIO = 1000
+"""Highest compression ratio a row group's text may have once it holds more than BOMB_MIN_BYTES
+(captions compress a few times; a run of one character, many thousand times)."""
+BOMB_MIN_BYTES = 16 << 20
+TEXT_BATCH_BYTES = 64 << 20
+"""Text decompressed per batch (batches of fewer rows where rows are long)."""
 
 
-def column_bytes_per_row(pf, group: int, columns) -> float:
-    """Uncompressed bytes per row the Parquet metadata gives `columns` (top-level names: every leaf
-    under them) in row group `group`: what reading them would take, known before decompressing."""
-    meta = pf.metadata.row_group(group)
-    names = set(columns)
-    size = sum(meta.column(i).total_uncompressed_size for i in range(meta.num_columns)
-               if meta.column(i).path_in_schema.split(".")[0] in names)
-    return size / max(1, meta.num_rows)
+@dataclasses.dataclass
+class ColumnSizes:
+    """What the Parquet metadata says reading some columns of one row group takes, before anything
+    is decompressed (the file's own account: a forged footer is not caught here)."""
+
+    uncompressed: int
+    compressed: int
+    rows: int
+
+    @classmethod
+    def of(cls, pf, group: int, columns) -> "ColumnSizes":
+        """`columns` (top-level names: every leaf under them) of row group `group` of `pf`."""
+        meta, names = pf.metadata.row_group(group), set(columns)
+        leaves = [meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.split(".")[0] in names]
+        return cls(sum(c.total_uncompressed_size for c in leaves), sum(c.total_compressed_size for c in leaves),
+                   meta.num_rows)
+
+    @property
+    def per_row(self) -> float:
+        return self.uncompressed / max(1, self.rows)
+
+    @property
+    def ratio(self) -> float:
+        return self.uncompressed / max(1, self.compressed)
+
+    def bomb(self, max_per_row: float, max_ratio: float) -> str | None:
+        """Why reading these columns would be a decompression bomb, or None."""
+        if self.per_row > max_per_row:
+            return f"{self.per_row:.0f} bytes per row uncompressed (at most {max_per_row:.0f} read)"
+        if self.uncompressed > BOMB_MIN_BYTES and self.ratio > max_ratio:
+            return f"{self.uncompressed} bytes uncompressed from {self.compressed} ({self.ratio:.0f} times: at most {max_ratio})"
+        return None
+
+    def batch_rows(self, budget: int, most: int) -> int:
+        """Rows per batch that keep a batch near `budget` bytes (at most `most`, at least 1)."""
+        return max(1, min(most, int(budget // max(1.0, self.per_row))))
 
 
 def image_column(path: str | Path) -> str:
@@ -270,17 +304,18 @@ def _parquet_items(name: str, path: Path, part: int) -> Iterator[Item]:
         columns, how = _parquet_columns(name, path, pf.schema_arrow)
         if not isinstance(columns, dict):
             columns = {c: c for c in columns}
-        for g in range(pf.metadata.num_row_groups):  # (a decompression bomb: refused before it is read)
-            per_row = column_bytes_per_row(pf, g, columns.values())
-            if per_row > MAX_TEXT_ROW_BYTES:
-                raise ConvertError(f"{path}: row group {g} holds {per_row:.0f} bytes of text per row uncompressed (at "
-                                   f"most {MAX_TEXT_ROW_BYTES} read): refused without decompressing it")
         row = 0
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(columns.values())):
-            values = {role: batch.column(c).to_pylist() for role, c in columns.items()}
-            for i in range(batch.num_rows):
-                yield _parquet_item(name, values, i, path, part, row, how)
-                row += 1
+        for g in range(pf.metadata.num_row_groups):  # (a decompression bomb: refused before it is read)
+            sizes = ColumnSizes.of(pf, g, columns.values())
+            bomb = sizes.bomb(MAX_TEXT_ROW_BYTES, MAX_TEXT_RATIO)
+            if bomb:
+                raise ConvertError(f"{path}: row group {g}'s text is {bomb}: refused without decompressing it")
+            for batch in pf.iter_batches(batch_size=sizes.batch_rows(TEXT_BATCH_BYTES, BATCH_ROWS), row_groups=[g],
+                                         columns=list(columns.values())):
+                values = {role: batch.column(c).to_pylist() for role, c in columns.items()}
+                for i in range(batch.num_rows):
+                    yield _parquet_item(name, values, i, path, part, row, how)
+                    row += 1
     except ConvertError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged or foreign Parquet file

@@ -126,10 +126,12 @@ def test_parquet_images_are_bounded_and_bombs_rejected(tmp_path, monkeypatch):
     assert "bytes (at most" in by_source[table[4]["image_path"]]["detail"]
 
 
-@pytest.mark.parametrize("column", ["image", "caption"])
-def test_a_parquet_decompression_bomb_is_refused_before_it_is_decompressed(tmp_path, monkeypatch, column):
-    # A few KB on disk that decompress to gigabytes (the limits are scaled down here: 2 MB of zeros
-    # against 50 KB per image / 1 KB of text per row); the metadata says so before anything is read.
+@pytest.mark.parametrize("bomb", ["image", "image among many small rows", "caption", "caption among many rows"])
+def test_a_parquet_decompression_bomb_is_refused_before_it_is_decompressed(tmp_path, monkeypatch, bomb):
+    # A few KB on disk that decompress to gigabytes, alone in its row group or hidden among many
+    # small rows (the limits are scaled down here: 2 MB of one byte repeated against 50 KB per image,
+    # 1 KB of text per row, 1 MB before the compression ratio counts); the file's metadata says so
+    # before anything is decompressed.
     import shards.chunks
     import shards.corpora
     from shards.errors import ConvertError
@@ -137,7 +139,10 @@ def test_a_parquet_decompression_bomb_is_refused_before_it_is_decompressed(tmp_p
     root, name = tmp_path / "raw", "train-00000-of-00001.parquet"
     plant_webperson(root, n=10, files=1, faults=False)
     table = pq.read_table(root / "data" / name).to_pylist()
-    if column == "image":
+    if bomb.endswith("many small rows") or bomb.endswith("many rows"):
+        table = table + [dict(table[i % 10], image_path=f"web/pad/{i}.jpg",
+                              image={**table[i % 10]["image"], "bytes": b"x", "path": f"{i}.jpg"}) for i in range(390)]
+    if bomb.startswith("image"):
         table[2]["image"]["bytes"] = bytes(2 << 20)
     else:
         table[2]["caption1"] = "a" * (2 << 20)
@@ -146,15 +151,16 @@ def test_a_parquet_decompression_bomb_is_refused_before_it_is_decompressed(tmp_p
     assert (root / "data" / name).stat().st_size < 100_000
     monkeypatch.setattr(shards.chunks, "MAX_IMAGE_BYTES", 50_000)
     monkeypatch.setattr(shards.corpora, "MAX_TEXT_ROW_BYTES", 1000)
+    monkeypatch.setattr(shards.corpora, "BOMB_MIN_BYTES", 1 << 20)
     options = CorpusOptions(val_fraction=0)
-    if column == "caption":
-        with pytest.raises(ConvertError, match="row group 0 holds .* bytes of text per row uncompressed .*refused without"):
+    if bomb.startswith("caption"):
+        with pytest.raises(ConvertError, match="row group 0's text is .* uncompressed .*refused without decompressing"):
             convert_corpus("webperson", root, tmp_path / "out", options, workers=1, progress=False)
         return
-    with pytest.raises(Exception, match="all 10 records rejected: image file too large"):
+    with pytest.raises(Exception, match=f"all {len(table)} records rejected: image file too large"):
         convert_corpus("webperson", root, tmp_path / "out", options, workers=1, progress=False)
     listed = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
-    assert len(listed) == 10 and all("its row group holds" in r["detail"] for r in listed)
+    assert len(listed) == len(table) and all("row group's images are" in r["detail"] for r in listed)
 
 
 def test_pairs_jsonl_and_parquet_with_bytes(tmp_path):

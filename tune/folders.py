@@ -90,7 +90,10 @@ class ExperimentDir(Folder):
         for folder, dirs, files in os.walk(self.path):
             for name in (".", *dirs, *files):
                 path = Path(folder, name)
-                st = os.lstat(path)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:  # (gone since the folder was listed)
+                    continue
                 if st.st_uid != me:
                     raise ConfigError(f"--resume: {path} belongs to uid {st.st_uid}, not to you (uid {me}): resuming "
                                       "unpickles the experiment's state, which runs code; only an experiment you "

@@ -328,8 +328,8 @@ def prepare(args) -> tuple[ExperimentDir, Config, SearchSettings]:
     if args.resume:
         if not exp.is_search():
             raise ConfigError(f"--resume: {exp} is not a search started by tune/search.py (no {ExperimentDir.SETTINGS})")
+        exp.lock()  # (first: a search still running there is named as such, its files not walked while it writes)
         exp.check_owned()
-        exp.lock()
         if args.overrides or args.config:
             print(f"note: --resume continues with the settings and base config of {exp} ({ExperimentDir.SETTINGS}, "
                   f"{ExperimentDir.BASE_CONFIG}); the config given here is not used")

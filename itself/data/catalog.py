@@ -128,7 +128,7 @@ def dataset_info(root: str) -> dict:
     if not exists(path):
         raise DataError(f"{path} not found: {root} is not a built dataset. Build it with "
                         f"`python -m shards build --dataset ... --out {root}` or set data.root")
-    info = read_json(path)
+    info = read_json(path, f"dataset {root}")
     check_schema_version(info.get("schema_version"), path)
     return info
 

@@ -54,9 +54,10 @@ MAX_JSON_BYTES = 64 << 20
 """The largest JSON file read from a dataset (dataset.json: a few KiB per thousand shards)."""
 
 
-def read_json(path: str) -> dict:
-    """A dataset's JSON file: a bounded regular file (a link, FIFO or device in its place, or a file
-    beyond MAX_JSON_BYTES, is refused without reading it), or at most that much from a URL."""
+def read_json(path: str, what: str = "data.root") -> dict:
+    """A dataset's JSON file: a bounded regular file (a FIFO or device in its place, through a link
+    or not, or a file beyond MAX_JSON_BYTES, is refused without reading it), or at most that much
+    from a URL."""
     try:
         if is_url(path):
             with _open(path) as f:
@@ -64,7 +65,7 @@ def read_json(path: str) -> dict:
             if len(data) > MAX_JSON_BYTES:
                 raise DataError(f"cannot read {path}: more than the {MAX_JSON_BYTES} bytes accepted")
         else:
-            data = read_regular(path, "data.root", MAX_JSON_BYTES)
+            data = read_regular(path, what, MAX_JSON_BYTES, follow=True)
         return json.loads(data)
     except (OSError, ValueError) as e:
         if isinstance(e, UserError):

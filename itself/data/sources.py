@@ -20,7 +20,7 @@ from shards import schema
 from ..config import DataConfig
 from ..errors import DataError
 from ..layout import DataLayout, data_layout
-from ..safeio import check_relative, resolve_inside
+from ..safeio import check_relative
 from .catalog import TrainData, dataset_info, is_url, join
 from .locations import is_command
 from .plan import EpochLayout, epoch_layout
@@ -84,14 +84,11 @@ def split_urls(root: str, split: str, info: dict | None = None, override: str = 
 
 def _shard_inside(root: str, split: str, index: int, shard) -> str:
     """The URL of a shard dataset.json names: a plain path inside the dataset's folder (the file
-    comes from whoever built the dataset: a `..`, an absolute path, a command or a link out of the
-    folder is refused, naming the entry)."""
+    comes from whoever built the dataset: a `..`, an absolute path or a command is refused, naming
+    the entry; links are followed, as the builder's own, e.g. train/ on another disk)."""
     entry = f"{join(root, schema.DATASET_FILE)}: entry splits.{split}.shards[{index}].name"
-    relative = check_relative(f"{split}/{check_relative(shard.get('name') if isinstance(shard, dict) else shard, entry)}",
-                              entry)
-    if not is_url(root):
-        resolve_inside(root, relative, entry)
-    return join(root, relative)
+    name = check_relative(shard.get("name") if isinstance(shard, dict) else shard, entry)
+    return join(root, check_relative(f"{split}/{name}", entry))
 
 
 def train_sources(cfg: DataConfig) -> list[tuple[str, list[str], float]]:

@@ -106,7 +106,7 @@ def load_exported(path: str | os.PathLike, map_location="cpu") -> Exported:
         companion = path.with_name(filenames.EXPORT_CONFIG)
         if not companion.exists():
             raise UserError(f"{path}: no {filenames.EXPORT_CONFIG} beside it (written with the weights by itself/train.py)")
-        text = read_regular(companion, "model", MAX_CONFIG_BYTES)
+        text = read_regular(companion, "model", MAX_CONFIG_BYTES, follow=True)
         try:
             meta = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:

@@ -124,7 +124,17 @@ class SearchApp:
         return buf.getvalue()
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine only: localhost, 127.0.0.0/8, ::1."""
+    import ipaddress
+
+    if host.rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
 
 
 def host_name(header: str | None) -> str:
@@ -142,7 +152,7 @@ class Handler(BaseHTTPRequestHandler):
     loopback_only: bool  # set by make_server: bound to this machine only
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server name
-        if self.loopback_only and host_name(self.headers.get("Host")) not in LOOPBACK:
+        if self.loopback_only and not is_loopback(host_name(self.headers.get("Host"))):
             # DNS rebinding: a web page whose name now resolves to 127.0.0.1 would read the gallery
             # through the user's browser; only requests for this machine's own names are answered.
             self._send(403, "text/plain; charset=utf-8", b"this server answers requests for localhost only")
@@ -229,7 +239,7 @@ class BoundedServer(ThreadingHTTPServer):
 def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8000, idle_timeout_s: float = IDLE_TIMEOUT_S,
                 max_connections: int = MAX_CONNECTIONS) -> ThreadingHTTPServer:
     """The server, bound (RetrieveError, one line, when the port is taken or the host cannot be bound)."""
-    handler = type("BoundHandler", (Handler,), {"app": app, "timeout": idle_timeout_s, "loopback_only": host in LOOPBACK})
+    handler = type("BoundHandler", (Handler,), {"app": app, "timeout": idle_timeout_s, "loopback_only": is_loopback(host)})
     try:
         return BoundedServer((host, port), handler, max_connections)
     except OSError as e:
@@ -249,7 +259,7 @@ def search_url(host: str, port: int, query: str = "") -> str:
 def serve(app: SearchApp, host: str, port: int, idle_timeout_s: float = IDLE_TIMEOUT_S,
           max_connections: int = MAX_CONNECTIONS) -> None:
     server = make_server(app, host, port, idle_timeout_s, max_connections)
-    if host not in LOOPBACK:
+    if not is_loopback(host):
         print(f"warning: serving on {host}: no authentication, anyone who reaches port {server.server_port} "
               "can search and see the gallery", file=sys.stderr)
     print(f"serving {app.index.info['images']} images at {search_url(host, server.server_port)} (Ctrl-C stops)",

@@ -184,10 +184,12 @@ def test_report_escapes_queries_and_identities(index_dir, tmp_path):
 
 def test_the_host_header_names_the_machine_or_the_request_is_refused():
     # (the server on 127.0.0.1 answers only these: tests/test_search_at_scale.py sends the requests)
-    from itself.retrieve.serve import LOOPBACK, host_name
+    from itself.retrieve.serve import host_name, is_loopback
 
     for header, name in (("localhost:8000", "localhost"), ("127.0.0.1", "127.0.0.1"), ("[::1]:8000", "::1"),
                          ("LocalHost:1", "localhost"), ("attacker.example:8000", "attacker.example"),
                          ("localhost.attacker.example", "localhost.attacker.example"), (None, ""), ("[::1", "")):
         assert host_name(header) == name
-    assert {host_name(h) in LOOPBACK for h in ("attacker.example:80", "127.0.0.1.nip.io", "")} == {False}
+    assert {is_loopback(host_name(h)) for h in ("attacker.example:80", "127.0.0.1.nip.io", "", "localhost.attacker.example",
+                                                "10.0.0.1:80", "[::2]")} == {False}
+    assert {is_loopback(host_name(h)) for h in ("localhost.:80", "127.0.0.2", "[::1]:1", "[::ffff:127.0.0.1]:8")} == {True}

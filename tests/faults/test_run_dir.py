@@ -86,19 +86,42 @@ def test_disk_filling_up_mid_run_fails_loudly_and_the_run_resumes_once_there_is_
 # ----------------------------------------------------------------------------------- planted links
 
 
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+
+
+@needs_root
 @pytest.mark.parametrize("name", ["train.log", "metrics.jsonl", "config.yaml", "results.json", "checkpoints",
-                                  "checkpoints/step00000016"])
-def test_a_link_planted_in_the_run_dir_is_refused_and_its_target_untouched(small_dataset, tmp_path, name):
+                                  "checkpoints/step00000016", "tensorboard/events.out.tfevents", ".", "tensorboard"])
+def test_a_run_folder_someone_else_made_or_planted_in_is_refused_and_nothing_touched(small_dataset, tmp_path, name):
     # A run may run as root, in a folder another user could write (a shared runs/, a predictable
-    # timestamped name): a link at a name the run writes would have it append to, replace or
-    # delete whatever the link points at.
+    # timestamped name): a link they planted at a name the run writes would have it append to,
+    # replace or delete whatever the link points at; a folder of theirs could get one later.
     victim, run_dir = tmp_path / "victim", tmp_path / "run"
-    victim.mkdir() if name.startswith("checkpoints") else victim.write_text("precious\n")
-    (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-    (run_dir / name).symlink_to(victim)
+    victim.write_text("precious\n")
+    target = run_dir / name
+    if name in (".", "tensorboard"):  # their folder
+        target.mkdir(parents=True)
+    else:  # their link
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(victim)
+    os.lchown(target, 65534, 65534)
     run = run_train(small_run_args(small_dataset, "train.max_steps=1", f"run_dir={run_dir}"), check=False)
-    assert_refused_before_training(run, f"{run_dir / name} is a symbolic link (to {victim})", "remove the link")
-    assert (victim.is_dir() and not any(victim.iterdir())) or victim.read_text() == "precious\n"
+    assert_refused_before_training(run, "belongs to uid 65534, not to you (uid 0)")
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_run_folder_anyone_can_write_is_refused_and_ones_own_links_are_followed(tmp_path):
+    from itself.rundir import RunDir
+    from itself.safeio import UnsafePath
+
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "scratch").mkdir()
+    run.path.mkdir()
+    (run.path / "checkpoints").symlink_to(tmp_path / "scratch")  # (checkpoints on a bigger disk)
+    run.check_owned()
+    os.chmod(tmp_path / "scratch", 0o777)
+    with pytest.raises(UnsafePath, match="checkpoints is writable by anyone.*chmod o-w"):
+        run.check_owned()
 
 
 def test_the_write_probe_and_the_failure_note_never_follow_a_link(tmp_path):
