@@ -293,8 +293,13 @@ class RunLog:
         if not self.active:
             return
         run.path.mkdir(parents=True, exist_ok=True)
-        self.text = add_file(open_append(run.file(RunDir.LOG), "run_dir"))
-        self.jsonl = open_append(run.file(RunDir.METRICS), "run_dir")
+        try:
+            self.text = add_file(open_append(run.file(RunDir.LOG), "run_dir"))
+            self.jsonl = open_append(run.file(RunDir.METRICS), "run_dir")
+        except OSError as e:  # (a folder in the way, no permission: the run cannot log, so it does not start)
+            if self.text is not None:
+                remove(self.text)
+            raise ConfigError(f"run_dir: cannot write {e.filename}: {e.strerror or e}; choose another run_dir") from None
         if report_to == "tensorboard":
             from tensorboardX import SummaryWriter
 

@@ -160,9 +160,12 @@ class ColumnSizes:
 
     @classmethod
     def of(cls, pf, group: int, columns) -> "ColumnSizes":
-        """`columns` (top-level names: every leaf under them) of row group `group` of `pf`."""
-        meta, names = pf.metadata.row_group(group), set(columns)
-        leaves = [meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.split(".")[0] in names]
+        """`columns` (top-level names: every leaf under them; None: all) of row group `group` of `pf`
+        (a ParquetFile, or its FileMetaData)."""
+        meta = (pf if hasattr(pf, "row_group") else pf.metadata).row_group(group)
+        names = set(columns) if columns is not None else None
+        leaves = [meta.column(i) for i in range(meta.num_columns)
+                  if names is None or meta.column(i).path_in_schema.split(".")[0] in names]
         return cls(sum(c.total_uncompressed_size for c in leaves), sum(c.total_compressed_size for c in leaves),
                    meta.num_rows)
 
@@ -185,6 +188,16 @@ class ColumnSizes:
     def batch_rows(self, budget: int, most: int) -> int:
         """Rows per batch that keep a batch near `budget` bytes (at most `most`, at least 1)."""
         return max(1, min(most, int(budget // max(1.0, self.per_row))))
+
+
+def text_bomb(metadata, columns=None) -> str | None:
+    """Why reading `columns` (None: all) of a Parquet file of text and numbers (a manifest, an
+    annotation table) would be a decompression bomb, from its metadata (FileMetaData), or None."""
+    for g in range(metadata.num_row_groups):
+        bomb = ColumnSizes.of(metadata, g, columns).bomb(MAX_TEXT_ROW_BYTES, MAX_TEXT_RATIO)
+        if bomb:
+            return f"row group {g} is {bomb}"
+    return None
 
 
 def image_column(path: str | Path) -> str:

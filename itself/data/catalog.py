@@ -160,6 +160,7 @@ def _identity_runs(root: str, index_of: dict[str, int], pid_offset: int, batch_r
             _check_manifest_version(pf.schema_arrow.metadata, path)
             v2 = all(c in pf.schema_arrow.names for c in schema.V2_COLUMNS)
             columns = ["split", "shard", "pid", "num_captions" if v2 else "captions"]
+            _refuse_bomb(pf.metadata, columns, path)
             listed: set[str] = set()
 
             def batches():
@@ -220,6 +221,16 @@ def _check_manifest_version(metadata, path: str) -> None:
         check_schema_version(int(version) if version.isdigit() else version.decode(errors="replace"), path)
 
 
+def _refuse_bomb(metadata, columns, path: str) -> None:
+    """DataError when reading `columns` of the manifest would decompress far more than it holds
+    (its own metadata says so; a dataset folder may come from anyone)."""
+    from shards.corpora import text_bomb
+
+    bomb = text_bomb(metadata, columns)
+    if bomb:
+        raise DataError(f"{path}: {bomb}: refused without decompressing it (not a manifest `shards build` writes)")
+
+
 def read_manifest(root: str, columns: list[str] | None = None, filters=None):
     """The manifest's rows (a pyarrow Table) of a built dataset, local or URL, its version checked."""
     import pyarrow.parquet as pq
@@ -233,6 +244,7 @@ def read_manifest(root: str, columns: list[str] | None = None, filters=None):
             fs, where = None, pa.py_buffer(read_whole(path))
         source = (lambda: pa.BufferReader(where)) if isinstance(where, pa.Buffer) else (lambda: where)
         _check_manifest_version(pq.read_schema(source(), filesystem=fs).metadata, path)
+        _refuse_bomb(pq.read_metadata(source(), filesystem=fs), columns, path)
         return pq.read_table(source(), filesystem=fs, columns=columns, filters=filters)
     except DataError:
         raise
@@ -264,8 +276,9 @@ def _shard_rows(root: str, names: list[str]) -> dict[str, dict]:
             groups = [g for g in range(pf.metadata.num_row_groups)
                       if _may_hold(pf.metadata.row_group(g).column(column).statistics, names)]
             v2 = all(c in pf.schema_arrow.names for c in schema.V2_COLUMNS)
-            table = pf.read_row_groups(groups, columns=["split", "shard", "sha256",
-                                                        *_available(["key", "num_captions", "offset", "size"], v2)])
+            columns = ["split", "shard", "sha256", *_available(["key", "num_captions", "offset", "size"], v2)]
+            _refuse_bomb(pf.metadata, columns, path)
+            table = pf.read_row_groups(groups, columns=columns)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file

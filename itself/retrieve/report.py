@@ -239,6 +239,14 @@ def sample_queries(index: "Index", n: int, seed: int = 0) -> list[dict]:
     if manifest is None or not manifest.is_file():
         raise RetrieveError(f"--sample-queries needs a dataset gallery with {schema.MANIFEST_FILE}; use --queries FILE")
     os.close(open_regular(manifest, "--sample-queries", 1 << 34))
+    from shards.corpora import text_bomb
+
+    try:
+        bomb = text_bomb(pq.read_metadata(manifest), ["split", "pid", "captions"])
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise RetrieveError(f"{manifest}: unreadable ({type(e).__name__}); use --queries FILE") from None
+    if bomb:
+        raise RetrieveError(f"{manifest}: {bomb}: refused without decompressing it; use --queries FILE")
     try:
         table = pq.read_table(manifest, columns=["split", "pid", "captions"])
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file

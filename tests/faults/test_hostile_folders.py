@@ -339,3 +339,26 @@ def test_a_dataset_json_that_is_a_device_or_fifo_is_refused_without_reading_it(t
     os.mkfifo(info) if plant == "fifo" else info.symlink_to(plant)
     with pytest.raises(UnsafePath, match=f"dataset {tmp_path / 'data'}: {info} is a (FIFO|special file), not a regular"):
         dataset_info(str(tmp_path / "data"))
+
+
+def test_a_manifest_that_is_a_decompression_bomb_is_refused_unread(small_dataset, tmp_path, monkeypatch):
+    # (the limit scaled down: 1 KB of text per row on average, against a caption of 2 MB)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import shards.corpora
+    from itself.data.catalog import read_manifest, split_digests
+
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    table = pq.read_table(data / "manifest.parquet")
+    read_manifest(str(data))  # (the dataset as built reads under the scaled limit too)
+    monkeypatch.setattr(shards.corpora, "MAX_TEXT_ROW_BYTES", 1000)
+    read_manifest(str(data))
+    rows = table.to_pylist()
+    rows[0]["captions"] = ["a" * (2 << 20)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), data / "manifest.parquet", compression="zstd")
+    for read in (lambda: read_manifest(str(data)), lambda: read_manifest(str(data), ["split", "captions"])):
+        with pytest.raises(DataError, match="bytes per row uncompressed .*refused without decompressing it"):
+            read()
+    assert len(split_digests(str(data), "test")) == 16  # (columns without the bomb are read as before)

@@ -149,3 +149,10 @@ def test_a_link_planted_at_the_synthetic_sets_build_lock_is_not_followed(tmp_pat
     with pytest.raises(DataError, match="synthetic.lock: it is a symbolic link"):
         ensure_dataset(root, build_synthetic=True)
     assert victim.read_text() == "precious\n" and not root.exists()
+
+
+def test_a_folder_in_place_of_the_run_log_is_one_error_line(small_dataset, tmp_path):
+    (tmp_path / "run" / "train.log").mkdir(parents=True)
+    run = run_train(small_run_args(small_dataset, "train.max_steps=1", f"run_dir={tmp_path / 'run'}"), check=False)
+    assert_refused_before_training(run, f"cannot write {tmp_path / 'run' / 'train.log'}: Is a directory")
+    assert "Traceback" not in run.stderr
