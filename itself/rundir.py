@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .logs import add_file, remove
 from .paths import Folder
 from .records import EvalRecord, Results
-from .safeio import UnsafePath, open_append, write_atomic
+from .safeio import UnsafePath, not_yours, open_append, write_atomic
 
 log = logging.getLogger(__name__)
 __all__ = ["EvalRecord", "RunDir", "RunLog", "timestamped"]
@@ -145,27 +145,24 @@ class RunDir(Folder):
         folder someone else made or can change could hold, or later get, a link at a name the run
         writes: the run (maybe as root) would append to, replace or delete what it points at. The
         user's own links (checkpoints/ on a bigger disk) are theirs to make."""
-        me = os.geteuid()
         folders = [self.path] + [self.file(name) for name in (self.CHECKPOINTS, self.TENSORBOARD, self.WANDB)]
         if self.checkpoints.is_dir():
             folders += [p for p in self.checkpoints.iterdir() if p.is_dir() and not p.is_symlink()]
         for folder in folders:
-            for path, st in ((folder, _lstat(folder)), (folder, _stat(folder))):
-                if st is None:
-                    continue
-                if st.st_uid != me:
-                    raise UnsafePath(f"run_dir: {path} belongs to uid {st.st_uid}, not to you (uid {me}): a run writes "
-                                     "only into folders of your own; choose another run_dir")
-                if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o002:
-                    raise UnsafePath(f"run_dir: {path} is writable by anyone: a run writes only into folders no one "
-                                     f"else can change (`chmod o-w {path}` if it is yours), or choose another run_dir")
+            for st in (_lstat(folder), _stat(folder)):
+                why = not_yours(st) if st is not None else None
+                if why:
+                    raise UnsafePath(f"run_dir: {folder} {why}: a run writes only into folders of your own that no "
+                                     f"one else can change (`chmod o-w {folder}` if it is yours), or choose another "
+                                     "run_dir")
         entries = [self.file(name) for name in self.OWN]
         entries += [p for folder in folders[1:] if _is_dir(folder) for p in folder.iterdir()]
         for path in entries:
             st = _lstat(path)
-            if st is not None and st.st_uid != me:
-                raise UnsafePath(f"run_dir: {path} belongs to uid {st.st_uid}, not to you (uid {me}); the files of a "
-                                 "run folder are the run's own: choose another run_dir")
+            why = not_yours(st, owner_only=True) if st is not None else None
+            if why:
+                raise UnsafePath(f"run_dir: {path} {why}; the files of a run folder are the run's own: choose another "
+                                 "run_dir")
 
     def check_room(self, checkpoint_bytes: int, model_bytes: int, keep_last: int) -> None:
         """A ConfigError when this folder cannot hold the run's checkpoints (the last `keep_last`, the

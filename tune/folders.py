@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 
 from itself.config import Config, ConfigError, config_yaml, from_dict, load_yaml
 from itself.paths import Folder
 from itself.rundir import RunDir
+from itself.safeio import not_yours
 from shards.locking import FolderLock, LockBusy, LockUnavailable
 from tune.settings import SearchSettings
 
@@ -86,21 +86,17 @@ class ExperimentDir(Folder):
         no one else (no link planted at a name either): --resume has Ray unpickle its state
         (tuner.pkl and the rest), which runs whatever code the pickles hold, and trains the base
         config kept here; an experiment someone else wrote or could change is never resumed."""
-        me = os.geteuid()
         for folder, dirs, files in os.walk(self.path):
             for name in (".", *dirs, *files):
                 path = Path(folder, name)
                 try:
-                    st = os.lstat(path)
+                    why = not_yours(os.lstat(path))
                 except FileNotFoundError:  # (gone since the folder was listed)
                     continue
-                if st.st_uid != me:
-                    raise ConfigError(f"--resume: {path} belongs to uid {st.st_uid}, not to you (uid {me}): resuming "
-                                      "unpickles the experiment's state, which runs code; only an experiment you "
-                                      "wrote resumes (start a new search)")
-                if st.st_mode & 0o002 and not stat.S_ISLNK(st.st_mode):
-                    raise ConfigError(f"--resume: {path} is writable by anyone: resuming unpickles the experiment's "
-                                      f"state, which runs code; `chmod -R o-w {self.path}` if it is yours as written")
+                if why:
+                    raise ConfigError(f"--resume: {path} {why}: resuming unpickles the experiment's state, which runs "
+                                      "code; only an experiment you wrote and no one else can change resumes (start a "
+                                      f"new search, or `chmod -R o-w {self.path}` if it is yours)")
 
     def settings(self) -> SearchSettings:
         return SearchSettings.from_json(self._read(self.SETTINGS))
