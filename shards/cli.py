@@ -16,6 +16,7 @@ from .corpus_build import CorpusOptions, convert_corpus
 from .errors import BuildError, BuildFailed, Interrupted, RejectsError
 from .pretrain import PretrainSpec, build_synthetic_pretrain
 from .synthetic import SyntheticSpec
+from .transaction import abort_open
 from .writer import MAJORITY
 
 DATASETS = ("synthetic", *FORMATS, *CORPORA, "synthetic-pretrain")
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: interrupted; {args.out} was left as it was", file=sys.stderr)
         return 1
     finally:
+        abort_open()  # (a build the signal caught before its own clean-up could start)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     print(summary_table(info))

@@ -102,6 +102,17 @@ def _build_owned(folder: Path) -> list[str]:
     return foreign
 
 
+_OPEN: set["OutputTransaction"] = set()  # this process's transactions not yet committed or aborted
+
+
+def abort_open() -> None:
+    """Abort this process's transactions not yet committed or aborted (their work folders removed,
+    locks released). A command calls it on its way out: a signal can land between a transaction's
+    start and the `try` of its caller, where no clean-up of the caller's runs."""
+    for txn in list(_OPEN):
+        txn.abort()
+
+
 class OutputTransaction:
     """Locks `out`, makes a sibling work folder, and swaps it in by `commit` (see the module
     docstring). `abort` (or any failure before `commit`) leaves `out` as it was."""
@@ -119,19 +130,20 @@ class OutputTransaction:
         except OSError as e:
             raise BuildError(f"--out {given}: cannot create {self.parent}: {e.strerror}") from None
         self.lock = BuildLock(self.parent / f".{self.name}{LOCK_SUFFIX}")
-        self.lock.acquire(str(self.out))
         self.work: Path | None = None
+        _OPEN.add(self)  # (before anything is made: `abort_open` then removes whatever was)
         try:
+            self.lock.acquire(str(self.out))
             self._recover()
             self._check(overwrite)
             self.work = self.parent / f".{self.name}.build-{os.getpid()}-{secrets.token_hex(4)}"
             os.mkdir(self.work)  # (mode from the umask, unlike mkdtemp's 0700: the dataset's own)
         except OSError as e:
-            self.lock.release()
+            self.abort()
             raise BuildError(f"--out {self.out}: cannot prepare the build beside it: {e.strerror} "
                              f"({e.filename or self.parent})") from None
         except BaseException:
-            self.lock.release()
+            self.abort()
             raise
 
     @property
@@ -196,6 +208,7 @@ class OutputTransaction:
         if self.failed_rejects.exists():  # from an earlier refused build: no longer about this dataset
             self.failed_rejects.unlink()
         self.lock.release()
+        _OPEN.discard(self)
 
     def keep_rejects(self, path: Path) -> Path:
         """Move a refused build's rejects file beside `out`; returns where it is now."""
@@ -208,3 +221,4 @@ class OutputTransaction:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
         self.lock.release()
+        _OPEN.discard(self)
