@@ -50,7 +50,7 @@ def read_samples(root: str, split: str, image_ids: set[int]) -> dict[int, tuple[
     ranged = "offset" in table.column_names
     for row in table.to_pylist():
         url = catalog.join(root, split, row["shard"])
-        samples = (catalog.tar_samples(io.BytesIO(catalog.read_range(url, row["offset"], row["offset"] + row["size"])), url)
+        samples = (catalog.tar_samples(io.BytesIO(catalog.read_range(url, *catalog.sample_span(url, [row["offset"]], [row["size"]]))), url)
                    if ranged else (s for s in catalog.iter_shard(url) if s["__key__"] == row["key"]))
         for sample in samples:
             out[row["image_id"]] = (catalog.image_member(sample), row["captions"])

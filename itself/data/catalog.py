@@ -15,8 +15,9 @@ import numpy as np
 from shards import schema
 
 from ..errors import DataError
+from ..safeio import shown
 from .locations import (  # noqa: F401 - (the rest re-exported: the readers' one import)
-    _fs, exists, is_command, is_url, join, open_random_access, open_stream, ranged, read_json, read_range,
+    _fs, exists, is_command, is_url, join, local_file, open_random_access, open_stream, ranged, read_json, read_range,
     read_whole, serves_ranges)
 from .plan import IdentityTable, join_runs
 
@@ -44,6 +45,9 @@ def tar_samples(stream, url: str) -> Iterator[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
+                if member.size > schema.MAX_MEMBER_BYTES:  # (checked before a byte of it is read)
+                    raise DataError(f"cannot read shard {url}: member {shown(member.name)} is {member.size} bytes, more "
+                                    f"than a built shard holds ({schema.MAX_MEMBER_BYTES >> 20} MiB): refused unread")
                 parts = split_member(member.name)
                 if parts is None:
                     continue
@@ -238,8 +242,8 @@ def read_manifest(root: str, columns: list[str] | None = None, filters=None):
     import pyarrow as pa
 
     path = join(root, schema.MANIFEST_FILE)
-    fs, where = _fs(path) if is_url(path) else (None, path)
     try:
+        fs, where = _fs(path) if is_url(path) else (None, local_file(path))
         if fs is not None and not ranged(path):  # (Parquet is read by range: without ranges, read it whole)
             fs, where = None, pa.py_buffer(read_whole(path))
         source = (lambda: pa.BufferReader(where)) if isinstance(where, pa.Buffer) else (lambda: where)
@@ -323,11 +327,29 @@ class ShardRows:
         self.url, self.keys, self.sha256 = url, cols["key"], cols["sha256"]
         self.captions = np.asarray(cols["num_captions"], np.int64)
         self.offset = np.asarray(cols["offset"]) if "offset" in cols else None
-        self.end = self.offset + np.asarray(cols["size"]) if "size" in cols else None
+        self.size = np.asarray(cols["size"]) if "size" in cols else None
 
     def byte_range(self, lo: int, hi: int) -> tuple[int, int] | None:
         """Bytes holding rows [lo, hi), or None when the manifest has no offsets (schema 1)."""
-        return None if self.offset is None else (int(self.offset[lo]), int(self.end[hi - 1]))
+        return None if self.offset is None else sample_span(self.url, self.offset[lo:hi], self.size[lo:hi])
+
+
+def sample_span(url: str, offsets, sizes) -> tuple[int, int]:
+    """[start, end) of consecutive samples of a shard, from the manifest's offsets and sizes (one
+    read then holds them all). DataError where no built shard looks so: a sample spanning more than
+    `schema.MAX_SAMPLE_BYTES`, or a gap or overlap between consecutive ones (a hostile manifest would
+    otherwise have a reader load gigabytes of a sparse file)."""
+    offsets, sizes = np.asarray(offsets, np.int64), np.asarray(sizes, np.int64)
+    bad = np.flatnonzero((offsets < 0) | (sizes <= 0) | (sizes > schema.MAX_SAMPLE_BYTES))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"shard {url}: the manifest says a sample spans {sizes[i]} bytes from byte {offsets[i]}, which "
+                        f"no built shard holds (at most {schema.MAX_SAMPLE_BYTES} bytes each): refused unread; rebuild "
+                        "the dataset")
+    if (offsets[1:] != offsets[:-1] + sizes[:-1]).any():
+        raise DataError(f"shard {url}: the manifest's byte ranges of consecutive samples leave gaps or overlap, which "
+                        "no built shard does: refused unread; rebuild the dataset")
+    return int(offsets[0]), int(offsets[-1] + sizes[-1])
 
 
 class TrainData:

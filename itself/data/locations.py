@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import DataError, UserError
-from ..safeio import read_regular
+from ..safeio import open_regular, read_regular
 
 
 def is_url(path: str) -> bool:
@@ -34,10 +34,19 @@ def _fs(url: str):
 
 
 def _open(path: str, mode: str = "rb"):
+    """A file of a dataset, local or a URL. A local one must be a regular file (through links or
+    not): a FIFO or device in a shard's or manifest's place is refused without blocking on it."""
     if not is_url(path):
-        return open(path, mode)
+        return os.fdopen(open_regular(path, "dataset file", 1 << 62, follow=True), mode)
     fs, p = _fs(path)
     return fs.open(p, mode)
+
+
+def local_file(path: str) -> str:
+    """`path`, once checked to be a regular file, through links or not (a FIFO or device is refused
+    without blocking on it): for readers that open it themselves (pyarrow)."""
+    os.close(open_regular(path, "dataset file", 1 << 62, follow=True))
+    return path
 
 
 def exists(path: str) -> bool:
@@ -104,7 +113,7 @@ def ranged(url: str) -> bool:
 def read_whole(url: str) -> bytes:
     """A whole file (one plain GET for a URL)."""
     if not is_url(url):
-        with open(url, "rb") as f:
+        with _open(url) as f:
             return f.read()
     fs, p = _fs(url)
     return fs.cat_file(p)

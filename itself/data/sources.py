@@ -78,7 +78,8 @@ def split_urls(root: str, split: str, info: dict | None = None, override: str = 
                                                                         if split == "train" else ""))
     for url in urls:
         if not is_url(url) and not is_command(url) and not os.path.isfile(url):
-            raise DataError(f"shard not found: {url}")
+            raise DataError(f"shard {url} is not a regular file (a FIFO, device or folder): refused unread"
+                            if os.path.exists(url) else f"shard not found: {url}")
     return urls
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 
@@ -15,7 +16,7 @@ import torch
 
 from itself.config import DataConfig
 from itself.data.pipeline import eval_loaders, train_loader
-from itself.errors import DataError
+from itself.errors import DataError, UserError
 from itself.evaluate import evaluate
 from itself.model import ITSELF
 from itself.presets import resolve_config
@@ -157,13 +158,18 @@ def test_manifest_of_another_schema_version_is_refused(dataset):
         one_train_epoch(dataset)
 
 
-def test_a_version_1_dataset_trains_on_the_same_batches(dataset, small_dataset):
-    # Schema 1 has no byte ranges or caption counts: shards are streamed instead, same batches.
+def as_version_1(dataset) -> None:
+    """Make a dataset's manifest and dataset.json those of schema 1."""
     manifest = dataset / schema.MANIFEST_FILE
     table = pq.read_table(manifest).drop_columns(list(schema.V2_COLUMNS))
     pq.write_table(table.replace_schema_metadata({schema.MANIFEST_VERSION_KEY: b"1"}), manifest)
     info = json.loads((dataset / schema.DATASET_FILE).read_text())
     (dataset / schema.DATASET_FILE).write_text(json.dumps({**info, "schema_version": 1}))
+
+
+def test_a_version_1_dataset_trains_on_the_same_batches(dataset, small_dataset):
+    # Schema 1 has no byte ranges or caption counts: shards are streamed instead, same batches.
+    as_version_1(dataset)
     old, new = one_train_epoch(dataset), one_train_epoch(small_dataset)
     assert len(old) == len(new) and all(torch.equal(a[k], b[k]) for a, b in zip(old, new) for k in a)
 
@@ -202,3 +208,73 @@ def test_a_dataset_on_a_server_without_range_requests_is_streamed(small_dataset,
         gallery, queries = eval_loaders(DataConfig(root=root, image_size=(48, 16)), "val")
         assert sum(len(b[0]) for b in gallery) == 16
     assert got == want
+
+
+
+def _sparse_member_shard(path, claimed: int) -> None:
+    """A shard whose first member's header claims `claimed` bytes, as a sparse file: gigabytes on
+    paper, nothing on disk (what a hostile dataset folder can hold at no cost)."""
+    info = tarfile.TarInfo("000000000.jpg")
+    info.size = claimed
+    with open(path, "wb") as f:
+        f.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        f.truncate(512 + claimed + 1024)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_shard_member_claiming_gigabytes_is_refused_unread(dataset, split):
+    # A built shard holds no member over schema.MAX_MEMBER_BYTES: a larger one is refused from its
+    # header (reading it would take 8 GiB of memory), in training's streamed reads (a schema-1
+    # dataset, or a server without byte ranges) and evaluation's.
+    shard = dataset / split / f"{split}-000000.tar"
+    _sparse_member_shard(shard, 8 << 30)
+    with pytest.raises(DataError, match=f"cannot read shard {shard}: member '000000000.jpg' is {8 << 30} bytes, more than "
+                                        "a built shard holds \\(128 MiB\\): refused unread"):
+        if split == "train":
+            as_version_1(dataset)
+            one_train_epoch(dataset)
+        else:
+            list(eval_loaders(cfg(dataset), "val")[0])
+
+
+@pytest.mark.parametrize("lie", ["huge", "gap"])
+def test_a_manifest_whose_byte_ranges_no_build_writes_is_refused_unread(dataset, lie):
+    # Training reads consecutive samples with one ranged read from the manifest's offsets and
+    # sizes: a manifest saying a sample spans 8 GiB, or that the next one starts 8 GiB further (of
+    # a sparse shard), is refused before the read.
+    import pyarrow as pa
+
+    from itself.data.catalog import TrainData
+    from itself.data.sources import train_sources
+
+    table = pq.read_table(dataset / schema.MANIFEST_FILE)
+    rows = table.to_pylist()
+    train = [r for r in rows if r["split"] == "train" and r["shard"] == "train-000000.tar"]
+    if lie == "huge":
+        train[0]["size"] = 8 << 30
+        message = f"the manifest says a sample spans {8 << 30} bytes from byte {train[0]['offset']}"
+    else:
+        for r in train[1:]:
+            r["offset"] += 8 << 30
+        message = "the manifest's byte ranges of consecutive samples leave gaps or overlap"
+    with open(dataset / "train" / "train-000000.tar", "r+b") as f:
+        f.truncate(train[-1]["offset"] + (9 << 30))
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), dataset / schema.MANIFEST_FILE)
+    data = TrainData(train_sources(cfg(dataset)))
+    shard = [u.endswith("train-000000.tar") for u in data.urls].index(True)
+    with pytest.raises(DataError, match=f"shard {data.urls[shard]}: {message}.*refused unread"):
+        next(data.read_segment(shard, 0, 2))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["train/train-000000.tar", "val/val-000000.tar", schema.MANIFEST_FILE])
+def test_a_fifo_in_place_of_a_shard_or_the_manifest_is_refused_without_blocking(dataset, name):
+    # Opening a FIFO for reading waits for a writer: forever, in a folder someone handed us.
+    (dataset / name).unlink()
+    os.mkfifo(dataset / name)
+    with pytest.raises(UserError, match=f"{dataset / name} is (a FIFO, )?not a regular file"):
+        if name.startswith("val/"):
+            list(eval_loaders(cfg(dataset), "val")[0])
+        else:
+            one_train_epoch(dataset)
