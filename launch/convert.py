@@ -141,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     n = len(plan["chunks"])
     left = sum(not chunk_done(work, i) for i in range(n))
     print(f"plan: {plan['read']} records in {n} chunks ({left} to convert) in {work}")
-    job_dir.create()
+    try:
+        job_dir.create()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tasks = max(1, min(args.nodes, left))
     merge = MergeTask(build.out, build.strict, build.allow_rejects, build.overwrite)
     try:

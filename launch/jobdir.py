@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from itself.config import Config, config_yaml
+from itself.errors import ConfigError
 from itself.paths import Folder, check_can_create
 from itself.rundir import RunDir, timestamped
 
@@ -39,7 +40,15 @@ class JobDir(Folder):
         """A new job's folder under `jobs_dir` (not created yet): a ConfigError now, naming
         --jobs-dir, if it could not be created there."""
         check_can_create(jobs_dir, "--jobs-dir")
-        return cls((Path(jobs_dir) / timestamped(name)).resolve())
+        job = cls((Path(jobs_dir) / timestamped(name)).resolve())
+        if os.path.lexists(job.path):
+            raise job._exists()
+        return job
+
+    def _exists(self) -> ConfigError:
+        return ConfigError(f"--jobs-dir: {self.path} exists already, and a job is given a new folder of its own "
+                           "(another job of that name started in the same second, or someone made it beforehand): "
+                           "submit again, or pass another --name")
 
     @property
     def run(self) -> RunDir:
@@ -68,7 +77,14 @@ class JobDir(Folder):
     # -- writing ---------------------------------------------------------------------------------
 
     def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Make the job's folder, new: one that exists by now (made since `new`, by anyone) is refused,
+        never written into. A folder planted at the predictable name in a shared --jobs-dir could hold
+        links at the names the launcher writes, or result pickles that `--wait` would read back."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(self.path)
+        except FileExistsError:
+            raise self._exists() from None
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

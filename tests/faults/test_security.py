@@ -64,6 +64,37 @@ def test_slurm_values_with_shell_syntax_are_quoted_in_the_batch_script(tmp_path)
     assert "#SBATCH --constraint='a100|h100'" in run.stdout
 
 
+def _plant_job_folder(folder, victim) -> None:
+    """A job folder someone made beforehand at a name the launcher will choose: links at the names
+    it writes, a result pickle `--wait` would read back."""
+    folder.mkdir(parents=True)
+    for name in ("submission.json", "config.yaml", "attempts.jsonl"):
+        (folder / name).symlink_to(victim)
+
+
+def test_a_job_folder_planted_at_its_predictable_name_is_refused_and_nothing_written(tmp_path):
+    # Job folders are named <name>-YYYYmmdd-HHMMSS: in a shared --jobs-dir, anyone can make the
+    # next minute's names first. The launcher refuses a folder that exists (exit 2), and one made
+    # between its plan and its submission too; the planted links' target keeps its bytes.
+    import time
+
+    from itself.errors import ConfigError
+    from launch.jobdir import JobDir
+
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    jobs, now = tmp_path / "jobs", time.time()
+    for t in range(-1, 60):
+        _plant_job_folder(jobs / f"planted-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + t))}", victim)
+    run = slurm_cli(tmp_path, "--name", "planted")
+    assert run.returncode == 2 and "exists already, and a job is given a new folder of its own" in run.stderr, run.stderr
+    job = JobDir.new(tmp_path / "other", "later")  # (nothing there yet: planned)
+    _plant_job_folder(job.path, victim)
+    with pytest.raises(ConfigError, match="exists already"):
+        job.create()
+    assert victim.read_text() == "untouched\n"
+
+
 @pytest.mark.slow
 def test_run_folder_holds_no_credentials_from_the_environment(small_dataset, tmp_path):
     run_dir = tmp_path / "run"  # (a process of its own: the credentials are there from its first import on)
