@@ -81,22 +81,26 @@ class ExperimentDir(Folder):
     def holds_anything(self) -> bool:
         return self.path.is_dir() and any(p.name != self.LOCK for p in self.path.iterdir())
 
-    def check_owned(self) -> None:
+    def check_owned(self, resuming: bool = True) -> None:
         """ConfigError unless every file and folder of the experiment is this user's and writable by
-        no one else (no link planted at a name either): --resume has Ray unpickle its state
-        (tuner.pkl and the rest), which runs whatever code the pickles hold, and trains the base
-        config kept here; an experiment someone else wrote or could change is never resumed."""
-        for folder, dirs, files in os.walk(self.path):
-            for name in (".", *dirs, *files):
-                path = Path(folder, name)
-                try:
-                    why = not_yours(os.lstat(path))
-                except FileNotFoundError:  # (gone since the folder was listed)
-                    continue
-                if why:
-                    raise ConfigError(f"--resume: {path} {why}: resuming unpickles the experiment's state, which runs "
-                                      "code; only an experiment you wrote and no one else can change resumes (start a "
-                                      f"new search, or `chmod -R o-w {self.path}` if it is yours)")
+        no one else (no link planted at a name either, nor at the experiment's own name): --resume
+        has Ray unpickle its state (tuner.pkl and the rest), which runs whatever code the pickles
+        hold, and trains the base config kept here; a new search (not `resuming`) writes its files
+        into it. An experiment someone else wrote or could change is never used."""
+        entries = [self.path] + [Path(folder, name) for folder, dirs, files in os.walk(self.path)
+                                 for name in (".", *dirs, *files)]
+        for path in entries:
+            try:
+                why = not_yours(os.lstat(path))
+            except FileNotFoundError:  # (gone since the folder was listed)
+                continue
+            if why and resuming:
+                raise ConfigError(f"--resume: {path} {why}: resuming unpickles the experiment's state, which runs "
+                                  "code; only an experiment you wrote and no one else can change resumes (start a "
+                                  f"new search, or `chmod -R o-w {self.path}` if it is yours)")
+            if why:
+                raise ConfigError(f"--name: {path} {why}: a new search writes its settings, configs and trials into "
+                                  "its folder, which must be yours alone; choose another --name or --storage-path")
 
     def settings(self) -> SearchSettings:
         return SearchSettings.from_json(self._read(self.SETTINGS))

@@ -317,6 +317,8 @@ def _check_new(exp: ExperimentDir) -> None:
         raise ConfigError(f"--name: {exp} is a file, not an experiment folder; choose another --name")
     if exp.holds_anything():
         raise ConfigError(f"--name: {exp} already holds an experiment; pass --resume to continue it")
+    if os.path.lexists(exp.path):  # (an empty folder, made beforehand: by you, or by someone else)
+        exp.check_owned(resuming=False)
 
 
 def prepare(args) -> tuple[ExperimentDir, Config, SearchSettings]:

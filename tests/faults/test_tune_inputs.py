@@ -194,3 +194,30 @@ def test_resume_never_unpickles_an_experiment_someone_else_wrote_or_could_change
     run = search(tmp_path, "--resume", "--name", "x", "--storage-path", str(tmp_path / "tune"))
     assert_refused(run, f"error: --resume: {message}", "unpickles the experiment's state, which runs code")
     assert not marker.exists() and not (tmp_path / "ray").exists()
+
+
+@pytest.mark.parametrize("how", ["another user's", "writable by anyone", "another user's link"])
+def test_a_new_search_never_writes_into_a_folder_someone_else_made_or_could_change(tmp_path, how):
+    # An empty folder at --name (a predictable search-<preset>-<time> in a shared storage path): its
+    # maker could plant links at the names the search then writes (as root, through them).
+    import os
+
+    storage = tmp_path / "tune"
+    folder = storage / "x"
+    if how == "another user's link":
+        (tmp_path / "mine").mkdir()
+        storage.mkdir()
+        folder.symlink_to(tmp_path / "mine")
+    else:
+        folder.mkdir(parents=True)
+    if how == "writable by anyone":
+        os.chmod(folder, 0o777)
+        message = f"{folder} is writable by anyone"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(folder, 65534, 65534, follow_symlinks=False)
+        message = f"{folder} belongs to uid 65534, not to you (uid 0)"
+    run = search(tmp_path, "--name", "x", "--storage-path", str(storage))
+    assert_refused(run, f"error: --name: {message}: a new search writes its settings")
+    assert [p.name for p in folder.iterdir()] == [] and not (tmp_path / "data").exists()
