@@ -121,6 +121,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "pretrain-synth-pedes": _pretrain("pretrain-synth-pedes", "data/synth-pedes"),
     "pretrain-mals": _pretrain("pretrain-mals", "data/mals"),
     "pretrain-luperson-t": _pretrain("pretrain-luperson-t", "data/luperson-t"),
+    "pretrain-ham-pedes": _pretrain("pretrain-ham-pedes", "data/ham-pedes"),
     "pretrain-synthetic": synthetic_pretrain,
     # Supplementary Tab. 1: the token scheduler
     # (without ATS the reference code keeps its `select_ratio`, 0.4: the config's fixed_ratio)

@@ -3,7 +3,7 @@
     python launch/convert.py --nodes 4 [--profile NAME] [cluster options] -- --dataset webperson --root R --out O [build flags]
 
 The build flags are `itself-shards build`'s (corpora only: webperson, synth-pedes, mals,
-luperson-t, pairs). Here, with the output's lock held, the corpus is planned (`shards.chunking`:
+luperson-t, ham-pedes, pairs). Here, with the output's lock held, the corpus is planned (`shards.chunking`:
 the annotations read once and cut into chunks; an existing plan of the same settings is reused).
 Then two jobs are submitted: a job array of N tasks, task i converting the unfinished chunks i,
 i + N, i + 2N, ... with every core of its node, and a merge job that starts when the array has

@@ -34,7 +34,7 @@ exit status:
      --allow-rejects). Refused builds keep their rejects in <out>.rejects.jsonl
 A build never changes --out unless it succeeds: the new dataset is written beside it and
 swapped in whole; the previous dataset stays as it was otherwise. A corpus conversion
-(webperson, synth-pedes, mals, luperson-t, pairs, synthetic-pretrain) that fails or is killed
+(webperson, synth-pedes, mals, luperson-t, ham-pedes, pairs, synthetic-pretrain) that fails or is killed
 keeps its plan and finished chunks in .<out>.convert beside --out: the same command again
 converts only the rest."""
 

@@ -12,6 +12,10 @@ files and the images; image paths in annotations are relative to the root):
   one caption per image, no identities: each image is its own. `label` is not used.
 - `luperson-t` (UniPT): one JSON list of {"file_path", "captions"}: the only `*.json` in the root
   (or `--annotations`). No identities.
+- `ham-pedes` (HAM, CVPR 2025): one JSON object {image path: [captions]} (what its captioner
+  writes, `caption.json`; two captions per image) over SYNTH-PEDES's images: `--root` is the
+  SYNTH-PEDES image root, the annotations its only `*.json` but `synthpedes_dataset.json` (or
+  `--annotations`). A JSON list of {"file_path", "captions"} records is read too. No identities.
 - `pairs` (your own corpus): `pairs.jsonl` (one {"image": path, "captions": list or "caption":
   string, "pid": optional} per line) or `pairs.parquet` / a folder of `*.parquet` (columns `image`:
   a path, the encoded bytes, or a Hugging Face Image struct; `captions` (list) or `caption`;
@@ -33,13 +37,14 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ConvertError
-from .jsonstream import iter_json_array, iter_jsonl, parse_line
+from .jsonstream import first_character, iter_json_array, iter_json_object, iter_jsonl, parse_line
 from .validate import bounded, kind
 
 # The `pairs` fields, by the names they may have (the first present is used).
 PAIRS_IMAGE = ("image", "image_path", "file_path", "path")
 PAIRS_CAPTIONS = ("captions", "caption", "text")
 PAIRS_PID = ("pid", "id", "person_id")
+SYNTH_PEDES_FILE = "synthpedes_dataset.json"
 BATCH_ROWS = 4096
 """Parquet rows read per batch when planning (captions only: the image column is never read here)."""
 
@@ -70,6 +75,8 @@ CORPORA = {
     "synth-pedes": Corpus("synth-pedes", "synthpedes_dataset.json", "given"),
     "mals": Corpus("mals", "g_*_attrs.json anywhere under the root", "pseudo"),
     "luperson-t": Corpus("luperson-t", "the only *.json in the root", "pseudo"),
+    "ham-pedes": Corpus("ham-pedes", "the only *.json in the root but synthpedes_dataset.json: {image path: "
+                        "[captions]}", "pseudo"),
     "pairs": Corpus("pairs", "pairs.jsonl, pairs.parquet or --annotations FILE_OR_FOLDER", "given"),
 }
 
@@ -94,17 +101,17 @@ def annotation_files(name: str, root: Path, annotations: str | None = None) -> l
     elif name == "webperson":
         files = _sorted_files((root / "data").glob("train-*.parquet"))
     elif name == "synth-pedes":
-        files = _sorted_files([root / "synthpedes_dataset.json"])
+        files = _sorted_files([root / SYNTH_PEDES_FILE])
     elif name == "mals":
         found = []
         for folder, dirs, names in os.walk(root):
             dirs.sort()
             found += [Path(folder, n) for n in names if n.startswith("g_") and n.endswith("_attrs.json")]
         files = _sorted_files(found)
-    elif name == "luperson-t":
-        files = _sorted_files(root.glob("*.json"))
+    elif name in ("luperson-t", "ham-pedes"):  # (HAM-PEDES's images are SYNTH-PEDES's, its annotations beside)
+        files = _sorted_files(p for p in root.glob("*.json") if name != "ham-pedes" or p.name != SYNTH_PEDES_FILE)
         if len(files) > 1:
-            raise ConvertError(f"luperson-t: {len(files)} JSON files in {root} ({', '.join(p.name for p in files[:5])}"
+            raise ConvertError(f"{name}: {len(files)} JSON files in {root} ({', '.join(p.name for p in files[:5])}"
                                "): pass the annotation file with --annotations FILE")
     else:
         files = _sorted_files([root / "pairs.jsonl", root / "pairs.parquet"])[:1]
@@ -219,6 +226,8 @@ def _fields(name: str, record) -> tuple:
         return None, record.get("caption"), record.get("image")
     if name == "luperson-t":
         return None, record.get("captions"), record.get("file_path")
+    if name == "ham-pedes":
+        return None, _first(record, PAIRS_CAPTIONS), _first(record, PAIRS_IMAGE)
     return _first(record, PAIRS_PID), _first(record, PAIRS_CAPTIONS), _first(record, PAIRS_IMAGE)
 
 
@@ -240,6 +249,10 @@ def _item(name: str, record, where: str) -> Item:
 
 def _json_items(name: str, path: Path) -> Iterator[Item]:
     try:
+        if name == "ham-pedes" and first_character(path) == "{":
+            for n, (image, captions) in enumerate(iter_json_object(path)):
+                yield Item(0, f"{path.name}[{n}]", None, captions, image)
+            return
         for n, record in enumerate(iter_json_array(path)):
             yield _item(name, record, f"{path.name}[{n}]")
     except (OSError, ValueError) as e:

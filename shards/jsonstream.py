@@ -4,6 +4,8 @@
   one by one with `json.JSONDecoder.raw_decode` over a sliding window of the text. A syntax error
   or a truncated file stops the read with `ValueError` naming the element and byte; a list cannot
   be resynchronised after a syntax error, so it is the whole file's problem, not one record's.
+- `iter_json_object(path)`: the (key, value) members of a file holding one JSON object
+  (`{"Part1/7/1.jpg": [...], ...}`), read the same way.
 - `iter_jsonl(path)`: the lines of a JSONL file, split on b"\\n" only. Python's `str.splitlines`
   also splits on U+2028, U+2029, U+0085 and \\x1c-\\x1e, characters a caption may hold inside a
   JSON string: one record would become two malformed ones.
@@ -68,36 +70,75 @@ def iter_json_array(path: str | Path) -> Iterator:
     decoder = json.JSONDecoder()
     with open(path, "rb") as f:
         text = _Text(f)
-        first = text.skip_space()
-        if first != "[":
-            what = "an empty file" if first == "" else f"{first!r} where a JSON list starts with '['"
-            raise ValueError(f"expected a JSON list of records, found {what}")
+        yield from _members(text, "list", lambda n: _element(decoder, text, n, "list"))
+
+
+def iter_json_object(path: str | Path) -> Iterator[tuple[str, object]]:
+    """Each (key, value) of the JSON object in `path`, in order (a key given twice comes twice).
+    ValueError (with the member's number and position) when the file is not one well-formed JSON
+    object."""
+    decoder = json.JSONDecoder()
+    with open(path, "rb") as f:
+        text = _Text(f)
+        yield from _members(text, "object", lambda n: _member(decoder, text, n))
+
+
+def first_character(path: str | Path) -> str:
+    """The first character of a JSON file after any BOM and white space ('' for an empty file): '['
+    for a list, '{' for an object."""
+    with open(path, "rb") as f:
+        return _Text(f).skip_space()
+
+
+_BRACKETS = {"list": "[]", "object": "{}"}
+
+
+def _members(text: _Text, kind: str, read) -> Iterator:
+    """`read(n)` for each member of the list or object (`kind`) the text holds, checking the
+    brackets and commas around them and that nothing follows."""
+    opener, closer = _BRACKETS[kind]
+    first = text.skip_space()
+    if first != opener:
+        what = "an empty file" if first == "" else f"{first!r} where a JSON {kind} starts with {opener!r}"
+        raise ValueError(f"expected a JSON {kind} of records, found {what}")
+    text.pos += 1
+    n = 0
+    if text.skip_space() == closer:
         text.pos += 1
-        n = 0
-        if text.skip_space() == "]":
-            text.pos += 1
-        else:
-            while True:
-                yield _element(decoder, text, n)
-                n += 1
-                c = text.skip_space()
-                if c == ",":
-                    text.pos += 1
-                    continue
-                if c == "]":
-                    text.pos += 1
-                    break
-                found = "the end of the file (truncated?)" if c == "" else repr(c)
-                raise ValueError(f"after element {n - 1} at {text.where()}: expected ',' or ']', found {found}")
-        if text.skip_space() != "":
-            raise ValueError(f"text after the end of the list at {text.where()}")
+    else:
+        while True:
+            yield read(n)
+            n += 1
+            c = text.skip_space()
+            if c == ",":
+                text.pos += 1
+                continue
+            if c == closer:
+                text.pos += 1
+                break
+            found = "the end of the file (truncated?)" if c == "" else repr(c)
+            raise ValueError(f"after element {n - 1} at {text.where()}: expected ',' or {closer!r}, found {found}")
+    if text.skip_space() != "":
+        raise ValueError(f"text after the end of the {kind} at {text.where()}")
 
 
-def _element(decoder: json.JSONDecoder, text: _Text, n: int):
+def _member(decoder: json.JSONDecoder, text: _Text, n: int) -> tuple[str, object]:
+    """The (key, value) of an object's member starting at the window's position."""
+    key = _element(decoder, text, n, "object")
+    if not isinstance(key, str):
+        raise ValueError(f"element {n} at {text.where()}: an object's key must be a string (not a well-formed JSON "
+                         "object)")
+    if text.skip_space() != ":":
+        raise ValueError(f"element {n} at {text.where()}: expected ':' after the key (not a well-formed JSON object)")
+    text.pos += 1
+    return key, _element(decoder, text, n, "object")
+
+
+def _element(decoder: json.JSONDecoder, text: _Text, n: int, kind: str):
     """Decode the element starting at the window's position. A value that ends exactly at the end of
     the window may continue in the next read (a number), so it is decoded again with more text."""
     if text.skip_space() == "":
-        raise ValueError(f"the file ends inside the list, before element {n} (truncated?)")
+        raise ValueError(f"the file ends inside the {kind}, before element {n} (truncated?)")
     while True:
         try:
             value, end = decoder.raw_decode(text.buf, text.pos)
@@ -106,7 +147,7 @@ def _element(decoder: json.JSONDecoder, text: _Text, n: int):
         except json.JSONDecodeError as e:
             if text.eof or len(text.buf) - text.pos > MAX_RECORD_CHARS:
                 what = ("larger than the largest record accepted" if not text.eof else f"{e.msg}")
-                raise ValueError(f"element {n} at {text.where()}: {what} (not a well-formed JSON list)") from None
+                raise ValueError(f"element {n} at {text.where()}: {what} (not a well-formed JSON {kind})") from None
             text.more()
             continue
         except ValueError as e:  # e.g. an integer of more than 4300 digits

@@ -140,3 +140,28 @@ def plant_luperson_t(root: Path, n: int = 20, faults: bool = True) -> dict:
         expected["LUPerson/0/1.jpg"] = "empty or non-string caption"
     (root / "luperson_t.json").write_text(json.dumps(records))
     return expected
+
+
+def plant_ham_pedes(root: Path, n: int = 20, faults: bool = True) -> dict:
+    """SYNTH-PEDES's image root (Part1/<id>/<k>.jpg and its synthpedes_dataset.json, which the reader
+    leaves alone) with HAM's caption.json beside: one JSON object {image path: [2 captions]}, as its
+    captioner writes it."""
+    captions, expected = {}, {}
+    for k in range(n):
+        rel = f"Part1/{k // 4}/{k}.jpg"
+        image_file(root / rel, k)
+        captions[rel] = [f"A woman {k} with long hair wears a white coat.", f"The person {k} carries a red bag."]
+    if faults:
+        captions["Part1/0/gone.jpg"] = ["x", "y"]
+        expected["Part1/0/gone.jpg"] = "missing image file"
+        image_file(root / "Part1/0/blank.jpg", 3)
+        captions["Part1/0/blank.jpg"] = []
+        expected["Part1/0/blank.jpg"] = "empty or non-string caption"
+        captions["../outside.jpg"] = ["out"]
+        expected["../outside.jpg"] = "path escapes the root"
+        image_file(root / "Part1/0/num.jpg", 4)
+        captions["Part1/0/num.jpg"] = 17  # (a malformed record)
+    (root / "synthpedes_dataset.json").write_text(json.dumps([{"id": 1, "file_path": "Part1/0/0.jpg",
+                                                                 "captions": ["not HAM's"]}]))
+    (root / "caption.json").write_text(json.dumps(captions))
+    return expected

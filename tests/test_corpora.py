@@ -1,4 +1,4 @@
-"""Person pre-training corpora (WebPerson, SYNTH-PEDES, MALS, LUPerson-T, your own pairs) converted
+"""Person pre-training corpora (WebPerson, SYNTH-PEDES, MALS, LUPerson-T, HAM-PEDES, your own pairs) converted
 as their releases lay them out: every planted fault rejected with its reason, nothing lost, the
 same bytes from any number of workers, the streaming JSON reader, the synthetic pre-training
 corpus through the real reader into the training pipeline."""
@@ -17,14 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corpus_plant import (bomb_png, image_file, jpeg, plant_luperson_t, plant_mals, plant_synth_pedes,
-                          plant_webperson)
+from corpus_plant import (bomb_png, image_file, jpeg, plant_ham_pedes, plant_luperson_t, plant_mals,
+                          plant_synth_pedes, plant_webperson)
 from runs import REPO
 from shards import jsonstream, schema
 from shards.corpus_build import CorpusOptions, convert_corpus
 
 PLANTERS = {"webperson": plant_webperson, "synth-pedes": plant_synth_pedes, "mals": plant_mals,
-            "luperson-t": plant_luperson_t}
+            "luperson-t": plant_luperson_t, "ham-pedes": plant_ham_pedes}
 
 
 def build(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -101,6 +101,10 @@ def test_each_corpus_as_released_with_its_faults(corpus, tmp_path):
         assert len({r["orig_pid"] for r in rows}) == len(rows) and all(r["orig_pid"] == r["source"] for r in rows)
     if corpus == "webperson":
         assert info["read"] == 60 and all(len(r["captions"]) == 2 for r in rows)
+    if corpus == "ham-pedes":  # (synthpedes_dataset.json beside it is SYNTH-PEDES's, not read)
+        assert info["read"] == 24 and all(len(r["captions"]) == 2 for r in rows)
+        assert "not HAM's" not in {c for r in rows for c in r["captions"]}
+        assert [r["source"] for r in rejects(tmp_path / "out") if r["reason"] == "malformed record"] == ["Part1/0/num.jpg"]
     if corpus == "mals":
         assert sorted(info["builder"]["annotations"]) == ["gene_attrs/g_4x_attrs.json", "gene_attrs/g_c_g_a_0_attrs.json"]
         assert all(len(r["captions"]) == 1 for r in rows)
@@ -266,6 +270,49 @@ def test_json_list_reader_streams_across_window_boundaries(tmp_path, monkeypatch
         path.write_text(text)
         with pytest.raises(ValueError, match=fragment):
             list(jsonstream.iter_json_array(path))
+
+
+def test_ham_pedes_annotations_elsewhere_and_as_a_list_of_records(tmp_path):
+    # The release's folder (HAM_data/HAM_PEDES) beside the SYNTH-PEDES images: --annotations names the
+    # file; a list of {"file_path", "captions"} reads as the object does. Two JSON files in the root
+    # besides SYNTH-PEDES's: which one is meant is asked, not guessed.
+    from shards.errors import ConvertError
+
+    root = tmp_path / "PLIP_data"
+    plant_ham_pedes(root, n=8, faults=False)
+    by_path = json.loads((root / "caption.json").read_text())
+    (tmp_path / "HAM_PEDES").mkdir()
+    records = [{"file_path": k, "captions": v} for k, v in by_path.items()]
+    (tmp_path / "HAM_PEDES" / "ham_pedes.json").write_text(json.dumps(records))
+    (root / "caption.json").rename(root / "random100w_2HAMcaptions.json")
+    (root / "other.json").write_text("{}")
+    options = CorpusOptions(val_fraction=0)
+    with pytest.raises(ConvertError, match="ham-pedes: 2 JSON files in .*pass the annotation file with --annotations"):
+        convert_corpus("ham-pedes", root, tmp_path / "out", options, workers=1, progress=False)
+    listed = convert_corpus("ham-pedes", root, tmp_path / "out", CorpusOptions(
+        val_fraction=0, annotations=str(tmp_path / "HAM_PEDES" / "ham_pedes.json")), workers=1, progress=False)
+    (root / "other.json").unlink()
+    as_object = convert_corpus("ham-pedes", root, tmp_path / "out2", options, workers=1, progress=False)
+    assert listed["written"] == as_object["written"] == 8
+    assert [(r["source"], r["captions"]) for r in manifest(tmp_path / "out")] == [
+        (r["source"], r["captions"]) for r in manifest(tmp_path / "out2")] == list(by_path.items())
+
+
+def test_json_object_reader_streams_members_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(jsonstream, "READ_CHARS", 5)
+    members = [("Part1/7/1.jpg", ["a man", "in a \u2028 coat"]), ("Part1/7/2.jpg", []), ("x", {"k": [1, 2.5]}),
+               ("Part1/7/1.jpg", ["again"])]  # (a key twice comes twice: the reader rejects the duplicate)
+    path = tmp_path / "caption.json"
+    path.write_text("\ufeff{" + ", ".join(f"{json.dumps(k)} :\n {json.dumps(v)}" for k, v in members) + "}")
+    assert list(jsonstream.iter_json_object(path)) == members and jsonstream.first_character(path) == "{"
+    path.write_text(" {} ")
+    assert list(jsonstream.iter_json_object(path)) == []
+    for text, fragment in (("[1]", "expected a JSON object"), ('{"a": [1]', "truncated"), ('{"a" [1]}', "expected ':'"),
+                           ('{1: 2}', "not a well-formed JSON object"), ('{"a": 1} x', "after the end of the object"),
+                           ('{"a": 1 "b": 2}', "expected ',' or '}'")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=fragment):
+            list(jsonstream.iter_json_object(path))
 
 
 def test_json_list_reader_memory_follows_one_record(tmp_path):
