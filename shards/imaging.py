@@ -11,7 +11,9 @@ build accepts is one the readers read, pixel for pixel. Its policy: the pixel co
 against Pillow's decompression-bomb limit from the header, before any pixel is decoded; JPEGs go
 through libjpeg-turbo (simplejpeg, 2-3x faster than Pillow), and through Pillow when libjpeg-turbo
 refuses one (a damaged stream Pillow still decodes, a sampling libjpeg-turbo's API does not take);
-other formats through Pillow; the EXIF orientation is applied (a phone photo stored sideways comes
+other formats through Pillow, only those of `FORMATS` (whatever the file's name: Pillow would pick
+any of its decoders from the bytes); a JPEG of more than `MAX_JPEG_SCANS` scans is refused before
+decoding (each scan decodes every pixel again); the EXIF orientation is applied (a phone photo stored sideways comes
 out upright); samples become 8-bit RGB with `to_rgb8`.
 
 `prepare_image(data)` is what the builder does with every image before writing it: decode it with
@@ -37,6 +39,14 @@ except ImportError:  # pragma: no cover - exercised where simplejpeg is not inst
 
 # Pillow format -> the shard member extension of images stored as they came (schema.IMAGE_EXTS).
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
+# The formats an image may be in (Pillow's names): photos, and the lossless formats a dataset uses.
+# Pillow otherwise picks a decoder from the bytes, whatever the file's name, and some of its
+# decoders run other programs (EPS and PostScript through Ghostscript): a file named .png holding
+# PostScript, or any other format, is refused unread.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # (a multi-picture JPEG opens as JPEG)
+# Most scans a JPEG may have: a progressive photo has about 10, and each scan is another pass over
+# every pixel (a 400 KB file of 1,000 repeated scans took 106 s to decode).
+MAX_JPEG_SCANS = 100
 # Modes with more than 8 bits per sample: `convert("RGB")` would clip them.
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _U16_MAX = 65535
@@ -99,11 +109,19 @@ def exif_orientation(data: bytes) -> int:
     if data.find(b"Exif", 0, 1 << 16) < 0 and data.find(b"eXIf") < 0:
         return 1
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             value = im.getexif().get(ORIENTATION_TAG, 1)
     except Exception:  # noqa: BLE001 - unreadable EXIF is no rotation; the decode judges the image
         return 1
     return value if isinstance(value, int) and value in range(1, 9) else 1
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Pillow's lazy open of encoded bytes, in one of `FORMATS` only (PIL.UnidentifiedImageError
+    for any other)."""
+    if not all(f in Image.OPEN for f in FORMATS):  # (Pillow registers most plugins on first need)
+        Image.init()
+    return Image.open(io.BytesIO(data), formats=FORMATS)
 
 
 def check_pixels(width: int, height: int) -> None:
@@ -119,6 +137,10 @@ def decode_array(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray
     """Encoded image bytes -> uint8 array [H, W, 3] (RGB, upright): the project's one decoder (see
     the module docstring). With `size` (H, W), a large JPEG may be decoded at a reduced scale that
     still covers it. Raises on corrupt data and on images over the pixel limit."""
+    scans = data.count(b"\xff\xda") if data[:2] == b"\xff\xd8" else 0  # (SOS markers: a scan starts at each)
+    if scans > MAX_JPEG_SCANS:
+        raise Image.DecompressionBombError(f"a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} decoded (each "
+                                           "one decodes every pixel again)")
     orientation = exif_orientation(data)
     if size is not None and orientation >= 5:  # (stored sideways: the stored width becomes the height)
         size = (size[1], size[0])
@@ -148,20 +170,12 @@ def _decode_jpeg(data: bytes, size) -> np.ndarray | None:
 def _decode_pillow(data: bytes, size) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             check_pixels(*im.size)
             if size is not None:
                 im.draft("RGB", (size[1], size[0]))
             im.load()  # (every pixel: a truncated file raises here)
             return np.array(to_rgb8(im))
-
-
-def decode_rgb8(data: bytes) -> Image.Image:
-    """Encoded image bytes -> an 8-bit RGB Pillow image (see `to_rgb8`); raises on corrupt data."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        rgb = to_rgb8(im)
-        return rgb.copy() if rgb is im else rgb
 
 
 @dataclasses.dataclass
@@ -186,7 +200,7 @@ def prepare_image(data: bytes, resize: tuple[int, int] | None = None) -> Prepare
 
 def _prepare(data: bytes, resize: tuple[int, int] | None) -> PreparedImage:
     pixels = decode_array(data)  # what every reader will decode: it must work
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(data) as im:
         fmt, mode = im.format or "?", im.mode
     rgb = Image.fromarray(pixels, "RGB")
     if resize is not None:

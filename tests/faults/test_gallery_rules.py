@@ -111,6 +111,51 @@ def test_the_build_and_every_reader_share_one_decoder():
     assert failure_reason(e.value)[0] == "image file too large" and time.monotonic() - start < 5
 
 
+def _progressive_jpeg_of_scans(side: int, repeats: int) -> bytes:
+    """A valid progressive JPEG whose last scan comes `repeats` more times: each is one more pass
+    over every pixel for the decoder (a CPU bomb a few hundred bytes per scan)."""
+    import struct
+
+    out = io.BytesIO()
+    Image.new("L", (side, side), 128).save(out, "JPEG", progressive=True, quality=90)
+    data, i, last = out.getvalue(), 2, None
+    while data[i + 1] != 0xD9:  # (markers, up to EOI)
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if data[i + 1] != 0xDA:
+            i += 2 + length
+            continue
+        j = i + 2 + length  # (a scan's entropy data runs to the next marker that is not stuffing or RST)
+        while not (data[j] == 0xFF and data[j + 1] != 0 and not 0xD0 <= data[j + 1] <= 0xD7):
+            j += 1
+        last, i = (i, j), j
+    start, end = last
+    return data[:end] + data[start:end] * repeats + data[end:]
+
+
+def test_a_file_of_another_format_or_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path, monkeypatch):
+    # Pillow picks its decoder from the bytes: PostScript named .png would run Ghostscript (a `gs`
+    # first on PATH here writes a marker if it ever runs). A progressive JPEG of 2,000 scans takes
+    # minutes to decode. Both are refused by the build and by every reader, at once.
+    marker, bin_dir = tmp_path / "gs-ran", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    eps = io.BytesIO()
+    Image.new("RGB", (20, 60), (200, 10, 10)).save(eps, "EPS")
+    assert _progressive_jpeg_of_scans(64, 0)[:2] == b"\xff\xd8" and decode_array(_progressive_jpeg_of_scans(64, 50)).shape == (64, 64, 3)
+    scan_bomb = _progressive_jpeg_of_scans(64, 2000)
+    start = time.monotonic()
+    for decode in (prepare_image, T.decode, decode_array):
+        with pytest.raises(Exception, match="cannot identify image file") as e:
+            decode(eps.getvalue())
+        assert failure_reason(e.value)[0] == "unreadable or truncated image"
+        with pytest.raises(Image.DecompressionBombError, match="a JPEG of 20\\d\\d scans, more than the 100") as e:
+            decode(scan_bomb)
+        assert failure_reason(e.value)[0] == "image file too large"
+    assert not marker.exists() and time.monotonic() - start < 5
+
+
 def test_exif_orientation_is_applied_at_build_and_at_read():
     stored = _noise(32, 48, seed=1)  # as the camera stored it: sideways
     rotated = _jpeg(stored, orientation=6)  # "turn 90 degrees clockwise to view"
