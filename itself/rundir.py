@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 
 from shards.locking import FolderLock, LockBusy, LockUnavailable
+from shards.ownership import not_yours
 
 from . import filenames
 from .errors import ConfigError
 from .logs import add_file, remove
 from .paths import Folder
 from .records import EvalRecord, Results
-from .safeio import UnsafePath, not_yours, open_append, write_atomic
+from .safeio import UnsafePath, open_append, write_atomic
 
 log = logging.getLogger(__name__)
 __all__ = ["EvalRecord", "RunDir", "RunLog", "timestamped"]

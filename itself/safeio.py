@@ -169,17 +169,6 @@ def printable(text: str, limit: int = 1000) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def not_yours(st: os.stat_result, owner_only: bool = False) -> str | None:
-    """Why a file or folder (its lstat or stat) is not the user's own to trust: another owner, or
-    (unless `owner_only`) writable by anyone (a link's own mode means nothing); None when it is."""
-    me = os.geteuid()
-    if st.st_uid != me:
-        return f"belongs to uid {st.st_uid}, not to you (uid {me})"
-    if not owner_only and st.st_mode & 0o002 and not stat.S_ISLNK(st.st_mode):
-        return "is writable by anyone"
-    return None
-
-
 def check_relative(relative, what: str) -> str:
     """`relative` normalised (`a/./b` -> `a/b`) when it is a plain relative path, else UnsafePath
     naming `what` (e.g. `index.json: entry vectors`): a URL or a command (`pipe:`, `s3://`, `a::b`),

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from .corpora import CORPORA, Item, items, parquet_parts
 from .errors import BuildError
+from .ownership import first_foreign
 from .transaction import fsync_path
 from .validate import bounded, check_captions, check_pid, normalise_path, pid_key
 
@@ -88,6 +89,19 @@ def work_folder(out: str | os.PathLike) -> Path:
     """Where the conversion of `out` keeps its plan and finished chunks."""
     out = Path(os.path.realpath(out))
     return out.parent / f".{out.name}{WORK_SUFFIX}"
+
+
+def check_work_folder(work: Path) -> None:
+    """BuildError unless the work folder (when there is one) and everything in it are this user's
+    and writable by no one else (a link at its name your own). A conversion resumes from what the
+    folder holds: its plan, converted chunks and their shards, merged as they are; one someone else
+    made beside a shared `--out` would put their files (or, through shard names, any file root can
+    read) into the dataset."""
+    foreign = first_foreign(work)
+    if foreign:
+        path, why = foreign
+        raise BuildError(f"{path} {why}: a conversion resumes from what its work folder holds, which must be yours "
+                         f"alone; remove {work} to start over (or choose another --out)")
 
 
 def chunk_dir(work: Path, i: int) -> Path:
@@ -284,6 +298,7 @@ def make_plan(work: Path, settings: Settings, files: list[Path], progress: bool 
 def prepare(work: Path, settings: Settings, files: list[Path], progress: bool = True) -> dict:
     """The plan of this conversion: the one in `work` when it was made with the same settings (the
     conversion resumes), else a new one. BuildError when `work` holds another conversion's plan."""
+    check_work_folder(work)
     plan = load_plan(work)
     if plan is not None:
         if plan.get("format") != PLAN_FORMAT or plan.get("settings") != settings.as_json():

@@ -23,7 +23,9 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import tarfile
 import time
 from collections import Counter
@@ -34,8 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema
-from .chunking import (CHUNK_SIZE, VAL_FRACTION, VAL_MAX_IDENTITIES, Settings, chunk_dir, chunk_done,
-                       file_stamps, load_plan, prepare, work_folder)
+from .chunking import (CHUNK_SIZE, VAL_FRACTION, VAL_MAX_IDENTITIES, Settings, check_work_folder, chunk_dir,
+                       chunk_done, file_stamps, load_plan, prepare, work_folder)
 from .chunks import convert_chunks
 from .converters import check_options, missing_files_hint
 from .corpora import CORPORA, annotation_files
@@ -151,6 +153,7 @@ def merge_corpus(out, *, strict: bool = False, allow_rejects: bool = False, over
     txn = OutputTransaction(out, overwrite)
     try:
         work = work_folder(txn.out)
+        check_work_folder(work)
         plan = load_plan(work)
         if plan is None:
             raise BuildError(f"{work} holds no conversion plan: nothing to merge")
@@ -215,12 +218,30 @@ def _sample(path: Path, offset: int, size: int) -> dict[str, bytes]:
     return members
 
 
+_CHUNK_SHARD = re.compile(r"train-\d{6}\.tar")
+
+
+def _check_chunk_shard(folder: Path, name, work: Path) -> None:
+    """BuildError unless `name` is a train shard a conversion writes in a chunk folder, there as a
+    regular file (never a path, nor a link, to something else)."""
+    ok = isinstance(name, str) and _CHUNK_SHARD.fullmatch(name) is not None
+    if ok:
+        try:
+            ok = stat.S_ISREG(os.lstat(folder / name).st_mode)
+        except OSError:
+            ok = False
+    if not ok:
+        raise BuildError(f"{folder / 'chunk.json'}: train shard {bounded(name)} is not a file a conversion writes there; "
+                         f"remove {work} to start over")
+
+
 def _train(work: Path, plan: dict, into: Path, manifest: _Manifest) -> dict:
     shards, images, captions, identities = [], 0, 0, 0
     for i in range(len(plan["chunks"])):
         folder, info = chunk_dir(work, i), json.loads((chunk_dir(work, i) / "chunk.json").read_text())
         names = {}
         for sh in info["splits"]["train"]["shards"]:
+            _check_chunk_shard(folder, sh.get("name"), work)
             names[sh["name"]] = schema.shard_name("train", len(shards))
             _link(folder / sh["name"], into / names[sh["name"]])
             shards.append({**sh, "name": names[sh["name"]]})
@@ -307,7 +328,9 @@ def _merge(work: Path, txn: OutputTransaction, plan: dict, strict: bool, allow_r
                        "train_labels": "fixed by the plan; a train identity whose every image was rejected leaves "
                                        "its label unused (train_identities counts labels)"},
     }
-    assert info["read"] == info["written"] + info["rejected"], (info["read"], info["written"], info["rejected"])
+    if info["read"] != info["written"] + info["rejected"]:  # (chunks that are not this plan's)
+        raise BuildError(f"{work}: its chunks account for {info['written']} written + {info['rejected']} rejected records, "
+                         f"its plan for {info['read']} read: they are not one conversion's; remove {work} to start over")
 
     def example(reason: str) -> str:
         r = first[reason]

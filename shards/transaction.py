@@ -32,12 +32,14 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 from pathlib import Path
 
 from . import schema
 from .errors import BuildError, OutputBusy
 from .locking import FolderLock, LockBusy, LockUnavailable
+from .ownership import not_yours
 
 LOCK_SUFFIX = ".build-lock"
 FAILED_REJECTS_SUFFIX = ".rejects.jsonl"
@@ -152,9 +154,16 @@ class OutputTransaction:
         return self.parent / (self.name + FAILED_REJECTS_SUFFIX)
 
     def _leftovers(self, kind: str) -> list[Path]:
+        """The work (`build`) or replaced (`old`) folders killed builds of this folder left: yours
+        alone (one someone else planted at such a name is neither put in place nor removed)."""
         pattern = re.compile(rf"\.{re.escape(self.name)}\.{kind}-\d+-[0-9a-f]{{8}}")
-        return [self.parent / n for n in sorted(os.listdir(self.parent)) if pattern.fullmatch(n)
-                and (self.parent / n).is_dir() and not (self.parent / n).is_symlink()]
+        found = []
+        for name in sorted(os.listdir(self.parent)):
+            if pattern.fullmatch(name):
+                st = os.lstat(self.parent / name)
+                if stat.S_ISDIR(st.st_mode) and not_yours(st) is None:
+                    found.append(self.parent / name)
+        return found
 
     def _recover(self) -> None:
         """Undo what killed builds of this folder left (we hold the lock: none of it is live)."""

@@ -33,8 +33,8 @@ from pathlib import Path
 from itself.config import Config, ConfigError, config_yaml, from_dict, load_yaml
 from itself.paths import Folder
 from itself.rundir import RunDir
-from itself.safeio import not_yours
 from shards.locking import FolderLock, LockBusy, LockUnavailable
+from shards.ownership import first_foreign
 from tune.settings import SearchSettings
 
 
@@ -87,20 +87,15 @@ class ExperimentDir(Folder):
         has Ray unpickle its state (tuner.pkl and the rest), which runs whatever code the pickles
         hold, and trains the base config kept here; a new search (not `resuming`) writes its files
         into it. An experiment someone else wrote or could change is never used."""
-        entries = [self.path] + [Path(folder, name) for folder, dirs, files in os.walk(self.path)
-                                 for name in (".", *dirs, *files)]
-        for path in entries:
-            try:
-                why = not_yours(os.lstat(path))
-            except FileNotFoundError:  # (gone since the folder was listed)
-                continue
-            if why and resuming:
+        foreign = first_foreign(self.path)
+        if foreign:
+            path, why = foreign
+            if resuming:
                 raise ConfigError(f"--resume: {path} {why}: resuming unpickles the experiment's state, which runs "
                                   "code; only an experiment you wrote and no one else can change resumes (start a "
                                   f"new search, or `chmod -R o-w {self.path}` if it is yours)")
-            if why:
-                raise ConfigError(f"--name: {path} {why}: a new search writes its settings, configs and trials into "
-                                  "its folder, which must be yours alone; choose another --name or --storage-path")
+            raise ConfigError(f"--name: {path} {why}: a new search writes its settings, configs and trials into its "
+                              "folder, which must be yours alone; choose another --name or --storage-path")
 
     def settings(self) -> SearchSettings:
         return SearchSettings.from_json(self._read(self.SETTINGS))
