@@ -133,10 +133,13 @@ class ChunkWriter:
 def _file_image(root: str, real_root: str, source: str):
     """(bytes, None) of the image file `source` under the root, or (None, (reason, detail))."""
     path = os.path.join(root, source)
-    real = os.path.realpath(path)
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError) as e:  # (a link loop, or one changing under us)
+        return None, ("missing image file", f"{source}: {e}")
     if os.path.commonpath([real, real_root]) != real_root:
         return None, ("path escapes the root", f"path escapes the root through a link: {source}")
-    return read_image_file(path)
+    return read_image_file(path, real_root)
 
 
 def _bytes_column(column):

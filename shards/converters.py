@@ -50,6 +50,7 @@ from typing import Iterator
 
 from .errors import BuildError, BuildFailed, ConvertError
 from .imaging import failure_reason, prepare_image
+from .inputs import check_found, open_input
 from .jsonstream import parse_line
 from .schema import SPLITS
 from .validate import bounded, check_fields, kind, normalise_path, pid_key
@@ -57,6 +58,9 @@ from .writer import SHARD_BYTES, SHARD_SAMPLES, DatasetWriter, Record, Reject, f
 
 MAX_IMAGE_BYTES = 64 << 20
 """Largest image file read (a person crop is tens of KiB)."""
+MAX_ANNOTATION_BYTES = 1 << 30
+"""Largest benchmark annotation file read (CUHK-PEDES's is 30 MB; it is parsed whole: a corpus of
+millions of records goes through `--dataset pairs`, which streams)."""
 
 
 @dataclasses.dataclass
@@ -70,6 +74,7 @@ class Entry:
     path: object  # image path relative to the image folder, as given
     source: str = ""  # the path normalised (set by `screen`)
     file: str = ""  # the image's absolute path (set by `screen`)
+    root: str = ""  # the real path of the folder it must stay in (set by `screen`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +102,8 @@ def find_annotations(fmt: Format, root: Path, annotations: str | None) -> Path:
             raise ConvertError(f"--annotations {path}: " + ("not a file" if path.exists() else "file not found"))
         return path
     for name in fmt.annotation_files:
-        if (root / name).is_file():
+        if os.path.lexists(root / name) and not (root / name).is_dir():  # (a FIFO too: refused when opened)
+            check_found(root, root / name, "the annotation file")
             return root / name
     raise ConvertError(f"{fmt.name}: none of {', '.join(fmt.annotation_files)} found in {root} "
                        f"(or pass --annotations FILE)")
@@ -106,7 +112,8 @@ def find_annotations(fmt: Format, root: Path, annotations: str | None) -> Path:
 def read_entries(fmt: Format, path: Path) -> tuple[list[Entry], list[Reject]]:
     """Entries of an annotation file, plus rejects for records that are not even objects."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is allowed)
+        with open_input(path, "the annotation file", MAX_ANNOTATION_BYTES) as f:
+            text = f.read().decode("utf-8-sig")  # (a byte-order mark is allowed)
     except (OSError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path}: cannot read the annotations: {e}") from None
     rejects: list[Reject] = []
@@ -152,24 +159,6 @@ class _Unparsable:
     why: str
 
 
-def check_image_root(root: Path, image_root: Path) -> None:
-    """ConvertError when the images folder is a link out of --root that someone else made: every
-    image path is kept inside the images folder, so such a link would let whoever handed us the raw
-    folder (with an annotation file naming the files) have our build pack the images it points at
-    (another user's, read as root) into a dataset they can read. A link of one's own (the images on
-    another disk) is followed."""
-    try:
-        st = os.lstat(image_root)
-    except OSError:
-        return  # (no images folder: every entry is rejected as missing)
-    real = os.path.realpath(image_root)
-    if stat.S_ISLNK(st.st_mode) and st.st_uid != os.geteuid() and \
-            os.path.commonpath([real, os.path.realpath(root)]) != os.path.realpath(root):
-        raise ConvertError(f"--root {root}: {image_root} is a link to {real}, outside the folder, made by uid "
-                           f"{st.st_uid}, not by you; images are read only through links of your own (replace it "
-                           "with your own link if those images are yours to pack)")
-
-
 def screen(entries: list[Entry], image_root: Path) -> tuple[list[Entry], list[Reject]]:
     """Entries whose fields, image path and identity can be trusted (`source` and `file` set), and
     a Reject for each of the others (see the module docstring). Reads no image."""
@@ -206,7 +195,7 @@ def screen(entries: list[Entry], image_root: Path) -> tuple[list[Entry], list[Re
             rejects.append(Reject(e.split if isinstance(e.split, str) else bounded(e.split), label, *problem))
             continue
         first_of[file] = norm
-        e.source, e.file = norm, os.path.join(image_root, norm)
+        e.source, e.file, e.root = norm, os.path.join(image_root, norm), real_root
         kept.append(e)
     # Identity-disjoint splits: keep each identity where most of its records are.
     per_id: dict[str, Counter] = defaultdict(Counter)
@@ -239,9 +228,19 @@ def hold_out_val(entries: list[Entry], fraction: float, seed: int) -> dict:
     return {"kind": "held-out train identities", "fraction": fraction, "identities": n, "seed": seed}
 
 
-def read_image_file(path: str) -> tuple[bytes | None, tuple[str, str] | None]:
+def _opened_path(fd: int) -> str | None:
+    """The path the kernel opened for `fd` (Linux), None where it cannot tell."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def read_image_file(path: str, inside: str | None = None) -> tuple[bytes | None, tuple[str, str] | None]:
     """The bytes of a regular file of at most MAX_IMAGE_BYTES, or (None, (reason, detail)). A FIFO
-    or device is never read (opened without blocking, then refused)."""
+    or device is never read (opened without blocking, then refused). With `inside` (a real path),
+    the file opened must be under it: the path was checked when the annotations were screened, and
+    whoever owns the folder could have swapped a link in since."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -255,6 +254,10 @@ def read_image_file(path: str) -> tuple[bytes | None, tuple[str, str] | None]:
             return None, ("not a regular file", f"{path} is a {what}")
         if st.st_size > MAX_IMAGE_BYTES:
             return None, ("image file too large", f"{path}: {st.st_size} bytes (at most {MAX_IMAGE_BYTES})")
+        opened = _opened_path(fd) if inside is not None else None
+        if opened is not None and os.path.commonpath([opened, inside]) != inside:
+            return None, ("path escapes the root", f"{path} led to {opened} when opened (a link swapped in after the "
+                                                   "annotations were checked)")
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read(MAX_IMAGE_BYTES + 1)
     except OSError as e:
@@ -269,7 +272,7 @@ def read_image_file(path: str) -> tuple[bytes | None, tuple[str, str] | None]:
 def _load(job: tuple[Entry, tuple[int, int] | None]):
     """Worker: read, check and prepare one screened entry's image -> Record or Reject."""
     entry, resize = job
-    data, problem = read_image_file(entry.file)
+    data, problem = read_image_file(entry.file, entry.root)
     if problem is None:
         try:
             image = prepare_image(data, resize)
@@ -398,7 +401,7 @@ def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, *, an
     with DatasetWriter(out, dataset, max_samples=max_samples, max_bytes=max_bytes, overwrite=overwrite) as writer:
         entries, rejects = read_entries(fmt, ann)
         image_root = root / fmt.image_dir
-        check_image_root(root, image_root)
+        check_found(root, image_root, "the images folder")
         entries, screened = screen(entries, image_root)
         rejects += screened
         writer.extra.update({"builder": {"dataset": dataset, "root": str(root), "annotations": ann.name},

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ConvertError
+from .inputs import check_found, check_regular
 from .jsonstream import first_character, iter_json_array, iter_json_object, iter_jsonl, parse_line
 from .validate import bounded, kind
 
@@ -82,7 +83,8 @@ CORPORA = {
 
 
 def _sorted_files(paths) -> list[Path]:
-    return sorted((p for p in paths if p.is_file()), key=lambda p: str(p))
+    """The entries of `paths` that are no folders (a FIFO or device too: refused when opened)."""
+    return sorted((p for p in paths if os.path.lexists(p) and not p.is_dir()), key=lambda p: str(p))
 
 
 def annotation_files(name: str, root: Path, annotations: str | None = None) -> list[Path]:
@@ -104,9 +106,13 @@ def annotation_files(name: str, root: Path, annotations: str | None = None) -> l
         files = _sorted_files([root / SYNTH_PEDES_FILE])
     elif name == "mals":
         found = []
-        for folder, dirs, names in os.walk(root):
-            dirs.sort()
-            found += [Path(folder, n) for n in names if n.startswith("g_") and n.endswith("_attrs.json")]
+        try:
+            for folder, dirs, names in os.walk(root):
+                dirs.sort()
+                found += [Path(folder, n) for n in names if n.startswith("g_") and n.endswith("_attrs.json")]
+        except RecursionError:  # (os.walk recurses: a planted tree of thousands of levels)
+            raise ConvertError(f"mals: the folders under {root} are nested too deeply to search; pass the annotation "
+                               "files with --annotations FOLDER") from None
         files = _sorted_files(found)
     elif name in ("luperson-t", "ham-pedes"):  # (HAM-PEDES's images are SYNTH-PEDES's, its annotations beside)
         files = _sorted_files(p for p in root.glob("*.json") if name != "ham-pedes" or p.name != SYNTH_PEDES_FILE)
@@ -118,6 +124,9 @@ def annotation_files(name: str, root: Path, annotations: str | None = None) -> l
     if not files:
         raise ConvertError(f"{name}: no annotation file found in {annotations or root} (expected {corpus.usual}; "
                            "or pass --annotations FILE)")
+    if not annotations:
+        for path in files:
+            check_found(root, path, "the annotation file")
     if name == "webperson" and any(p.suffix != ".parquet" for p in files):
         raise ConvertError(f"webperson: {files[0]} is not a Parquet file (the release is data/train-*.parquet)")
     return files
@@ -211,6 +220,7 @@ def image_column(path: str | Path) -> str:
     """The column of a Parquet annotation file that holds its images."""
     import pyarrow.parquet as pq
 
+    check_regular(path, "the annotation file")
     names = pq.read_schema(path).names
     return next((c for c in PAIRS_IMAGE if c in names), "image")
 
@@ -269,7 +279,7 @@ def _jsonl_items(path: Path) -> Iterator[Item]:
                 yield Item(0, where, None, None, None, problem=("malformed record", f"not JSON: {e}"))
                 continue
             yield _item("pairs", record, where)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ConvertError(f"{path}: cannot read the annotations: {e}") from None
 
 
@@ -326,6 +336,7 @@ def _parquet_items(name: str, path: Path, part: int) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
     try:
+        check_regular(path, "the annotation file")
         pf = pq.ParquetFile(path)
         columns, how = _parquet_columns(name, path, pf.schema_arrow)
         if not isinstance(columns, dict):

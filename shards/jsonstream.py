@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from .inputs import open_input
+
 READ_CHARS = 1 << 20
 """Text decoded per read."""
 MAX_RECORD_CHARS = 64 << 20
@@ -68,7 +70,7 @@ def iter_json_array(path: str | Path) -> Iterator:
     """Each element of the JSON list in `path`, in order. ValueError (with the element's number and
     position) when the file is not one well-formed JSON list."""
     decoder = json.JSONDecoder()
-    with open(path, "rb") as f:
+    with open_input(path, "the annotation file") as f:
         text = _Text(f)
         yield from _members(text, "list", lambda n: _element(decoder, text, n, "list"))
 
@@ -78,7 +80,7 @@ def iter_json_object(path: str | Path) -> Iterator[tuple[str, object]]:
     ValueError (with the member's number and position) when the file is not one well-formed JSON
     object."""
     decoder = json.JSONDecoder()
-    with open(path, "rb") as f:
+    with open_input(path, "the annotation file") as f:
         text = _Text(f)
         yield from _members(text, "object", lambda n: _member(decoder, text, n))
 
@@ -86,7 +88,7 @@ def iter_json_object(path: str | Path) -> Iterator[tuple[str, object]]:
 def first_character(path: str | Path) -> str:
     """The first character of a JSON file after any BOM and white space ('' for an empty file): '['
     for a list, '{' for an object."""
-    with open(path, "rb") as f:
+    with open_input(path, "the annotation file") as f:
         return _Text(f).skip_space()
 
 
@@ -161,8 +163,10 @@ def _element(decoder: json.JSONDecoder, text: _Text, n: int, kind: str):
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number from 1, text) of every non-blank line, split on b"\\n" only; a line that is not
     UTF-8 comes back with its undecodable bytes escaped (the caller rejects it as not JSON)."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+    with open_input(path, "the annotation file") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_CHARS + 1), b""), 1):
+            if len(raw) > MAX_RECORD_CHARS:  # (no line ends within it: a record is hundreds of bytes)
+                raise ValueError(f"line {n} is longer than the largest record accepted ({MAX_RECORD_CHARS} bytes)")
             if n == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
             if raw.strip():

@@ -160,7 +160,10 @@ class OutputTransaction:
         found = []
         for name in sorted(os.listdir(self.parent)):
             if pattern.fullmatch(name):
-                st = os.lstat(self.parent / name)
+                try:
+                    st = os.lstat(self.parent / name)
+                except FileNotFoundError:  # (gone since the folder was listed)
+                    continue
                 if stat.S_ISDIR(st.st_mode) and not_yours(st) is None:
                     found.append(self.parent / name)
         return found

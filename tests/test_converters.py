@@ -258,7 +258,103 @@ def test_an_images_folder_linked_out_of_the_root_by_someone_else_is_refused(tmp_
     except Exception as e:  # noqa: BLE001 - the type is checked below
         from shards.errors import ConvertError
 
-        assert isinstance(e, ConvertError) and "is a link to" in str(e) and "made by uid 65534, not by you" in str(e)
+        assert isinstance(e, ConvertError) and "leads out of --root" in str(e) and "made by uid 65534, not by you" in str(e)
     else:
         raise AssertionError("the build followed another user's link out of --root")
     assert not (tmp_path / "theirs" / "dataset.json").exists()
+
+
+def test_an_annotation_file_linked_out_of_the_root_by_someone_else_is_refused(tmp_path):
+    # reid_raw.json (or a corpus's annotations) as another user's link to a file root can read: its
+    # records would be built into a dataset the giver reads. One's own link, or --annotations, is read.
+    from corpus_plant import plant_luperson_t
+    from shards.corpus_build import CorpusOptions, convert_corpus
+    from shards.errors import ConvertError
+
+    make_cuhk(tmp_path / "raw")
+    (tmp_path / "raw" / "reid_raw.json").rename(tmp_path / "private.json")
+    (tmp_path / "raw" / "reid_raw.json").symlink_to(tmp_path / "private.json")
+    assert convert("cuhk-pedes", tmp_path / "raw", tmp_path / "mine", workers=1, progress=False)["written"] == 16
+    plant_luperson_t(tmp_path / "corpus", n=4, faults=False)
+    (tmp_path / "corpus" / "luperson_t.json").rename(tmp_path / "private_t.json")
+    (tmp_path / "corpus" / "luperson_t.json").symlink_to(tmp_path / "private_t.json")
+    if os.geteuid() != 0:
+        pytest.skip("giving the link to another user needs root (one's own link: checked above)")
+    os.lchown(tmp_path / "raw" / "reid_raw.json", 65534, 65534)
+    os.lchown(tmp_path / "corpus" / "luperson_t.json", 65534, 65534)
+    message = "leads out of --root .* a link made by uid 65534, not by you: refused"
+    with pytest.raises(ConvertError, match=f"the annotation file {tmp_path / 'raw' / 'reid_raw.json'} {message}"):
+        convert("cuhk-pedes", tmp_path / "raw", tmp_path / "theirs", workers=1, progress=False)
+    with pytest.raises(ConvertError, match=message):
+        convert_corpus("luperson-t", tmp_path / "corpus", tmp_path / "theirs2", CorpusOptions(val_fraction=0), workers=1,
+                       progress=False)
+    assert convert("cuhk-pedes", tmp_path / "raw", tmp_path / "named", annotations=str(tmp_path / "private.json"),
+                   workers=1, progress=False)["written"] == 16  # (named by the user: theirs to read)
+    assert not (tmp_path / "theirs").exists() and not (tmp_path / "theirs2").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("plant", ["fifo", "/dev/zero", "sparse 2 GiB", "a line of 65 MiB"])
+def test_annotation_files_that_are_fifos_devices_or_huge_are_refused_unread(tmp_path, plant):
+    # Read whole (a benchmark's) or streamed (a corpus's): a FIFO would block forever, /dev/zero never
+    # end, a sparse file of 2 GiB take its size in memory, a line without end be read whole.
+    from corpus_plant import plant_luperson_t
+    from shards.corpus_build import CorpusOptions, convert_corpus
+    from shards.errors import ConvertError
+
+    make_cuhk(tmp_path / "raw")
+    plant_luperson_t(tmp_path / "corpus", n=4, faults=False)
+    files = [tmp_path / "raw" / "reid_raw.json", tmp_path / "corpus" / "luperson_t.json"]
+    if plant == "a line of 65 MiB":
+        files = [tmp_path / "corpus" / "pairs.jsonl"]
+        (tmp_path / "corpus" / "luperson_t.json").unlink()
+    for path in files:
+        path.unlink(missing_ok=True)
+        if plant == "fifo":
+            os.mkfifo(path)
+        elif plant == "/dev/zero":
+            path.symlink_to("/dev/zero")
+        else:
+            with open(path, "wb") as f:
+                f.truncate(2 << 30 if plant.startswith("sparse") else 65 << 20)
+    expected = {"fifo": "is a FIFO, not a regular file: refused unread", "/dev/zero": "is a device, not a regular file",
+                "sparse 2 GiB": "is 2147483648 bytes, more than the 1073741824 read",
+                "a line of 65 MiB": "line 1 is longer than the largest record accepted"}[plant]
+    if plant != "a line of 65 MiB":
+        with pytest.raises(ConvertError, match=expected):
+            convert("cuhk-pedes", tmp_path / "raw", tmp_path / "out", workers=1, progress=False)
+    if plant != "sparse 2 GiB":  # (a corpus is streamed: its size alone is no problem)
+        corpus = "pairs" if plant == "a line of 65 MiB" else "luperson-t"
+        with pytest.raises(ConvertError, match=expected):
+            convert_corpus(corpus, tmp_path / "corpus", tmp_path / "out2", CorpusOptions(val_fraction=0), workers=1,
+                           progress=False)
+
+
+def test_an_image_swapped_for_a_link_after_the_annotations_were_checked_is_not_read(tmp_path):
+    # The folder's owner can replace a checked image by a link out of the root while the build runs:
+    # the file opened is checked, not only the path screened before.
+    from shards.converters import read_image_file
+
+    root, outside = tmp_path / "raw", tmp_path / "secret.png"
+    _image(root / "imgs" / "a.png", fmt="PNG")
+    _image(outside, fmt="PNG")
+    inside = os.path.realpath(root)
+    data, problem = read_image_file(str(root / "imgs" / "a.png"), inside)
+    assert data is not None and problem is None
+    (root / "imgs" / "a.png").unlink()
+    (root / "imgs" / "a.png").symlink_to(outside)
+    data, problem = read_image_file(str(root / "imgs" / "a.png"), inside)
+    assert data is None and problem[0] == "path escapes the root" and f"led to {outside} when opened" in problem[1]
+
+
+def test_a_corpus_tree_nested_thousands_deep_is_an_error_line(tmp_path):
+    from shards.corpora import annotation_files
+    from shards.errors import ConvertError
+
+    deep = root = tmp_path / "raw"
+    deep.mkdir()
+    for _ in range(1500):  # (os.makedirs recurses too)
+        deep = deep / "a"
+        deep.mkdir()
+    with pytest.raises(ConvertError, match="nested too deeply to search; pass the annotation files with --annotations"):
+        annotation_files("mals", root)

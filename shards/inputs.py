@@ -1,0 +1,63 @@
+"""Opening the files of a raw dataset or corpus, which someone else may have made.
+
+- `open_input(path, what, limit)`: a regular file, opened without blocking first (a FIFO in an
+  annotation file's place would wait for a writer forever; a device never ends), at most `limit`
+  bytes when given.
+- `check_found(root, path, what)`: a file found under `--root` (not named by the user) may lie
+  outside it only through links of the user's own: another user's link out of the folder would
+  have a build as root read (and pack into a dataset its giver can read) files that are not theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import ConvertError
+
+
+def open_input(path: str | os.PathLike, what: str, limit: int | None = None) -> BinaryIO:
+    """The regular file `path` opened for reading (links followed). ConvertError naming `what` for a
+    FIFO, device or folder (never read), or a file over `limit` bytes; OSError as the open raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device"
+            raise ConvertError(f"{what} {path} is {kind}, not a regular file: refused unread")
+        if limit is not None and st.st_size > limit:
+            raise ConvertError(f"{what} {path} is {st.st_size} bytes, more than the {limit} read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path: str | os.PathLike, what: str) -> None:
+    """ConvertError unless `path` is a regular file (see `open_input`), for readers that open it by
+    name (pyarrow)."""
+    open_input(path, what).close()
+
+
+def check_found(root: str | os.PathLike, path: str | os.PathLike, what: str) -> None:
+    """ConvertError when `path`, found under `root`, resolves outside it through a link someone
+    else made (at the file or at a folder on the way). One's own links are followed."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real, real_root]) == real_root:
+        return
+    part, me = Path(path), os.geteuid()
+    while True:
+        try:
+            st = os.lstat(part)
+        except OSError:
+            return  # (gone: the open will say so)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid != me:
+            raise ConvertError(f"{what} {path} leads out of --root {root} (to {real}) through {part}, a link made by "
+                               f"uid {st.st_uid}, not by you: refused (pass the file with --annotations if it is "
+                               "yours to read)")
+        if os.path.samefile(part, root) or part.parent == part:
+            return
+        part = part.parent
