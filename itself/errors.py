@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from shards.errors import error_line
+
 
 class UserError(ValueError):
     """A mistake in what the user asked for; the message names the field, file or flag and what to do."""
@@ -30,8 +32,8 @@ def exit_code(body: Callable[[], int], failures: tuple[type[Exception], ...] = (
     try:
         return body()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except failures as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1

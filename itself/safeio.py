@@ -20,6 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from shards.validate import printable  # noqa: F401 - (re-exported: the readers' and pages' one import)
+
 from .errors import UserError
 
 # (torch is imported by the loaders that need it: the rest serves processes that never load it)
@@ -151,22 +153,6 @@ def shown(value, limit: int = 200) -> str:
     except Exception:  # noqa: BLE001 - e.g. an integer too long to print
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 5] + "...'"
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str, limit: int = 1000) -> str:
-    """A name from a foreign folder as a page or a terminal may show it: bytes that were not UTF-8
-    (lone surrogates, as Python reads such file names) become U+FFFD, control characters `\\xNN`,
-    and at most `limit` characters are kept. (HTML escaping is the page's.)"""
-    text = text if isinstance(text, str) else str(text)
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # (a surrogate that is no escaped byte, e.g. from JSON's "\\ud800")
-        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_relative(relative, what: str) -> str:

@@ -36,7 +36,7 @@ from shards.chunks import convert_chunks
 from shards.cli import build_args, corpus_options
 from shards.corpora import CORPORA
 from shards.corpus_build import merge_corpus, plan_corpus, settings_of
-from shards.errors import BuildError, BuildFailed, RejectsError
+from shards.errors import BuildError, BuildFailed, RejectsError, error_line
 
 
 class ConvertTask(submitit.helpers.Checkpointable):
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.local and not args.dry_run:
             require_slurm()
     except (BuildError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     folder = job_dir.path
     executor = (_local_executor(folder, profile) if args.local else
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         work, plan = plan_corpus(build.dataset, build.root, build.out, options, overwrite=build.overwrite,
                                  progress=not build.no_progress)
     except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     n = len(plan["chunks"])
     left = sum(not chunk_done(work, i) for i in range(n))
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job_dir.create()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     tasks = max(1, min(args.nodes, left))
     merge = MergeTask(build.out, build.strict, build.allow_rejects, build.overwrite)
@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             executor.update_parameters(dependency=f"afterany:{array_id}")
             merged = executor.submit(merge)
     except (BuildError, BuildFailed, RejectsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2 if isinstance(e, BuildError) else 1
     except Exception as e:  # noqa: BLE001 - sbatch refused, a local task failed
-        print(f"error: the conversion could not run: {submit_error(e)}; finished chunks are kept in {work}",
+        print(error_line(f"the conversion could not run: {submit_error(e)}; finished chunks are kept in {work}"),
               file=sys.stderr)
         return 1
     ids = [str(j.job_id) for j in array] + ([str(merged.job_id)] if merged is not None else [])

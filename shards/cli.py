@@ -13,7 +13,7 @@ from .chunking import CHUNK_SIZE, VAL_FRACTION, VAL_MAX_IDENTITIES
 from .converters import FORMATS, convert
 from .corpora import CORPORA
 from .corpus_build import CorpusOptions, convert_corpus
-from .errors import BuildError, BuildFailed, Interrupted, RejectsError
+from .errors import BuildError, BuildFailed, Interrupted, RejectsError, error_line
 from .pretrain import PretrainSpec, build_synthetic_pretrain
 from .synthetic import SyntheticSpec
 from .transaction import abort_open
@@ -231,16 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         info = _build(args)
     except RejectsError as e:
         print(summary_table(e.info))
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except (BuildFailed, OSError) as e:
-        print(f"error: the build failed: {e}; {args.out} was left as it was", file=sys.stderr)
+        print(error_line(f"the build failed: {e}; {args.out} was left as it was"), file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Interrupted):
-        print(f"error: interrupted; {args.out} was left as it was", file=sys.stderr)
+        print(error_line(f"interrupted; {args.out} was left as it was"), file=sys.stderr)
         return 1
     finally:
         abort_open()  # (a build the signal caught before its own clean-up could start)

@@ -10,6 +10,15 @@
 
 from __future__ import annotations
 
+from .validate import printable
+
+
+def error_line(message) -> str:
+    """`error: <message>` as a command prints it: control characters escaped (a message quotes
+    file names and values from folders someone else made: a newline or a terminal escape there
+    must not print a line of its own, or move the cursor)."""
+    return "error: " + printable(str(message), 20000)
+
 
 class BuildError(RuntimeError):
     """The build cannot be done as asked; the message says what is wrong and what to do (exit 2)."""

@@ -10,6 +10,7 @@ strings of `rejects.jsonl` (`REASONS`), the detail says what was found, with val
 from __future__ import annotations
 
 import os
+import re
 import reprlib
 
 from .schema import SPLITS
@@ -45,6 +46,22 @@ def bounded(value) -> str:
         return _REPR.repr(value)
     except Exception:  # noqa: BLE001 - e.g. an int too long to print
         return f"<{kind(value)}>"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, limit: int = 1000) -> str:
+    """A name from a foreign folder as a page or a terminal may show it: bytes that were not UTF-8
+    (lone surrogates, as Python reads such file names) become U+FFFD, control characters `\\xNN`,
+    and at most `limit` characters are kept. (HTML escaping is the page's.)"""
+    text = text if isinstance(text, str) else str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # (a surrogate that is no escaped byte, e.g. from JSON's "\\ud800")
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def kind(value) -> str:

@@ -356,5 +356,25 @@ def test_a_corpus_tree_nested_thousands_deep_is_an_error_line(tmp_path):
     for _ in range(1500):  # (os.makedirs recurses too)
         deep = deep / "a"
         deep.mkdir()
-    with pytest.raises(ConvertError, match="nested too deeply to search; pass the annotation files with --annotations"):
-        annotation_files("mals", root)
+    try:
+        with pytest.raises(ConvertError, match="nested too deeply to search; pass the annotation files with --annotations"):
+            annotation_files("mals", root)
+    finally:
+        while deep != root:  # (removed from the bottom: shutil.rmtree recurses too, at pytest's clean-up)
+            deep.rmdir()
+            deep = deep.parent
+
+
+def test_names_from_the_folder_reach_the_terminal_escaped(tmp_path, capsys):
+    # A file name holding a newline and a terminal escape, quoted by an error: one error line, the
+    # escape shown, not run (it would clear the screen; the newline would print a line of its own).
+    from corpus_plant import plant_luperson_t
+    from shards.cli import main
+
+    plant_luperson_t(tmp_path / "raw", n=2, faults=False)
+    (tmp_path / "raw" / "x\nerror: all is well\x1b[2J.json").write_text("[]")
+    assert main(["build", "--dataset", "luperson-t", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: luperson-t: 2 JSON files in ")
+    assert "x\\x0aerror: all is well\\x1b[2J.json" in err[0] and "\x1b" not in err[0]
