@@ -167,6 +167,28 @@ def test_a_parquet_decompression_bomb_is_refused_before_it_is_decompressed(tmp_p
     assert len(listed) == len(table) and all("row group's images are" in r["detail"] for r in listed)
 
 
+def test_one_value_shared_by_many_rows_through_a_dictionary_is_read_a_few_rows_at_a_time(tmp_path, monkeypatch):
+    # A Parquet column stores a repeated value once (a dictionary page) and each row as an index: 2,000
+    # rows of one 50 KB caption are 50 KB in the file and in its sizes, 100 MB once read. Batches are
+    # sized as though every row held the whole column chunk (the budget scaled down to 1 MB here).
+    import shards.corpora
+    from shards.corpora import annotation_files, items
+
+    root, name = tmp_path / "raw", "train-00000-of-00001.parquet"
+    plant_webperson(root, n=10, files=1, faults=False)
+    rows = pq.read_table(root / "data" / name).to_pylist()
+    rows = [dict(rows[i % 10], image_path=f"web/{i}.jpg", caption1="a" * 50_000) for i in range(2000)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(root / "data" / name)), root / "data" / name)
+    meta = pq.ParquetFile(root / "data" / name).metadata
+    assert meta.num_row_groups == 1 and meta.row_group(0).column(2).total_uncompressed_size < 200_000
+    monkeypatch.setattr(shards.corpora, "TEXT_BATCH_BYTES", 1 << 20)
+    tracemalloc.start()
+    read = sum(1 for _ in items("webperson", root, annotation_files("webperson", root)))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert read == 2000 and peak < 20 << 20, peak  # (all 2,000 rows in one batch: 100 MB)
+
+
 def test_pairs_jsonl_and_parquet_with_bytes(tmp_path):
     root = tmp_path / "raw"
     lines = []
