@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(error_line(e), file=sys.stderr)
         return 2
     folder = job_dir.path
-    executor = (_local_executor(folder, profile) if args.local else
-                make_executor(job_dir, profile, 1, name, False, render_only=args.dry_run))
+    executor = None if args.local else make_executor(job_dir, profile, 1, name, False, render_only=args.dry_run)
     if args.dry_run:
         print(f"# array job: {args.nodes} tasks (one node each), task i converting chunks i, i+{args.nodes}, ...\n")
         if args.local:
@@ -146,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(error_line(e), file=sys.stderr)
         return 2
+    if args.local:  # (submitit's local executor makes its folder at once: after ours, new)
+        executor = _local_executor(folder, profile)
     tasks = max(1, min(args.nodes, left))
     merge = MergeTask(build.out, build.strict, build.allow_rejects, build.overwrite)
     try:

@@ -30,6 +30,10 @@ from itself.rundir import RunDir, timestamped
 class JobDir(Folder):
     """The files of one SLURM job (see the module docstring)."""
 
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self.made = False  # whether this process made the folder (`create`): never one it found
+
     SUBMISSION = "submission.json"
     CONFIG = "config.yaml"
     ATTEMPTS = "attempts.jsonl"
@@ -80,11 +84,14 @@ class JobDir(Folder):
         """Make the job's folder, new: one that exists by now (made since `new`, by anyone) is refused,
         never written into. A folder planted at the predictable name in a shared --jobs-dir could hold
         links at the names the launcher writes, or result pickles that `--wait` would read back."""
+        if self.made:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.mkdir(self.path)
         except FileExistsError:
             raise self._exists() from None
+        self.made = True
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

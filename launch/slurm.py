@@ -192,6 +192,7 @@ def make_executor(job: JobDir, profile: SlurmProfile, nodes: int, name: str, loc
     PATH, and rendering never runs it."""
     submitit = require_submitit()
     if local:
+        job.create()  # (submitit's local executor makes its folder at once: ours, new, first)
         executor = submitit.LocalExecutor(folder=job.path)
         executor.update_parameters(nodes=1, tasks_per_node=nodes * profile.ranks_per_node,
                                    timeout_min=profile.minutes(), gpus_per_node=profile.gpus_per_node)
