@@ -44,7 +44,7 @@ class JobDir(Folder):
         """A new job's folder under `jobs_dir` (not created yet): a ConfigError now, naming
         --jobs-dir, if it could not be created there."""
         check_can_create(jobs_dir, "--jobs-dir")
-        job = cls((Path(jobs_dir) / timestamped(name)).resolve())
+        job = cls(Path(jobs_dir).resolve() / timestamped(name))  # (a link planted at the name: not followed)
         if os.path.lexists(job.path):
             raise job._exists()
         return job

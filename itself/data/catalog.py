@@ -33,6 +33,24 @@ def split_member(name: str) -> tuple[str, str] | None:
     return m.groups() if m else None
 
 
+MAX_TAR_HEADER_BYTES = 1 << 20
+"""Largest extended header (pax, GNU long name) read: a long file name takes a few KiB."""
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+             tarfile.GNUTYPE_LONGLINK)
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended headers (pax, GNU long names) are refused past
+    MAX_TAR_HEADER_BYTES before tarfile reads one whole: they come before the member they describe,
+    so a member's own size check would come too late (a header claiming 50 GiB)."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in _EXTENDED and self.size > MAX_TAR_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(f"an extended header of {self.size} bytes (at most "
+                                                f"{MAX_TAR_HEADER_BYTES} read): refused unread")
+        return super()._proc_member(tarfile_)
+
+
 def tar_samples(stream, url: str) -> Iterator[dict]:
     """Samples ({'__key__', '__url__', ext: bytes}) of a tar stream, in order; errors name the shard.
     A key met again after another one, or a member twice in one sample, is refused: which of the
@@ -41,7 +59,7 @@ def tar_samples(stream, url: str) -> Iterator[dict]:
     sample: dict | None = None
     seen: set[str] = set()
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue

@@ -33,7 +33,7 @@ from typing import Iterator
 from shards import schema
 from shards.converters import MAX_IMAGE_BYTES
 
-from ..data.catalog import image_member, is_command, iter_shard, split_member
+from ..data.catalog import BoundedTarInfo, image_member, is_command, iter_shard, split_member
 from ..safeio import UnsafePath, check_relative, read_regular, resolve_inside, shown
 from .errors import RetrieveError
 
@@ -299,7 +299,7 @@ def _shard_members(path: str, size: int, mtime_ns: int) -> dict[str, tuple[int, 
     show the first, this index the last: never pick one silently); so is a member over 64 MiB."""
     members: dict[str, tuple[int, int]] = {}
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(path, "r:", tarinfo=BoundedTarInfo) as tar:  # (shards are plain tar)
             for m in tar:
                 parts = split_member(m.name)
                 if not (m.isfile() and parts and parts[1] in schema.IMAGE_EXTS):

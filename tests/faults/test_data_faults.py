@@ -211,10 +211,12 @@ def test_a_dataset_on_a_server_without_range_requests_is_streamed(small_dataset,
 
 
 
-def _sparse_member_shard(path, claimed: int) -> None:
-    """A shard whose first member's header claims `claimed` bytes, as a sparse file: gigabytes on
-    paper, nothing on disk (what a hostile dataset folder can hold at no cost)."""
-    info = tarfile.TarInfo("000000000.jpg")
+def _sparse_member_shard(path, claimed: int, header: bool = False) -> None:
+    """A shard whose first member's header (or, with `header`, a pax header before it, which tarfile
+    reads whole) claims `claimed` bytes, as a sparse file: gigabytes on paper, nothing on disk (what
+    a hostile dataset folder can hold at no cost)."""
+    info = tarfile.TarInfo("././@PaxHeader" if header else "000000000.jpg")
+    info.type = tarfile.XHDTYPE if header else tarfile.REGTYPE
     info.size = claimed
     with open(path, "wb") as f:
         f.write(info.tobuf(format=tarfile.GNU_FORMAT))
@@ -222,15 +224,17 @@ def _sparse_member_shard(path, claimed: int) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("header", [False, True], ids=["member", "pax header"])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_a_shard_member_claiming_gigabytes_is_refused_unread(dataset, split):
-    # A built shard holds no member over schema.MAX_MEMBER_BYTES: a larger one is refused from its
-    # header (reading it would take 8 GiB of memory), in training's streamed reads (a schema-1
-    # dataset, or a server without byte ranges) and evaluation's.
+def test_a_shard_member_claiming_gigabytes_is_refused_unread(dataset, split, header):
+    # A built shard holds no member over schema.MAX_MEMBER_BYTES, and no extended header over 1 MiB:
+    # a larger one is refused from its header (reading it would take 8 GiB of memory), in training's
+    # streamed reads (a schema-1 dataset, or a server without byte ranges) and evaluation's.
     shard = dataset / split / f"{split}-000000.tar"
-    _sparse_member_shard(shard, 8 << 30)
-    with pytest.raises(DataError, match=f"cannot read shard {shard}: member '000000000.jpg' is {8 << 30} bytes, more than "
-                                        "a built shard holds \\(128 MiB\\): refused unread"):
+    _sparse_member_shard(shard, 8 << 30, header)
+    message = (f"an extended header of {8 << 30} bytes \\(at most 1048576 read\\): refused unread" if header else
+               f"member '000000000.jpg' is {8 << 30} bytes, more than a built shard holds \\(128 MiB\\): refused unread")
+    with pytest.raises(DataError, match=f"cannot read shard {shard}: {message}"):
         if split == "train":
             as_version_1(dataset)
             one_train_epoch(dataset)

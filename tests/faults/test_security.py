@@ -88,11 +88,16 @@ def test_a_job_folder_planted_at_its_predictable_name_is_refused_and_nothing_wri
         _plant_job_folder(jobs / f"planted-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + t))}", victim)
     run = slurm_cli(tmp_path, "--name", "planted")
     assert run.returncode == 2 and "exists already, and a job is given a new folder of its own" in run.stderr, run.stderr
+    (tmp_path / "attacker").mkdir(mode=0o777)
+    for t in range(-1, 60):  # (a link to a folder not yet made: resolving it would make the job there)
+        (jobs / f"linked-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + t))}").symlink_to(tmp_path / "attacker" / "job")
+    run = slurm_cli(tmp_path, "--name", "linked")
+    assert run.returncode == 2 and "exists already" in run.stderr, run.stderr
     job = JobDir.new(tmp_path / "other", "later")  # (nothing there yet: planned)
     _plant_job_folder(job.path, victim)
     with pytest.raises(ConfigError, match="exists already"):
         job.create()
-    assert victim.read_text() == "untouched\n"
+    assert victim.read_text() == "untouched\n" and not (tmp_path / "attacker" / "job").exists()
 
 
 @pytest.mark.slow
