@@ -161,7 +161,7 @@ def _parquet_images(path: str, rows: list[int]) -> Iterator[tuple]:
     start = 0
     for g in range(pf.metadata.num_row_groups):
         end = start + pf.metadata.row_group(g).num_rows
-        sizes = ColumnSizes.of(pf, g, [column])
+        sizes = ColumnSizes.of(pf, g, [column], path)
         bomb = sizes.bomb(MAX_IMAGE_BYTES, MAX_IMAGE_RATIO)
         if row is not None and row < end and bomb:  # (a decompression bomb: refused before it is read)
             while row is not None and row < end:

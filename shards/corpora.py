@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ConvertError
-from .inputs import check_found, check_regular
+from .inputs import check_found, check_regular, open_input
 from .jsonstream import first_character, iter_json_array, iter_json_object, iter_jsonl, parse_line
 from .validate import bounded, kind
 
@@ -173,21 +173,24 @@ class ColumnSizes:
     uncompressed: int
     compressed: int
     rows: int
-    dictionary: bool = False
-    """A column stores its values once, in a dictionary page, and each row as an index into it: one
-    row may then read as the largest value there (1,000 rows of one 58 KB image: 62 KB on disk, 58 MB
-    read), which the file's sizes do not show."""
+    dictionary: int = 0
+    """Bytes one row may add through dictionary pages: a column may store its values once, in a
+    dictionary page, and each row as an index into it, so a row may read as the largest value there
+    (1,000 rows of one 58 KB image: 62 KB on disk and in these sizes, 58 MB read). The dictionary
+    pages' own sizes (from their headers; the chunk's whole size where unknown) bound it."""
 
     @classmethod
-    def of(cls, pf, group: int, columns) -> "ColumnSizes":
+    def of(cls, pf, group: int, columns, path: str | os.PathLike | None = None) -> "ColumnSizes":
         """`columns` (top-level names: every leaf under them; None: all) of row group `group` of `pf`
-        (a ParquetFile, or its FileMetaData)."""
+        (a ParquetFile, or its FileMetaData); `path`: the file, to read dictionary page headers."""
         meta = (pf if hasattr(pf, "row_group") else pf.metadata).row_group(group)
         names = set(columns) if columns is not None else None
         leaves = [meta.column(i) for i in range(meta.num_columns)
                   if names is None or meta.column(i).path_in_schema.split(".")[0] in names]
+        dictionary = sum(_dictionary_page_bytes(path, c) or c.total_uncompressed_size
+                         for c in leaves if c.has_dictionary_page)
         return cls(sum(c.total_uncompressed_size for c in leaves), sum(c.total_compressed_size for c in leaves),
-                   meta.num_rows, any(c.has_dictionary_page for c in leaves))
+                   meta.num_rows, dictionary)
 
     @property
     def per_row(self) -> float:
@@ -206,11 +209,41 @@ class ColumnSizes:
         return None
 
     def batch_rows(self, budget: int, most: int) -> int:
-        """Rows per batch that keep a batch under `budget` bytes (at most `most`, at least 1). Rows of
-        a dictionary-encoded column count as the whole column chunk each: that bounds its largest
-        value, whatever the rows point at."""
-        per_row = self.uncompressed if self.dictionary else self.per_row
-        return max(1, min(most, int(budget // max(1.0, per_row))))
+        """Rows per batch that keep a batch under `budget` bytes (at most `most`, at least 1), each
+        row counted with the most its dictionaries may add."""
+        return max(1, min(most, int(budget // max(1.0, self.per_row + self.dictionary))))
+
+
+def _dictionary_page_bytes(path, chunk) -> int | None:
+    """The uncompressed size of a column chunk's dictionary page, from the page's header (Thrift's
+    compact encoding: field 1 the page type, 2 its uncompressed size, 3 its compressed size, each a
+    zigzag varint), or None where it cannot be read so."""
+    offset = chunk.dictionary_page_offset
+    if path is None or not offset:
+        return None
+    try:
+        with open_input(path, "the annotation file") as f:
+            f.seek(offset)
+            head = f.read(32)
+    except (OSError, ConvertError):
+        return None
+    fields, pos, field = {}, 0, 0
+    while len(fields) < 3 and pos < len(head):
+        delta, kind = head[pos] >> 4, head[pos] & 0x0F
+        pos += 1
+        if delta == 0 or kind != 5:  # (i32 fields in short form, as writers emit these three)
+            return None
+        field += delta
+        value = shift = 0
+        while pos < len(head):
+            value |= (head[pos] & 0x7F) << shift
+            shift += 7
+            pos += 1
+            if not head[pos - 1] & 0x80:
+                break
+        fields[field] = (value >> 1) ^ -(value & 1)
+    size = fields.get(2)
+    return size if isinstance(size, int) and 0 <= size < (1 << 31) else None
 
 
 def text_bomb(metadata, columns=None) -> str | None:
@@ -350,7 +383,7 @@ def _parquet_items(name: str, path: Path, part: int) -> Iterator[Item]:
             columns = {c: c for c in columns}
         row = 0
         for g in range(pf.metadata.num_row_groups):  # (a decompression bomb: refused before it is read)
-            sizes = ColumnSizes.of(pf, g, columns.values())
+            sizes = ColumnSizes.of(pf, g, columns.values(), path)
             bomb = sizes.bomb(MAX_TEXT_ROW_BYTES, MAX_TEXT_RATIO)
             if bomb:
                 raise ConvertError(f"{path}: row group {g}'s text is {bomb}: refused without decompressing it")

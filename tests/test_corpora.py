@@ -170,7 +170,7 @@ def test_a_parquet_decompression_bomb_is_refused_before_it_is_decompressed(tmp_p
 def test_one_value_shared_by_many_rows_through_a_dictionary_is_read_a_few_rows_at_a_time(tmp_path, monkeypatch):
     # A Parquet column stores a repeated value once (a dictionary page) and each row as an index: 2,000
     # rows of one 50 KB caption are 50 KB in the file and in its sizes, 100 MB once read. Batches are
-    # sized as though every row held the whole column chunk (the budget scaled down to 1 MB here).
+    # sized as though every row also held the whole dictionary page (the budget scaled down to 1 MB).
     import shards.corpora
     from shards.corpora import annotation_files, items
 
