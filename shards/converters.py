@@ -52,12 +52,11 @@ from .errors import BuildError, BuildFailed, ConvertError
 from .imaging import failure_reason, prepare_image
 from .inputs import check_found, open_input
 from .jsonstream import parse_line
-from .schema import SPLITS
+from .schema import MAX_IMAGE_BYTES, SPLITS
 from .validate import bounded, check_fields, kind, normalise_path, pid_key
 from .writer import SHARD_BYTES, SHARD_SAMPLES, DatasetWriter, Record, Reject, feed
 
-MAX_IMAGE_BYTES = 64 << 20
-"""Largest image file read (a person crop is tens of KiB)."""
+
 MAX_ANNOTATION_BYTES = 1 << 30
 """Largest benchmark annotation file read (CUHK-PEDES's is 30 MB; it is parsed whole: a corpus of
 millions of records goes through `--dataset pairs`, which streams)."""

@@ -218,21 +218,21 @@ def _sample(path: Path, offset: int, size: int) -> dict[str, bytes]:
     return members
 
 
-_CHUNK_SHARD = re.compile(r"train-\d{6}\.tar")
-
-
-def _check_chunk_shard(folder: Path, name, work: Path) -> None:
-    """BuildError unless `name` is a train shard a conversion writes in a chunk folder, there as a
-    regular file (never a path, nor a link, to something else)."""
-    ok = isinstance(name, str) and _CHUNK_SHARD.fullmatch(name) is not None
+def _check_chunk_shard(folder: Path, shard, work: Path, split: str) -> str:
+    """The name of a `split` shard a chunk lists (`shard`: its entry), once known to be one a
+    conversion writes in a chunk folder, there as a regular file (never a path, nor a link, to
+    something else); BuildError otherwise."""
+    name = shard.get("name") if isinstance(shard, dict) else shard
+    ok = isinstance(name, str) and re.fullmatch(rf"{split}-\d{{6}}\.tar", name) is not None
     if ok:
         try:
             ok = stat.S_ISREG(os.lstat(folder / name).st_mode)
         except OSError:
             ok = False
     if not ok:
-        raise BuildError(f"{folder / 'chunk.json'}: train shard {bounded(name)} is not a file a conversion writes there; "
+        raise BuildError(f"{folder}: {split} shard {bounded(name)} is not a file a conversion writes there; "
                          f"remove {work} to start over")
+    return name
 
 
 def _train(work: Path, plan: dict, into: Path, manifest: _Manifest) -> dict:
@@ -241,7 +241,7 @@ def _train(work: Path, plan: dict, into: Path, manifest: _Manifest) -> dict:
         folder, info = chunk_dir(work, i), json.loads((chunk_dir(work, i) / "chunk.json").read_text())
         names = {}
         for sh in info["splits"]["train"]["shards"]:
-            _check_chunk_shard(folder, sh.get("name"), work)
+            _check_chunk_shard(folder, sh, work, "train")
             names[sh["name"]] = schema.shard_name("train", len(shards))
             _link(folder / sh["name"], into / names[sh["name"]])
             shards.append({**sh, "name": names[sh["name"]]})
@@ -264,6 +264,8 @@ def _val(work: Path, plan: dict, into: Path, manifest: _Manifest) -> dict:
         identities += json.loads((folder / "chunk.json").read_text())["splits"]["val"]["identities"]
         rows = pq.read_table(folder / "rows.parquet")
         rows = rows.filter(pc.equal(rows["split"], "val")).to_pylist()
+        for name in {row["shard"] for row in rows}:
+            _check_chunk_shard(folder, name, work, "val")
         for row in rows:
             members = _sample(folder / row["shard"], row["offset"], row["size"])
             meta = json.loads(members.pop(schema.META_EXT))

@@ -32,6 +32,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from .schema import MAX_IMAGE_BYTES
+
 try:  # libjpeg-turbo (a declared dependency); Pillow alone where it is missing
     import simplejpeg
 except ImportError:  # pragma: no cover - exercised where simplejpeg is not installed
@@ -224,6 +226,9 @@ def _prepare(data: bytes, resize: tuple[int, int] | None) -> PreparedImage:
         return PreparedImage(data, STORED_FORMATS[fmt], rgb.width, rgb.height)
     out = io.BytesIO()
     rgb.save(out, format="PNG")
+    if out.tell() > MAX_IMAGE_BYTES:  # (an 80-megapixel photo turned upright: readers would refuse it)
+        raise Image.DecompressionBombError(f"stored as PNG it takes {out.tell()} bytes, more than the "
+                                           f"{MAX_IMAGE_BYTES} an image may")
     turned = f" (EXIF orientation {orientation} applied)" if orientation != 1 else ""
     return PreparedImage(out.getvalue(), "png", rgb.width, rgb.height, converted=f"{fmt} {mode} -> PNG RGB{turned}")
 

@@ -58,6 +58,9 @@ def check_found(root: str | os.PathLike, path: str | os.PathLike, what: str) -> 
             raise ConvertError(f"{what} {path} leads out of --root {root} (to {real}) through {part}, a link made by "
                                f"uid {st.st_uid}, not by you: refused (pass the file with --annotations if it is "
                                "yours to read)")
-        if os.path.samefile(part, root) or part.parent == part:
+        try:
+            if os.path.samefile(part, root) or part.parent == part:
+                return
+        except OSError:  # (a link of one's own to nothing: the open says what is missing)
             return
         part = part.parent

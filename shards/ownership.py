@@ -25,15 +25,26 @@ def not_yours(st: os.stat_result, owner_only: bool = False) -> str | None:
 
 def first_foreign(top: str | os.PathLike) -> tuple[Path, str] | None:
     """The first entry of the tree at `top` that is not yours to trust (`not_yours`), and why: `top`
-    itself (a link there must be your own: it is followed), then everything under it, links not
-    followed. None when every entry is yours, or nothing is at `top`."""
-    entries = [Path(top)] + [Path(folder, name) for folder, dirs, files in os.walk(top)
-                             for name in (".", *dirs, *files)]
-    for path in entries:
-        try:
-            why = not_yours(os.lstat(path))
-        except FileNotFoundError:  # (gone since its folder was listed)
-            continue
-        if why:
-            return path, why
+    itself (a link there must be your own, and what it points at too: it is followed), then
+    everything under it, links not followed, stopping at the first. None when every entry is yours,
+    or nothing is at `top`."""
+    top = Path(top)
+    try:
+        for st in (os.lstat(top), os.stat(top)):
+            if why := not_yours(st):
+                return top, why
+    except FileNotFoundError:
+        return None
+    try:
+        for folder, dirs, files in os.walk(top):
+            for name in (*dirs, *files):
+                path = Path(folder, name)
+                try:
+                    why = not_yours(os.lstat(path))
+                except FileNotFoundError:  # (gone since its folder was listed)
+                    continue
+                if why:
+                    return path, why
+    except RecursionError:  # (os.walk recurses: a tree thousands of folders deep was made to stop it)
+        return top, "holds folders nested too deeply to check"
     return None

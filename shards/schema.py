@@ -42,12 +42,14 @@ META_EXT = "json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 META_FIELDS = ("pid", "image_id", "captions", "source")
 
-# The largest member a built shard holds: an image is at most 64 MiB (the builders refuse larger
-# files), a sample's JSON at most 1,000 captions of 10,000 characters (`shards.validate`). Readers
-# refuse a larger member, and a manifest saying a sample spans more than MAX_SAMPLE_BYTES (two
-# members, each with its header, a long-name header and padding), unread: a hostile shard (a sparse
-# file claiming gigabytes) costs them no memory.
-MAX_MEMBER_BYTES = 128 << 20
+# The largest image a build reads or stores (a person crop is tens of KiB).
+MAX_IMAGE_BYTES = 64 << 20
+# The largest member a built shard holds: an image (MAX_IMAGE_BYTES), or a sample's JSON of at most
+# 1,000 captions of 10,000 characters (`shards.validate`). Readers refuse a larger member, and a
+# manifest saying a sample spans more than MAX_SAMPLE_BYTES (two members, each with its header, a
+# long-name header and padding), unread: a hostile shard (a sparse file claiming gigabytes) costs
+# them no memory.
+MAX_MEMBER_BYTES = 2 * MAX_IMAGE_BYTES
 MAX_SAMPLE_BYTES = 2 * (MAX_MEMBER_BYTES + 4 * 512)
 
 MANIFEST_COLUMNS = (

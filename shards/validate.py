@@ -48,19 +48,21 @@ def bounded(value) -> str:
         return f"<{kind(value)}>"
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, line and paragraph separators, and the marks that reorder a line on screen.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str, limit: int = 1000) -> str:
     """A name from a foreign folder as a page or a terminal may show it: bytes that were not UTF-8
-    (lone surrogates, as Python reads such file names) become U+FFFD, control characters `\\xNN`,
-    and at most `limit` characters are kept. (HTML escaping is the page's.)"""
+    (lone surrogates, as Python reads such file names) become U+FFFD, control characters `\\xNN`
+    (line separators and the marks that reorder a line `\\uNNNN`), and at most `limit` characters are kept. (HTML escaping is the page's.)"""
     text = text if isinstance(text, str) else str(text)
     try:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     except UnicodeEncodeError:  # (a surrogate that is no escaped byte, e.g. from JSON's "\\ud800")
         text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                        text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -372,9 +372,23 @@ def test_names_from_the_folder_reach_the_terminal_escaped(tmp_path, capsys):
     from shards.cli import main
 
     plant_luperson_t(tmp_path / "raw", n=2, faults=False)
-    (tmp_path / "raw" / "x\nerror: all is well\x1b[2J.json").write_text("[]")
+    (tmp_path / "raw" / "x\nerror: all is well\x1b[2J\u202e.json").write_text("[]")
     assert main(["build", "--dataset", "luperson-t", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: luperson-t: 2 JSON files in ")
-    assert "x\\x0aerror: all is well\\x1b[2J.json" in err[0] and "\x1b" not in err[0]
+    assert "x\\x0aerror: all is well\\x1b[2J\\u202e.json" in err[0] and "\x1b" not in err[0]
+
+
+def test_ones_own_link_to_nothing_is_a_missing_image_folder_not_a_crash(tmp_path):
+    # (an images folder on a disk that is not mounted: every image is then a missing file)
+    from shards.inputs import check_found
+
+    make_cuhk(tmp_path / "raw")
+    (tmp_path / "raw" / "imgs").rename(tmp_path / "elsewhere")
+    (tmp_path / "raw" / "imgs").symlink_to(tmp_path / "unmounted" / "imgs")
+    check_found(tmp_path / "raw", tmp_path / "raw" / "imgs", "the images folder")
+    from shards.errors import RejectsError
+
+    with pytest.raises(RejectsError, match="all 16 records rejected: missing image file"):
+        convert("cuhk-pedes", tmp_path / "raw", tmp_path / "out", workers=1, progress=False)

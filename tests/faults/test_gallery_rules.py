@@ -156,6 +156,20 @@ def test_a_file_of_another_format_or_a_jpeg_of_thousands_of_scans_is_refused_bef
     assert not marker.exists() and time.monotonic() - start < 5
 
 
+def test_an_image_that_would_be_stored_larger_than_readers_take_is_refused(monkeypatch):
+    # A 16-bit image (or an EXIF-rotated photo) is stored re-encoded as PNG: one larger than an image
+    # may be would be refused by every reader of the shard (the limit scaled down to 1 KB here).
+    import shards.imaging
+
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 65535, (64, 64)).astype(np.uint16)).save(noise, "PNG")
+    assert prepare_image(noise.getvalue()).ext == "png"
+    monkeypatch.setattr(shards.imaging, "MAX_IMAGE_BYTES", 1000)
+    with pytest.raises(Image.DecompressionBombError, match="stored as PNG it takes \\d+ bytes, more than the 1000") as e:
+        prepare_image(noise.getvalue())
+    assert failure_reason(e.value)[0] == "image file too large"
+
+
 def test_exif_orientation_is_applied_at_build_and_at_read():
     stored = _noise(32, 48, seed=1)  # as the camera stored it: sideways
     rotated = _jpeg(stored, orientation=6)  # "turn 90 degrees clockwise to view"

@@ -81,7 +81,7 @@ def test_a_chunk_naming_a_file_outside_its_folder_is_refused_at_the_merge(tmp_pa
     info = json.loads(info_path.read_text())
     info["splits"]["train"]["shards"][0]["name"] = f"../../../{secret.name}"
     info_path.write_text(json.dumps(info))
-    with pytest.raises(BuildError, match=r"train shard '\.\./\.\./\.\./secret' is not a file a conversion writes"):
+    with pytest.raises(BuildError, match=r"000000: train shard '\.\./\.\./\.\./secret' is not a file a conversion writes"):
         merge_corpus(out)
     assert not out.exists() and work == work_folder(out) and work.is_dir()
 
@@ -102,3 +102,28 @@ def test_a_replaced_dataset_someone_else_planted_is_neither_put_in_place_nor_rem
                  "--image-size", "48x16", "--no-progress"]) == 0
     assert json.loads((out / "dataset.json").read_text())["name"] == "synthetic"
     assert (planted / "dataset.json").read_text() == "{}"
+
+
+def test_ones_own_link_is_followed_into_a_folder_that_must_be_yours_too(tmp_path):
+    # A link at a work folder's name that is one's own (a bigger disk) is followed: the folder there
+    # is checked as well. A tree thousands of folders deep (os.walk recurses) is refused, not a crash.
+    from shards.ownership import first_foreign
+
+    _root_needed()
+    theirs, link = tmp_path / "theirs", tmp_path / ".out.convert"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    link.symlink_to(theirs)
+    assert first_foreign(link) == (link, "belongs to uid 65534, not to you (uid 0)")
+    deep = top = tmp_path / "deep"
+    deep.mkdir()
+    for _ in range(1500):
+        deep = deep / "a"
+        deep.mkdir()
+    try:
+        assert first_foreign(top) == (top, "holds folders nested too deeply to check")
+    finally:
+        while deep != top:  # (from the bottom: shutil.rmtree recurses too)
+            deep.rmdir()
+            deep = deep.parent
+    assert first_foreign(tmp_path / "nothing") is None
