@@ -50,7 +50,7 @@ from typing import Iterator
 
 from .errors import BuildError, BuildFailed, ConvertError
 from .imaging import failure_reason, prepare_image
-from .inputs import check_found, open_input
+from .inputs import check_found, found_under, open_input
 from .jsonstream import parse_line
 from .schema import MAX_IMAGE_BYTES, SPLITS
 from .validate import bounded, check_fields, kind, normalise_path, pid_key
@@ -108,10 +108,11 @@ def find_annotations(fmt: Format, root: Path, annotations: str | None) -> Path:
                        f"(or pass --annotations FILE)")
 
 
-def read_entries(fmt: Format, path: Path) -> tuple[list[Entry], list[Reject]]:
-    """Entries of an annotation file, plus rejects for records that are not even objects."""
+def read_entries(fmt: Format, path: Path, root: Path | None = None) -> tuple[list[Entry], list[Reject]]:
+    """Entries of an annotation file, plus rejects for records that are not even objects. `root`: the
+    raw folder the file was found in (not named with --annotations): checked again as it is opened."""
     try:
-        with open_input(path, "the annotation file", MAX_ANNOTATION_BYTES) as f:
+        with open_input(path, "the annotation file", MAX_ANNOTATION_BYTES, found_under(root, path) if root else None) as f:
             text = f.read().decode("utf-8-sig")  # (a byte-order mark is allowed)
     except (OSError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path}: cannot read the annotations: {e}") from None
@@ -398,7 +399,7 @@ def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, *, an
     ann = find_annotations(fmt, root, annotations)
     started = time.time()
     with DatasetWriter(out, dataset, max_samples=max_samples, max_bytes=max_bytes, overwrite=overwrite) as writer:
-        entries, rejects = read_entries(fmt, ann)
+        entries, rejects = read_entries(fmt, ann, None if annotations else root)
         image_root = root / fmt.image_dir
         check_found(root, image_root, "the images folder")
         entries, screened = screen(entries, image_root)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ConvertError
-from .inputs import check_found, check_regular, open_input
+from .inputs import check_found, check_regular, found_under, open_input
 from .jsonstream import first_character, iter_json_array, iter_json_object, iter_jsonl, parse_line
 from .validate import bounded, kind
 
@@ -137,12 +137,13 @@ def items(name: str, root: Path, files: list[Path]) -> Iterator[Item]:
     index = 0
     parquet_parts = [f for f in files if f.suffix == ".parquet"]
     for path in files:
+        under = found_under(root, path)
         if path.suffix == ".parquet":
-            records = _parquet_items(name, path, parquet_parts.index(path))
+            records = _parquet_items(name, path, parquet_parts.index(path), under)
         elif path.suffix == ".jsonl":
-            records = _jsonl_items(path)
+            records = _jsonl_items(path, under)
         else:
-            records = _json_items(name, path)
+            records = _json_items(name, path, under)
         for item in records:
             item.index = index
             index += 1
@@ -297,21 +298,21 @@ def _item(name: str, record, where: str) -> Item:
     return item
 
 
-def _json_items(name: str, path: Path) -> Iterator[Item]:
+def _json_items(name: str, path: Path, root) -> Iterator[Item]:
     try:
-        if name == "ham-pedes" and first_character(path) == "{":
-            for n, (image, captions) in enumerate(iter_json_object(path)):
+        if name == "ham-pedes" and first_character(path, root) == "{":
+            for n, (image, captions) in enumerate(iter_json_object(path, root)):
                 yield Item(0, f"{path.name}[{n}]", None, captions, image)
             return
-        for n, record in enumerate(iter_json_array(path)):
+        for n, record in enumerate(iter_json_array(path, root)):
             yield _item(name, record, f"{path.name}[{n}]")
     except (OSError, ValueError) as e:
         raise ConvertError(f"{path}: cannot read the annotations: {e}") from None
 
 
-def _jsonl_items(path: Path) -> Iterator[Item]:
+def _jsonl_items(path: Path, root) -> Iterator[Item]:
     try:
-        for n, line in iter_jsonl(path):
+        for n, line in iter_jsonl(path, root):
             where = f"{path.name}:{n}"
             try:
                 record = parse_line(line, f"line {n}")
@@ -372,11 +373,11 @@ def _parquet_columns(name: str, path: Path, schema) -> tuple[list[str], str]:
     return columns, how
 
 
-def _parquet_items(name: str, path: Path, part: int) -> Iterator[Item]:
+def _parquet_items(name: str, path: Path, part: int, root) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
     try:
-        check_regular(path, "the annotation file")
+        check_regular(path, "the annotation file", root)
         pf = pq.ParquetFile(path)
         columns, how = _parquet_columns(name, path, pf.schema_arrow)
         if not isinstance(columns, dict):

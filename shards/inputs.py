@@ -18,9 +18,12 @@ from typing import BinaryIO
 from .errors import ConvertError
 
 
-def open_input(path: str | os.PathLike, what: str, limit: int | None = None) -> BinaryIO:
+def open_input(path: str | os.PathLike, what: str, limit: int | None = None,
+               root: str | os.PathLike | None = None) -> BinaryIO:
     """The regular file `path` opened for reading (links followed). ConvertError naming `what` for a
-    FIFO, device or folder (never read), or a file over `limit` bytes; OSError as the open raises it."""
+    FIFO, device or folder (never read), or a file over `limit` bytes; OSError as the open raises it.
+    With `root` (a file found under it), the file opened is checked as `check_found` checks the path,
+    and must be the one the path leads to still (the folder's owner may swap links meanwhile)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -29,6 +32,8 @@ def open_input(path: str | os.PathLike, what: str, limit: int | None = None) -> 
             raise ConvertError(f"{what} {path} is {kind}, not a regular file: refused unread")
         if limit is not None and st.st_size > limit:
             raise ConvertError(f"{what} {path} is {st.st_size} bytes, more than the {limit} read")
+        if root is not None:
+            _check_opened(fd, path, root, what)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -36,10 +41,31 @@ def open_input(path: str | os.PathLike, what: str, limit: int | None = None) -> 
         raise
 
 
-def check_regular(path: str | os.PathLike, what: str) -> None:
+def check_regular(path: str | os.PathLike, what: str, root: str | os.PathLike | None = None) -> None:
     """ConvertError unless `path` is a regular file (see `open_input`), for readers that open it by
     name (pyarrow)."""
-    open_input(path, what).close()
+    open_input(path, what, root=root).close()
+
+
+def found_under(root: str | os.PathLike, path: str | os.PathLike) -> str | None:
+    """`root` when `path` is named under it (a file the build found there), else None."""
+    return str(root) if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root)) else None
+
+
+def _check_opened(fd: int, path, root, what: str) -> None:
+    """ConvertError unless the file open at `fd` lies under `root`, or is where `path` leads now
+    through links of the user's own (`check_found`)."""
+    try:
+        opened = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return  # (no /proc: the path was checked when the build started)
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([opened, real_root]) == real_root:
+        return
+    check_found(root, path, what)
+    if os.path.realpath(path) != opened:
+        raise ConvertError(f"{what} {path} led to {opened} when opened, not where it leads now: it changed "
+                           "while the build read it; refused")
 
 
 def check_found(root: str | os.PathLike, path: str | os.PathLike, what: str) -> None:

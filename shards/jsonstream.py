@@ -6,6 +6,7 @@
   be resynchronised after a syntax error, so it is the whole file's problem, not one record's.
 - `iter_json_object(path)`: the (key, value) members of a file holding one JSON object
   (`{"Part1/7/1.jpg": [...], ...}`), read the same way.
+- Each takes `root`: a file found under it is checked as opened (`shards.inputs.open_input`).
 - `iter_jsonl(path)`: the lines of a JSONL file, split on b"\\n" only. Python's `str.splitlines`
   also splits on U+2028, U+2029, U+0085 and \\x1c-\\x1e, characters a caption may hold inside a
   JSON string: one record would become two malformed ones.
@@ -66,29 +67,29 @@ class _Text:
         return f"character {self.dropped + self.pos}"
 
 
-def iter_json_array(path: str | Path) -> Iterator:
+def iter_json_array(path: str | Path, root=None) -> Iterator:
     """Each element of the JSON list in `path`, in order. ValueError (with the element's number and
     position) when the file is not one well-formed JSON list."""
     decoder = json.JSONDecoder()
-    with open_input(path, "the annotation file") as f:
+    with open_input(path, "the annotation file", root=root) as f:
         text = _Text(f)
         yield from _members(text, "list", lambda n: _element(decoder, text, n, "list"))
 
 
-def iter_json_object(path: str | Path) -> Iterator[tuple[str, object]]:
+def iter_json_object(path: str | Path, root=None) -> Iterator[tuple[str, object]]:
     """Each (key, value) of the JSON object in `path`, in order (a key given twice comes twice).
     ValueError (with the member's number and position) when the file is not one well-formed JSON
     object."""
     decoder = json.JSONDecoder()
-    with open_input(path, "the annotation file") as f:
+    with open_input(path, "the annotation file", root=root) as f:
         text = _Text(f)
         yield from _members(text, "object", lambda n: _member(decoder, text, n))
 
 
-def first_character(path: str | Path) -> str:
+def first_character(path: str | Path, root=None) -> str:
     """The first character of a JSON file after any BOM and white space ('' for an empty file): '['
     for a list, '{' for an object."""
-    with open_input(path, "the annotation file") as f:
+    with open_input(path, "the annotation file", root=root) as f:
         return _Text(f).skip_space()
 
 
@@ -160,10 +161,10 @@ def _element(decoder: json.JSONDecoder, text: _Text, n: int, kind: str):
         text.more()
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str]]:
+def iter_jsonl(path: str | Path, root=None) -> Iterator[tuple[int, str]]:
     """(line number from 1, text) of every non-blank line, split on b"\\n" only; a line that is not
     UTF-8 comes back with its undecodable bytes escaped (the caller rejects it as not JSON)."""
-    with open_input(path, "the annotation file") as f:
+    with open_input(path, "the annotation file", root=root) as f:
         for n, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_CHARS + 1), b""), 1):
             if len(raw) > MAX_RECORD_CHARS:  # (no line ends within it: a record is hundreds of bytes)
                 raise ValueError(f"line {n} is longer than the largest record accepted ({MAX_RECORD_CHARS} bytes)")

@@ -392,3 +392,23 @@ def test_ones_own_link_to_nothing_is_a_missing_image_folder_not_a_crash(tmp_path
 
     with pytest.raises(RejectsError, match="all 16 records rejected: missing image file"):
         convert("cuhk-pedes", tmp_path / "raw", tmp_path / "out", workers=1, progress=False)
+
+
+def test_an_annotation_file_swapped_for_another_users_link_after_the_check_is_refused_as_opened(tmp_path):
+    # The raw folder's owner replaces the checked annotation file by a link out of it before the build
+    # opens it (corpora open their files one after another, minutes apart): the file opened is checked.
+    from shards.errors import ConvertError
+    from shards.inputs import check_found, open_input
+
+    make_cuhk(tmp_path / "raw")
+    path, private = tmp_path / "raw" / "reid_raw.json", tmp_path / "private.json"
+    check_found(tmp_path / "raw", path, "the annotation file")
+    private.write_text(path.read_text())
+    path.unlink()
+    path.symlink_to(private)  # (one's own link out of the folder: followed)
+    open_input(path, "the annotation file", root=tmp_path / "raw").close()
+    if os.geteuid() != 0:
+        pytest.skip("giving the link to another user needs root")
+    os.lchown(path, 65534, 65534)
+    with pytest.raises(ConvertError, match="leads out of --root .* a link made by uid 65534, not by you"):
+        open_input(path, "the annotation file", root=tmp_path / "raw")
