@@ -50,7 +50,7 @@ from typing import Iterator
 
 from .errors import BuildError, BuildFailed, ConvertError
 from .imaging import failure_reason, prepare_image
-from .inputs import check_found, found_under, open_input
+from .inputs import check_found, found_under, open_input, opened_path
 from .jsonstream import parse_line
 from .schema import MAX_IMAGE_BYTES, SPLITS
 from .validate import bounded, check_fields, kind, normalise_path, pid_key
@@ -228,14 +228,6 @@ def hold_out_val(entries: list[Entry], fraction: float, seed: int) -> dict:
     return {"kind": "held-out train identities", "fraction": fraction, "identities": n, "seed": seed}
 
 
-def _opened_path(fd: int) -> str | None:
-    """The path the kernel opened for `fd` (Linux), None where it cannot tell."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None
-
-
 def read_image_file(path: str, inside: str | None = None) -> tuple[bytes | None, tuple[str, str] | None]:
     """The bytes of a regular file of at most MAX_IMAGE_BYTES, or (None, (reason, detail)). A FIFO
     or device is never read (opened without blocking, then refused). With `inside` (a real path),
@@ -254,7 +246,7 @@ def read_image_file(path: str, inside: str | None = None) -> tuple[bytes | None,
             return None, ("not a regular file", f"{path} is a {what}")
         if st.st_size > MAX_IMAGE_BYTES:
             return None, ("image file too large", f"{path}: {st.st_size} bytes (at most {MAX_IMAGE_BYTES})")
-        opened = _opened_path(fd) if inside is not None else None
+        opened = opened_path(fd) if inside is not None else None
         if opened is not None and os.path.commonpath([opened, inside]) != inside:
             return None, ("path escapes the root", f"{path} led to {opened} when opened (a link swapped in after the "
                                                    "annotations were checked)")

@@ -73,10 +73,10 @@ class Corpus:
 
 CORPORA = {
     "webperson": Corpus("webperson", "data/train-*.parquet", "pseudo"),
-    "synth-pedes": Corpus("synth-pedes", "synthpedes_dataset.json", "given"),
+    "synth-pedes": Corpus("synth-pedes", SYNTH_PEDES_FILE, "given"),
     "mals": Corpus("mals", "g_*_attrs.json anywhere under the root", "pseudo"),
     "luperson-t": Corpus("luperson-t", "the only *.json in the root", "pseudo"),
-    "ham-pedes": Corpus("ham-pedes", "the only *.json in the root but synthpedes_dataset.json: {image path: "
+    "ham-pedes": Corpus("ham-pedes", f"the only *.json in the root but {SYNTH_PEDES_FILE}: {{image path: "
                         "[captions]}", "pseudo"),
     "pairs": Corpus("pairs", "pairs.jsonl, pairs.parquet or --annotations FILE_OR_FOLDER", "given"),
 }

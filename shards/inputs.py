@@ -52,12 +52,19 @@ def found_under(root: str | os.PathLike, path: str | os.PathLike) -> str | None:
     return str(root) if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root)) else None
 
 
+def opened_path(fd: int) -> str | None:
+    """The path the kernel opened for `fd` (Linux), None where it cannot tell."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
 def _check_opened(fd: int, path, root, what: str) -> None:
     """ConvertError unless the file open at `fd` lies under `root`, or is where `path` leads now
     through links of the user's own (`check_found`)."""
-    try:
-        opened = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
+    opened = opened_path(fd)
+    if opened is None:
         return  # (no /proc: the path was checked when the build started)
     real_root = os.path.realpath(root)
     if os.path.commonpath([opened, real_root]) == real_root:
